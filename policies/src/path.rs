@@ -1,0 +1,109 @@
+//! Path normalisation, done once per request so that the rule that decides and
+//! the upstream that routes see the same path.
+
+/// Why a request path is refused outright.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PathError {
+    #[error("path does not start with '/'")]
+    NotAbsolute,
+    #[error("path contains a fragment")]
+    Fragment,
+    #[error("path contains an encoded '/', '\\' or NUL")]
+    EncodedSeparator,
+    #[error("path contains a backslash")]
+    Backslash,
+    #[error("path contains a control character")]
+    Control,
+    #[error("path contains a malformed percent-encoding")]
+    BadEncoding,
+}
+
+/// Normalises the path of a request target (without its query):
+/// percent-decodes unreserved characters, upper-cases the remaining escapes,
+/// resolves `.` and `..`, and collapses repeated slashes. A trailing slash is
+/// kept. Encoded `/`, `\` and NUL, raw backslashes, control characters and
+/// fragments are refused, because upstreams disagree on what they mean.
+pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+    if !raw.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let decoded = decode_unreserved(raw)?;
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in decoded.split('/').skip(1) {
+        trailing_slash = true;
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            _ => {
+                segments.push(segment);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in &segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    if trailing_slash || out.is_empty() {
+        out.push('/');
+    }
+    Ok(out)
+}
+
+fn decode_unreserved(raw: &str) -> Result<String, PathError> {
+    let bytes = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'#' => return Err(PathError::Fragment),
+            b'\\' => return Err(PathError::Backslash),
+            0..=0x1f | 0x7f => return Err(PathError::Control),
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEncoding)?;
+                let value = (hex_value(hex[0]).ok_or(PathError::BadEncoding)? << 4)
+                    | hex_value(hex[1]).ok_or(PathError::BadEncoding)?;
+                match value {
+                    b'/' | b'\\' | 0 => return Err(PathError::EncodedSeparator),
+                    v if is_unreserved(v) => out.push(char::from(v)),
+                    v => {
+                        out.push('%');
+                        out.push(char::from(HEX[usize::from(v >> 4)]));
+                        out.push(char::from(HEX[usize::from(v & 0xf)]));
+                    }
+                }
+                i += 3;
+                continue;
+            }
+            _ => {}
+        }
+        // Copy the run of ordinary bytes up to the next special one (keeps UTF-8 intact).
+        let start = i;
+        while i < bytes.len() && !matches!(bytes[i], b'#' | b'\\' | b'%' | 0..=0x1f | 0x7f) {
+            i += 1;
+        }
+        out.push_str(&raw[start..i]);
+    }
+    Ok(out)
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}

@@ -1,0 +1,549 @@
+//! The policy file: raw TOML schema, then validation into the types `decide` uses.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::duration;
+use crate::path::normalize_path;
+
+/// A problem in the policy file, with the key path it was found at.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct PolicyError {
+    pub path: String,
+    pub message: String,
+}
+
+impl PolicyError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { path: path.into(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    #[serde(default)]
+    domains: Vec<String>,
+    #[serde(default)]
+    allow_unknown_host_networks: Vec<String>,
+    #[serde(default)]
+    drop_user_agents: Vec<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    /// Named networks that any `networks` list may refer to.
+    #[serde(default)]
+    networks: BTreeMap<String, Vec<String>>,
+    #[serde(default, rename = "route")]
+    routes: Vec<RawRoute>,
+    #[serde(default)]
+    roles: BTreeMap<String, RawRoleSettings>,
+    #[serde(default, rename = "user")]
+    users: Vec<RawUser>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path: String,
+    access: String,
+    #[serde(default)]
+    networks: Vec<String>,
+    step_up: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoleSettings {
+    #[serde(default)]
+    require_passkey: bool,
+    #[serde(default)]
+    networks: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: String,
+    email: Option<String>,
+    display_name: Option<String>,
+    #[serde(default = "default_role")]
+    role: String,
+    #[serde(default)]
+    networks: Vec<String>,
+    #[serde(default)]
+    require_passkey: bool,
+    #[serde(default)]
+    password_login: bool,
+    #[serde(default)]
+    basic_auth: bool,
+}
+
+fn default_role() -> String {
+    "user".into()
+}
+
+/// Who may use a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone (after screening).
+    Public,
+    /// Clients in the route's networks, no login (phones fetching provisioning files).
+    Network,
+    /// Any logged-in person.
+    User,
+    /// Logged-in admins.
+    Admin,
+    /// API accounts, or clients in the route's networks (Vodia's API access list).
+    Api,
+}
+
+impl Access {
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "public" => Self::Public,
+            "network" => Self::Network,
+            "user" => Self::User,
+            "admin" => Self::Admin,
+            "api" => Self::Api,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::Network => "network",
+            Self::User => "user",
+            Self::Admin => "admin",
+            Self::Api => "api",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    User,
+    Admin,
+    Api,
+}
+
+impl Role {
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "user" => Self::User,
+            "admin" => Self::Admin,
+            "api" => Self::Api,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Admin => "admin",
+            Self::Api => "api",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Position in the file (0-based), for naming the rule in logs.
+    pub index: usize,
+    /// Normalised path prefix.
+    pub path: String,
+    pub access: Access,
+    pub networks: Vec<IpNet>,
+    /// Longest unlock window a person may choose; `None`: no unlock needed.
+    pub step_up: Option<std::time::Duration>,
+}
+
+impl Route {
+    /// Whether `path` (normalised) falls under this route. `/admin/` also covers
+    /// `/admin`, so the bare directory cannot slip past to a weaker rule.
+    pub fn matches(&self, path: &str) -> bool {
+        path.starts_with(&self.path)
+            || (self.path.len() > 1 && self.path.ends_with('/') && path == &self.path[..self.path.len() - 1])
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RoleSettings {
+    pub require_passkey: bool,
+    pub networks: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub email: Option<String>,
+    pub display_name: Option<String>,
+    pub role: Role,
+    /// Where this account may come from; empty: anywhere (the role's networks still apply).
+    pub networks: Vec<IpNet>,
+    pub require_passkey: bool,
+    pub password_login: bool,
+    pub basic_auth: bool,
+}
+
+/// A domain the gateway serves: exact, or `*.example.com` for any subdomain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Domain {
+    Exact(String),
+    AnySubdomainOf(String),
+}
+
+impl Domain {
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            Self::Exact(name) => host.eq_ignore_ascii_case(name),
+            Self::AnySubdomainOf(parent) => {
+                host.len() > parent.len() + 1
+                    && host.as_bytes()[host.len() - parent.len() - 1] == b'.'
+                    && host[host.len() - parent.len()..].eq_ignore_ascii_case(parent)
+            }
+        }
+    }
+
+    /// The name as written (`*.example.com` for a wildcard), for certificates.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Exact(name) => name.clone(),
+            Self::AnySubdomainOf(parent) => format!("*.{parent}"),
+        }
+    }
+}
+
+/// A validated policy. Built once per load; requests only read it.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub domains: Vec<Domain>,
+    pub allow_unknown_host_networks: Vec<IpNet>,
+    /// Lower-cased scanner strings.
+    pub drop_user_agents: Vec<String>,
+    pub trusted_proxies: Vec<IpNet>,
+    /// Longest path first, so the first match is the most specific.
+    pub routes: Vec<Route>,
+    pub roles: HashMap<Role, RoleSettings>,
+    pub users: Vec<User>,
+    by_login: HashMap<String, usize>,
+}
+
+impl Policy {
+    /// Parses and validates a policy file, reporting every problem found.
+    pub fn from_toml(source: &str) -> Result<Self, Vec<PolicyError>> {
+        let raw: RawPolicy = toml::from_str(source).map_err(|e| vec![toml_error(source, &e)])?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawPolicy) -> Result<Self, Vec<PolicyError>> {
+        let mut errors = Vec::new();
+        let mut named = HashMap::new();
+        for (name, entries) in &raw.networks {
+            let nets = parse_networks(entries, &HashMap::new(), &format!("networks.{name}"), &mut errors);
+            named.insert(name.clone(), nets);
+        }
+
+        if raw.domains.is_empty() {
+            errors.push(PolicyError::new("domains", "at least one domain is required"));
+        }
+        let domains = raw
+            .domains
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| match parse_domain(d) {
+                Ok(domain) => Some(domain),
+                Err(message) => {
+                    errors.push(PolicyError::new(format!("domains[{i}]"), message));
+                    None
+                }
+            })
+            .collect();
+
+        let allow_unknown_host_networks = parse_networks(
+            &raw.allow_unknown_host_networks,
+            &named,
+            "allow_unknown_host_networks",
+            &mut errors,
+        );
+        let trusted_proxies = parse_networks(&raw.trusted_proxies, &named, "trusted_proxies", &mut errors);
+
+        let mut drop_user_agents = Vec::new();
+        for (i, ua) in raw.drop_user_agents.iter().enumerate() {
+            if ua.trim().is_empty() {
+                errors.push(PolicyError::new(
+                    format!("drop_user_agents[{i}]"),
+                    "an empty string would drop every request",
+                ));
+            } else {
+                drop_user_agents.push(ua.to_ascii_lowercase());
+            }
+        }
+
+        let mut routes: Vec<Route> = Vec::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            let at = format!("route[{i}]");
+            let Some(access) = Access::parse(&r.access) else {
+                errors.push(PolicyError::new(
+                    format!("{at}.access"),
+                    format!("unknown access {:?} (public, network, user, admin or api)", r.access),
+                ));
+                continue;
+            };
+            let path = match normalize_path(&r.path) {
+                Ok(p) if p == r.path => p,
+                Ok(p) => {
+                    errors.push(PolicyError::new(
+                        format!("{at}.path"),
+                        format!("{:?} is not in normal form; write {p:?}", r.path),
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    errors.push(PolicyError::new(format!("{at}.path"), format!("{:?}: {e}", r.path)));
+                    continue;
+                }
+            };
+            if let Some(other) = routes.iter().find(|o| o.path == path) {
+                errors.push(PolicyError::new(
+                    format!("{at}.path"),
+                    format!("{path:?} is already used by route[{}]", other.index),
+                ));
+            }
+            let networks = parse_networks(&r.networks, &named, &format!("{at}.networks"), &mut errors);
+            if access == Access::Network && networks.is_empty() {
+                errors.push(PolicyError::new(
+                    format!("{at}.networks"),
+                    "access = \"network\" needs at least one network",
+                ));
+            }
+            let step_up = match &r.step_up {
+                None => None,
+                Some(text) => match duration::parse(text) {
+                    Ok(d) if d.is_zero() => {
+                        errors.push(PolicyError::new(format!("{at}.step_up"), "must be longer than 0"));
+                        None
+                    }
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        errors.push(PolicyError::new(format!("{at}.step_up"), e));
+                        None
+                    }
+                },
+            };
+            if step_up.is_some() && !matches!(access, Access::User | Access::Admin) {
+                errors.push(PolicyError::new(
+                    format!("{at}.step_up"),
+                    "only routes with access \"user\" or \"admin\" can be unlocked",
+                ));
+            }
+            routes.push(Route { index: i, path, access, networks, step_up });
+        }
+        routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()).then(a.index.cmp(&b.index)));
+
+        let mut roles = HashMap::new();
+        for (name, settings) in &raw.roles {
+            let at = format!("roles.{name}");
+            let Some(role) = Role::parse(name) else {
+                errors.push(PolicyError::new(at, "unknown role (user, admin or api)"));
+                continue;
+            };
+            let networks = parse_networks(&settings.networks, &named, &format!("{at}.networks"), &mut errors);
+            roles.insert(role, RoleSettings { require_passkey: settings.require_passkey, networks });
+        }
+
+        let mut users = Vec::new();
+        let mut by_login = HashMap::new();
+        for (i, u) in raw.users.iter().enumerate() {
+            let at = format!("user[{i}]");
+            let name = u.name.trim();
+            if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control() || c == ':') {
+                errors.push(PolicyError::new(
+                    format!("{at}.name"),
+                    "a name is 1 to 128 characters, without ':' or control characters",
+                ));
+                continue;
+            }
+            let Some(role) = Role::parse(&u.role) else {
+                errors.push(PolicyError::new(
+                    format!("{at}.role"),
+                    format!("unknown role {:?} (user, admin or api)", u.role),
+                ));
+                continue;
+            };
+            let email = u.email.as_deref().map(str::trim).filter(|e| !e.is_empty());
+            if let Some(email) = email {
+                if !looks_like_email(email) {
+                    errors.push(PolicyError::new(
+                        format!("{at}.email"),
+                        format!("{email:?} is not an email address"),
+                    ));
+                }
+            }
+            let networks = parse_networks(&u.networks, &named, &format!("{at}.networks"), &mut errors);
+            if role == Role::Api && networks.is_empty() {
+                errors.push(PolicyError::new(
+                    format!("{at}.networks"),
+                    "an API account must be limited to at least one network",
+                ));
+            }
+            if u.basic_auth && role != Role::Api {
+                errors.push(PolicyError::new(
+                    format!("{at}.basic_auth"),
+                    "only accounts with role = \"api\" may use Basic auth",
+                ));
+            }
+            for login in std::iter::once(name).chain(email) {
+                let key = login.to_lowercase();
+                if let Some(&other) = by_login.get(&key) {
+                    errors.push(PolicyError::new(
+                        at.clone(),
+                        format!("{login:?} is already the name or email of user[{other}]"),
+                    ));
+                } else {
+                    by_login.insert(key, users.len());
+                }
+            }
+            users.push(User {
+                name: name.to_string(),
+                email: email.map(str::to_string),
+                display_name: u.display_name.clone(),
+                role,
+                networks,
+                require_passkey: u.require_passkey,
+                password_login: u.password_login,
+                basic_auth: u.basic_auth,
+            });
+        }
+
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self {
+            domains,
+            allow_unknown_host_networks,
+            drop_user_agents,
+            trusted_proxies,
+            routes,
+            roles,
+            users,
+            by_login,
+        })
+    }
+
+    /// The user whose name or email is `login` (case-insensitive).
+    pub fn user(&self, login: &str) -> Option<&User> {
+        self.by_login.get(&login.trim().to_lowercase()).map(|&i| &self.users[i])
+    }
+
+    /// The most specific route for a normalised path.
+    pub fn route_for(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(path))
+    }
+
+    pub fn is_known_host(&self, host: &str) -> bool {
+        self.domains.iter().any(|d| d.matches(host))
+    }
+
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        contains(&self.trusted_proxies, ip)
+    }
+
+    pub fn role_settings(&self, role: Role) -> Option<&RoleSettings> {
+        self.roles.get(&role)
+    }
+
+    /// Whether a user must have a passkey (set on the user or on their role).
+    pub fn requires_passkey(&self, user: &User) -> bool {
+        user.require_passkey || self.role_settings(user.role).is_some_and(|r| r.require_passkey)
+    }
+}
+
+pub(crate) fn contains(networks: &[IpNet], ip: IpAddr) -> bool {
+    let ip = canonical(ip);
+    networks.iter().any(|n| n.contains(&ip))
+}
+
+/// `::ffff:10.0.0.1` is `10.0.0.1`: dual-stack sockets report IPv4 clients that way.
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn parse_networks(
+    entries: &[String],
+    named: &HashMap<String, Vec<IpNet>>,
+    at: &str,
+    errors: &mut Vec<PolicyError>,
+) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let entry = entry.trim();
+        if let Some(nets) = named.get(entry) {
+            out.extend(nets.iter().copied());
+        } else if let Ok(net) = entry.parse::<IpNet>() {
+            out.push(net.trunc());
+        } else if let Ok(ip) = entry.parse::<IpAddr>() {
+            out.push(IpNet::from(ip));
+        } else {
+            errors.push(PolicyError::new(
+                format!("{at}[{i}]"),
+                format!("{entry:?} is not a CIDR, an IP address or a name from [networks]"),
+            ));
+        }
+    }
+    out
+}
+
+fn parse_domain(text: &str) -> Result<Domain, String> {
+    let name = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let (wildcard, base) = match name.strip_prefix("*.") {
+        Some(base) => (true, base.to_string()),
+        None => (false, name.clone()),
+    };
+    let valid = !base.is_empty()
+        && base.len() <= 253
+        && base.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    let is_ip = base.parse::<IpAddr>().is_ok();
+    if !valid && !is_ip {
+        return Err(format!("{text:?} is not a host name (or \"*.\" and a host name)"));
+    }
+    if wildcard && is_ip {
+        return Err(format!("{text:?}: a wildcard needs a host name"));
+    }
+    Ok(if wildcard { Domain::AnySubdomainOf(base) } else { Domain::Exact(base) })
+}
+
+fn looks_like_email(text: &str) -> bool {
+    match text.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && domain.contains('.')
+                && !text.chars().any(|c| c.is_whitespace() || c.is_control())
+        }
+        None => false,
+    }
+}
+
+fn toml_error(source: &str, error: &toml::de::Error) -> PolicyError {
+    let path = match error.span() {
+        Some(span) => {
+            let line = source[..span.start.min(source.len())].matches('\n').count() + 1;
+            format!("line {line}")
+        }
+        None => "policy".to_string(),
+    };
+    PolicyError::new(path, error.message().trim().to_string())
+}

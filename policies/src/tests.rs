@@ -1,0 +1,342 @@
+use std::net::IpAddr;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use crate::*;
+
+const EXAMPLE: &str = include_str!("../examples/pbx.toml");
+
+fn policy(src: &str) -> Policy {
+    match Policy::from_toml(src) {
+        Ok(p) => p,
+        Err(errors) => panic!("policy should be valid: {errors:?}"),
+    }
+}
+
+fn errors(src: &str) -> Vec<String> {
+    match Policy::from_toml(src) {
+        Ok(_) => panic!("policy should be refused"),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn facts<'a>(ip: &str, host: &'a str, path: &'a str, ua: Option<&'a str>) -> Facts<'a> {
+    Facts {
+        client_ip: ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+        host,
+        method: "GET",
+        path,
+        user_agent: ua,
+    }
+}
+
+#[test]
+fn example_policy_is_valid() {
+    let p = policy(EXAMPLE);
+    assert_eq!(p.routes.first().map(|r| r.path.as_str()), Some("/provisioning/"));
+    assert!(p.user("ALICE@example.com").is_some_and(|u| u.name == "100"));
+    assert!(p.user(" 101 ").is_some());
+    assert!(p.user("102").is_none());
+}
+
+#[test]
+fn normalize_path_table() {
+    let ok = [
+        ("/", "/"),
+        ("//", "/"),
+        ("/a//b", "/a/b"),
+        ("/a/./b", "/a/b"),
+        ("/a/../b", "/b"),
+        ("/../../etc/passwd", "/etc/passwd"),
+        ("/admin/..", "/"),
+        ("/admin/.", "/admin/"),
+        ("/admin/", "/admin/"),
+        ("/%61dmin/", "/admin/"),
+        ("/%2e%2e/admin", "/admin"),
+        ("/x/%2E%2E/admin/", "/admin/"),
+        ("/a%20b", "/a%20b"),
+        ("/a%3fb", "/a%3Fb"),
+        ("/caf\u{e9}", "/caf\u{e9}"),
+        ("/a/b/", "/a/b/"),
+    ];
+    for (input, want) in ok {
+        assert_eq!(normalize_path(input).as_deref(), Ok(want), "input {input:?}");
+    }
+    let refused = [
+        ("admin", PathError::NotAbsolute),
+        ("", PathError::NotAbsolute),
+        ("/a#b", PathError::Fragment),
+        ("/admin%2fx", PathError::EncodedSeparator),
+        ("/admin%2Fx", PathError::EncodedSeparator),
+        ("/a%5cb", PathError::EncodedSeparator),
+        ("/a%00b", PathError::EncodedSeparator),
+        ("/a\\b", PathError::Backslash),
+        ("/a%zz", PathError::BadEncoding),
+        ("/a%4", PathError::BadEncoding),
+        ("/a\u{1}b", PathError::Control),
+    ];
+    for (input, want) in refused {
+        assert_eq!(normalize_path(input), Err(want), "input {input:?}");
+    }
+}
+
+#[test]
+fn screen_table() {
+    let p = policy(
+        r#"
+        domains = ["pbx.example.com", "*.tenants.example.com"]
+        allow_unknown_host_networks = ["10.9.0.0/16"]
+        drop_user_agents = ["friendly-scanner", "SIP Call"]
+        [[route]]
+        path = "/"
+        access = "user"
+        "#,
+    );
+    let cases: &[(&str, &str, Option<&str>, Screen)] = &[
+        ("1.2.3.4", "pbx.example.com", Some("Mozilla/5.0"), Screen::Continue),
+        ("1.2.3.4", "PBX.Example.COM", None, Screen::Continue),
+        ("1.2.3.4", "a.tenants.example.com", None, Screen::Continue),
+        ("1.2.3.4", "tenants.example.com", None, Screen::Drop(DropReason::UnknownHost)),
+        ("1.2.3.4", "xtenants.example.com", None, Screen::Drop(DropReason::UnknownHost)),
+        ("1.2.3.4", "evil.example", None, Screen::Drop(DropReason::UnknownHost)),
+        ("1.2.3.4", "", None, Screen::Drop(DropReason::UnknownHost)),
+        ("10.9.1.1", "192.0.2.1", None, Screen::Continue),
+        ("::ffff:10.9.1.1", "192.0.2.1", None, Screen::Continue),
+        (
+            "1.2.3.4",
+            "pbx.example.com",
+            Some("Friendly-Scanner/1.0"),
+            Screen::Drop(DropReason::ScannerUserAgent { index: 0 }),
+        ),
+        (
+            "1.2.3.4",
+            "pbx.example.com",
+            Some("my sip call agent"),
+            Screen::Drop(DropReason::ScannerUserAgent { index: 1 }),
+        ),
+        // A scanner inside an allowed network is still dropped: UA rules only deny.
+        (
+            "10.9.1.1",
+            "pbx.example.com",
+            Some("sip call"),
+            Screen::Drop(DropReason::ScannerUserAgent { index: 1 }),
+        ),
+        ("1.2.3.4", "pbx.example.com", Some("SIPCall"), Screen::Continue),
+    ];
+    for (ip, host, ua, want) in cases {
+        assert_eq!(screen(&p, &facts(ip, host, "/", *ua)), *want, "{ip} {host} {ua:?}");
+    }
+}
+
+#[test]
+fn decide_table() {
+    let p = policy(
+        r#"
+        domains = ["pbx.example.com"]
+        [networks]
+        lan = ["192.168.1.0/24"]
+        [[route]]
+        path = "/provisioning/"
+        access = "network"
+        networks = ["10.0.0.0/8"]
+        [[route]]
+        path = "/admin/"
+        access = "admin"
+        step_up = "15m"
+        [[route]]
+        path = "/api/"
+        access = "api"
+        networks = ["172.16.0.0/12"]
+        [[route]]
+        path = "/public/"
+        access = "public"
+        [[route]]
+        path = "/"
+        access = "user"
+        [roles.admin]
+        networks = ["192.168.0.0/16", "127.0.0.1"]
+        [[user]]
+        name = "100"
+        role = "admin"
+        networks = ["lan", "127.0.0.1"]
+        [[user]]
+        name = "101"
+        [[user]]
+        name = "svc"
+        role = "api"
+        networks = ["203.0.113.0/24"]
+        basic_auth = true
+        "#,
+    );
+    let now = 1_000_000;
+    let admin = Principal { name: "100", step_up_until: None };
+    let unlocked = Principal { name: "100", step_up_until: Some(now + 60) };
+    let expired = Principal { name: "100", step_up_until: Some(now) };
+    let user = Principal { name: "101", step_up_until: None };
+    let api = Principal { name: "svc", step_up_until: None };
+    let gone = Principal { name: "999", step_up_until: None };
+    let step_up = Verdict::StepUp { max: Duration::from_secs(900) };
+    use DenyReason::*;
+    use Verdict::*;
+    let cases: &[(&str, &str, Option<&Principal<'_>>, Verdict, &str)] = &[
+        ("192.168.1.5", "/", None, Login, "route[4] user /"),
+        ("192.168.1.5", "/", Some(&user), Allow, "route[4] user /"),
+        ("192.168.1.5", "/", Some(&gone), Login, "route[4] user /"),
+        ("192.168.1.5", "/public/x", None, Allow, "route[3] public /public/"),
+        ("10.1.2.3", "/provisioning/0004f2.cfg", None, Allow, "route[0] network /provisioning/"),
+        ("8.8.8.8", "/provisioning/0004f2.cfg", None, Deny(RouteNetwork), "route[0] network /provisioning/"),
+        ("8.8.8.8", "/provisioning/", Some(&user), Deny(RouteNetwork), "route[0] network /provisioning/"),
+        ("192.168.1.5", "/admin/", None, Login, "route[1] admin /admin/"),
+        ("192.168.1.5", "/admin", None, Login, "route[1] admin /admin/"),
+        ("192.168.1.5", "/admin/x", Some(&user), Deny(Role), "route[1] admin /admin/"),
+        ("192.168.1.5", "/admin/x", Some(&admin), step_up, "route[1] admin /admin/"),
+        ("192.168.1.5", "/admin/x", Some(&expired), step_up, "route[1] admin /admin/"),
+        ("192.168.1.5", "/admin/x", Some(&unlocked), Allow, "route[1] admin /admin/"),
+        ("127.0.0.1", "/admin/x", Some(&unlocked), Allow, "route[1] admin /admin/"),
+        // Own networks allow 192.168.1.0/24; the role's 192.168.0.0/16 would allow 192.168.2.x.
+        ("192.168.2.5", "/admin/x", Some(&unlocked), Deny(UserNetwork), "route[1] admin /admin/"),
+        ("192.168.2.5", "/", Some(&admin), Deny(UserNetwork), "route[4] user /"),
+        ("172.16.0.9", "/api/calls", None, Allow, "route[2] api /api/"),
+        ("203.0.113.7", "/api/calls", None, Login, "route[2] api /api/"),
+        ("203.0.113.7", "/api/calls", Some(&api), Allow, "route[2] api /api/"),
+        ("8.8.8.8", "/api/calls", Some(&api), Deny(UserNetwork), "route[2] api /api/"),
+        ("203.0.113.7", "/", Some(&api), Deny(Role), "route[4] user /"),
+        ("192.168.1.5", "/api/calls", Some(&user), Deny(Role), "route[2] api /api/"),
+    ];
+    for (ip, path, who, want, rule) in cases {
+        let d = decide(&p, &facts(ip, "pbx.example.com", path, None), *who, now);
+        assert_eq!(d.verdict, *want, "{ip} {path} {who:?}");
+        assert_eq!(d.rule.to_string(), *rule, "{ip} {path} {who:?}");
+    }
+}
+
+#[test]
+fn no_route_denies() {
+    let p = policy("domains = [\"a.example\"]\n[[route]]\npath = \"/only/\"\naccess = \"public\"\n");
+    let d = decide(&p, &facts("1.1.1.1", "a.example", "/other", None), None, 0);
+    assert_eq!(d.verdict, Verdict::Deny(DenyReason::NoRoute));
+}
+
+#[test]
+fn validation_names_every_bad_key() {
+    let errs = errors(
+        r#"
+        domains = ["bad domain", "ok.example"]
+        trusted_proxies = ["10.0.0/8"]
+        [[route]]
+        path = "/a/../b"
+        access = "user"
+        [[route]]
+        path = "/p/"
+        access = "network"
+        [[route]]
+        path = "/x/"
+        access = "everyone"
+        [[route]]
+        path = "/y/"
+        access = "public"
+        step_up = "5m"
+        [[user]]
+        name = "100"
+        role = "root"
+        [[user]]
+        name = "svc"
+        role = "api"
+        [[user]]
+        name = "101"
+        basic_auth = true
+        email = "not-an-email"
+        [[user]]
+        name = "102"
+        email = "101@example.com"
+        [[user]]
+        name = "103"
+        email = "101@EXAMPLE.com"
+        "#,
+    );
+    let joined = errs.join("\n");
+    for want in [
+        "domains[0]:",
+        "trusted_proxies[0]:",
+        "route[0].path:",
+        "route[1].networks:",
+        "route[2].access:",
+        "route[3].step_up:",
+        "user[0].role:",
+        "user[1].networks:",
+        "user[2].basic_auth:",
+        "user[2].email:",
+        "user[4]: \"101@EXAMPLE.com\" is already",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_refused_with_their_line() {
+    let errs =
+        errors("domains = [\"a.example\"]\n\n[[route]]\npath = \"/\"\naccess = \"user\"\nstepup = \"5m\"\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("line 6:") && errs[0].contains("stepup"), "{errs:?}");
+}
+
+#[test]
+fn empty_policy_needs_domains() {
+    assert!(errors("").iter().any(|e| e.starts_with("domains:")));
+}
+
+#[test]
+fn durations() {
+    for (text, secs) in
+        [("3600s", 3600), ("15m", 900), ("30d", 2_592_000), ("1h30m", 5400), ("90", 90), ("2w", 1_209_600)]
+    {
+        assert_eq!(duration::parse(text), Ok(Duration::from_secs(secs)), "{text}");
+    }
+    assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
+    for bad in ["", "s", "10y", "-5s", "99999999999999999999d"] {
+        assert!(duration::parse(bad).is_err(), "{bad:?}");
+    }
+    for secs in [1, 60, 900, 3600, 86_400 * 30, 5400] {
+        let d = Duration::from_secs(secs);
+        assert_eq!(duration::parse(&duration::format(d)), Ok(d));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn normalize_never_panics_and_is_idempotent(raw in "\\PC{0,40}|/[a-z%0-9./\\\\#]{0,30}") {
+        if let Ok(once) = normalize_path(&raw) {
+            prop_assert!(once.starts_with('/'));
+            prop_assert!(!once.contains("//"));
+            prop_assert!(!once.split('/').any(|s| s == ".." || s == "."));
+            prop_assert_eq!(normalize_path(&once), Ok(once.clone()));
+        }
+    }
+
+    #[test]
+    fn screen_and_decide_never_panic(
+        ip in any::<[u8; 16]>(),
+        v4 in any::<bool>(),
+        host in "\\PC{0,30}",
+        path in "\\PC{0,40}|/[a-z/.]{0,20}",
+        ua in proptest::option::of("\\PC{0,40}"),
+        who in proptest::option::of("\\PC{0,8}|100|101"),
+        until in proptest::option::of(any::<u64>()),
+        now in any::<u64>(),
+    ) {
+        let p = policy(EXAMPLE);
+        let client_ip = if v4 { IpAddr::from([ip[0], ip[1], ip[2], ip[3]]) } else { IpAddr::from(ip) };
+        let f = Facts { client_ip, host: &host, method: "GET", path: &path, user_agent: ua.as_deref() };
+        let _ = screen(&p, &f);
+        let principal = who.as_deref().map(|name| Principal { name, step_up_until: until });
+        let _ = decide(&p, &f, principal.as_ref(), now);
+    }
+
+    #[test]
+    fn policy_parser_never_panics(src in "\\PC{0,200}") {
+        let _ = Policy::from_toml(&src);
+    }
+}
