@@ -1,0 +1,495 @@
+//! The file's shape, exactly as written (unknown keys refused), and its
+//! validation into [`Config`](super::Config).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::Uri;
+use pbxgate_policies::Policy;
+use serde::Deserialize;
+
+use super::*;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    policy_file: String,
+    #[serde(default = "d_public_url")]
+    public_url: String,
+    #[serde(default)]
+    listen: RawListen,
+    #[serde(default)]
+    tls: RawTls,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    session: RawSession,
+    #[serde(default)]
+    links: RawLinks,
+    #[serde(default)]
+    email: RawEmail,
+    #[serde(default)]
+    webauthn: RawWebauthn,
+    #[serde(default)]
+    passwords: RawPasswords,
+    #[serde(default)]
+    history: RawHistory,
+    #[serde(default)]
+    headers: RawHeaders,
+    #[serde(default)]
+    log: RawLog,
+}
+
+fn d_public_url() -> String {
+    "https://localhost:8443".into()
+}
+
+macro_rules! defaults {
+    ($name:ident { $($field:ident : $ty:ty = $default:expr),* $(,)? }) => {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        struct $name { $($field: $ty),* }
+        impl Default for $name {
+            fn default() -> Self { Self { $($field: $default.into()),* } }
+        }
+    };
+}
+
+defaults!(RawListen {
+    https: String = "127.0.0.1:8443",
+    http: String = "",
+    redirect_http: String = "",
+    admin: String = "127.0.0.1:9464",
+    shutdown_timeout: Text = "30s",
+});
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    domains: Vec<String>,
+    cert: String,
+    key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    min_version: Text,
+    max_version: Text,
+    self_signed: bool,
+    session_ticket_lifetime: Text,
+    key_log_file: String,
+    handshake_timeout: Text,
+    certificates: Vec<RawCertificate>,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        Self {
+            min_version: "1.2".into(),
+            max_version: "1.3".into(),
+            self_signed: false,
+            session_ticket_lifetime: "1h".into(),
+            key_log_file: String::new(),
+            handshake_timeout: "10s".into(),
+            certificates: Vec::new(),
+        }
+    }
+}
+
+defaults!(RawUpstream {
+    url: String = "http://127.0.0.1:8080",
+    ca_file: String = "",
+    insecure_skip_verify: bool = false,
+    connect_timeout: Text = "5s",
+    timeout: Text = "60s",
+    pool_idle_timeout: Text = "90s",
+    pool_max_idle_per_host: usize = 256usize,
+});
+
+defaults!(RawLimits { max_header_size: Text = "64KiB", max_request_body: Text = "1GiB" });
+
+defaults!(RawStore { url: String = "embedded://pbxgate-data/store.db", key_prefix: String = "pbxgate:" });
+
+defaults!(RawSession {
+    idle_timeout: Text = "3600s",
+    max_lifetime: Text = "12h",
+    login_token_ttl: Text = "30d",
+});
+
+defaults!(RawLinks { ttl: Text = "15m", invite_ttl: Text = "72h" });
+
+defaults!(RawEmail { smtp_url: String = "", from: String = "PBX <pbx@example.com>" });
+
+defaults!(RawWebauthn {
+    rp_id: String = "",
+    rp_name: String = "PBX",
+    origins: Vec<String> = Vec::<String>::new(),
+    user_verification: String = "preferred",
+    max_passkeys_per_user: usize = 20usize,
+});
+
+defaults!(RawPasswords {
+    strength: String = "medium",
+    allow_empty: bool = false,
+    users_may_set: bool = false,
+});
+
+defaults!(RawHistory { retention: Text = "14d" });
+
+defaults!(RawHeaders {
+    user: String = "Remote-User",
+    email: String = "Remote-Email",
+    groups: String = "Remote-Groups",
+    name: String = "Remote-Name",
+    assertion: String = "",
+});
+
+defaults!(RawLog { format: String = "pretty" });
+
+/// A string that the environment may have turned into a number.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(transparent)]
+struct Text(#[serde(deserialize_with = "lenient_string")] String);
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        Self(s.to_string())
+    }
+}
+
+/// Collects problems instead of stopping at the first.
+#[derive(Default)]
+struct Check {
+    errors: Vec<ConfigError>,
+}
+
+impl Check {
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError { path: path.into(), message: message.into() });
+    }
+
+    fn duration(&mut self, path: &str, text: &Text) -> Duration {
+        parse_duration(&text.0).unwrap_or_else(|e| {
+            self.error(path, e);
+            Duration::ZERO
+        })
+    }
+
+    fn positive_duration(&mut self, path: &str, text: &Text) -> Duration {
+        let d = self.duration(path, text);
+        if d.is_zero() && parse_duration(&text.0).is_ok() {
+            self.error(path, "must be longer than 0");
+        }
+        d
+    }
+
+    fn addr(&mut self, path: &str, text: &str) -> Option<SocketAddr> {
+        let text = text.trim();
+        if text.is_empty() {
+            return None;
+        }
+        text.parse()
+            .map_err(|_| self.error(path, format!("{text:?} is not an address like 127.0.0.1:8443")))
+            .ok()
+    }
+
+    fn tls_version(&mut self, path: &str, text: &Text) -> TlsVersion {
+        match text.0.trim() {
+            "1.2" => TlsVersion::V1_2,
+            "1.3" => TlsVersion::V1_3,
+            other => {
+                self.error(path, format!("{other:?}: use \"1.2\" or \"1.3\""));
+                TlsVersion::V1_2
+            }
+        }
+    }
+
+    fn header(&mut self, path: &str, text: &str) -> HeaderName {
+        HeaderName::from_bytes(text.trim().as_bytes()).unwrap_or_else(|_| {
+            self.error(path, format!("{text:?} is not a header name"));
+            HeaderName::from_static("x-invalid")
+        })
+    }
+
+    fn file(&mut self, path: &str, base: &Path, text: &str) -> Option<PathBuf> {
+        let text = text.trim();
+        if text.is_empty() {
+            return None;
+        }
+        let resolved = resolve(base, text);
+        if !resolved.is_file() {
+            self.error(path, format!("{}: no such file", resolved.display()));
+        }
+        Some(resolved)
+    }
+}
+
+/// Relative paths in the config are relative to the config file's directory.
+fn resolve(base: &Path, text: &str) -> PathBuf {
+    let p = Path::new(text);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+impl RawConfig {
+    pub(super) fn validate(self, source: &Path) -> Result<Config, ConfigErrors> {
+        let base = source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let mut c = Check::default();
+
+        let policy_file = resolve(base, self.policy_file.trim());
+        let policy = match std::fs::read_to_string(&policy_file) {
+            Ok(text) => match Policy::from_toml(&text) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(errors) => {
+                    for e in errors {
+                        c.error(format!("policy {}: {}", policy_file.display(), e.path), e.message);
+                    }
+                    None
+                }
+            },
+            Err(e) => {
+                c.error("policy_file", format!("cannot read {}: {e}", policy_file.display()));
+                None
+            }
+        };
+
+        let public_url = parse_public_url(&mut c, &self.public_url);
+
+        let l = &self.listen;
+        let listen = Listen {
+            https: c.addr("listen.https", &l.https),
+            http: c.addr("listen.http", &l.http),
+            redirect_http: c.addr("listen.redirect_http", &l.redirect_http),
+            admin: c.addr("listen.admin", &l.admin),
+            shutdown_timeout: c.duration("listen.shutdown_timeout", &l.shutdown_timeout),
+        };
+        if listen.https.is_none() && listen.http.is_none() {
+            c.error("listen", "set listen.https or listen.http (or both)");
+        }
+
+        let t = &self.tls;
+        let mut certificates = Vec::new();
+        for (i, cert) in t.certificates.iter().enumerate() {
+            let at = format!("tls.certificates[{i}]");
+            if cert.domains.is_empty() {
+                c.error(format!("{at}.domains"), "name at least one domain");
+            }
+            let (Some(cert_file), Some(key_file)) = (
+                c.file(&format!("{at}.cert"), base, &cert.cert),
+                c.file(&format!("{at}.key"), base, &cert.key),
+            ) else {
+                c.error(&at, "cert and key are both required");
+                continue;
+            };
+            certificates.push(CertificateFiles {
+                domains: cert.domains.iter().map(|d| d.trim().to_ascii_lowercase()).collect(),
+                cert: cert_file,
+                key: key_file,
+            });
+        }
+        let tls = Tls {
+            min_version: c.tls_version("tls.min_version", &t.min_version),
+            max_version: c.tls_version("tls.max_version", &t.max_version),
+            self_signed: t.self_signed,
+            session_ticket_lifetime: c.duration("tls.session_ticket_lifetime", &t.session_ticket_lifetime),
+            key_log_file: Some(t.key_log_file.trim()).filter(|s| !s.is_empty()).map(|s| resolve(base, s)),
+            handshake_timeout: c.positive_duration("tls.handshake_timeout", &t.handshake_timeout),
+            certificates,
+        };
+        if tls.min_version > tls.max_version {
+            c.error("tls.min_version", "is newer than tls.max_version");
+        }
+        if listen.https.is_some() && tls.certificates.is_empty() && !tls.self_signed {
+            c.error("tls", "listen.https needs [[tls.certificates]] or self_signed = true");
+        }
+
+        let u = &self.upstream;
+        let upstream_url = match u.url.trim().parse::<Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.host().is_some()
+                    && uri.query().is_none() =>
+            {
+                uri
+            }
+            _ => {
+                c.error("upstream.url", format!("{:?} is not an http:// or https:// URL", u.url));
+                Uri::from_static("http://127.0.0.1:8080")
+            }
+        };
+        let upstream = Upstream {
+            url: upstream_url,
+            ca_file: c.file("upstream.ca_file", base, &u.ca_file),
+            insecure_skip_verify: u.insecure_skip_verify,
+            connect_timeout: c.positive_duration("upstream.connect_timeout", &u.connect_timeout),
+            timeout: c.positive_duration("upstream.timeout", &u.timeout),
+            pool_idle_timeout: c.duration("upstream.pool_idle_timeout", &u.pool_idle_timeout),
+            pool_max_idle_per_host: u.pool_max_idle_per_host,
+        };
+
+        let max_header_bytes = parse_size(&self.limits.max_header_size.0).unwrap_or_else(|e| {
+            c.error("limits.max_header_size", e);
+            0
+        });
+        if !(4096..=1 << 24).contains(&max_header_bytes) {
+            c.error("limits.max_header_size", "must be between 4KiB and 16MiB");
+        }
+        let limits = Limits {
+            max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
+            max_request_body: parse_size(&self.limits.max_request_body.0).unwrap_or_else(|e| {
+                c.error("limits.max_request_body", e);
+                0
+            }),
+        };
+
+        let store_url = self.store.url.trim().to_string();
+        let known_store = ["embedded://", "redis://", "rediss://", "redis+cluster://", "rediss+cluster://"];
+        if !known_store.iter().any(|s| store_url.starts_with(s)) {
+            c.error(
+                "store.url",
+                format!("{store_url:?}: use embedded://PATH, redis://, rediss:// or redis+cluster://"),
+            );
+        }
+        let store = Store { url: store_url, key_prefix: self.store.key_prefix.clone() };
+
+        let session = Session {
+            idle_timeout: c.positive_duration("session.idle_timeout", &self.session.idle_timeout),
+            max_lifetime: c.positive_duration("session.max_lifetime", &self.session.max_lifetime),
+            login_token_ttl: c.duration("session.login_token_ttl", &self.session.login_token_ttl),
+        };
+        let links = Links {
+            ttl: c.positive_duration("links.ttl", &self.links.ttl),
+            invite_ttl: c.positive_duration("links.invite_ttl", &self.links.invite_ttl),
+        };
+        let smtp_url = Some(self.email.smtp_url.trim()).filter(|s| !s.is_empty()).map(str::to_string);
+        if let Some(url) = &smtp_url {
+            if !["smtp://", "smtps://", "smtp+starttls://"].iter().any(|s| url.starts_with(s)) {
+                c.error("email.smtp_url", "use smtp://, smtps:// or smtp+starttls://");
+            }
+        }
+        let email = Email { smtp_url, from: self.email.from.clone() };
+
+        let w = &self.webauthn;
+        let user_verification = match w.user_verification.as_str() {
+            "required" => UserVerification::Required,
+            "preferred" => UserVerification::Preferred,
+            "discouraged" => UserVerification::Discouraged,
+            other => {
+                c.error(
+                    "webauthn.user_verification",
+                    format!("{other:?}: use required, preferred or discouraged"),
+                );
+                UserVerification::Preferred
+            }
+        };
+        let rp_id = match w.rp_id.trim() {
+            "" => public_url.as_ref().map(|u| u.host.clone()).unwrap_or_default(),
+            id => id.to_ascii_lowercase(),
+        };
+        let webauthn = Webauthn {
+            rp_id,
+            rp_name: w.rp_name.clone(),
+            origins: w.origins.iter().map(|o| o.trim().trim_end_matches('/').to_string()).collect(),
+            user_verification,
+            max_passkeys_per_user: w.max_passkeys_per_user,
+        };
+
+        let strength = match self.passwords.strength.as_str() {
+            "accept-all" => PasswordStrength::AcceptAll,
+            "medium" => PasswordStrength::Medium,
+            "high" => PasswordStrength::High,
+            other => {
+                c.error("passwords.strength", format!("{other:?}: use accept-all, medium or high"));
+                PasswordStrength::Medium
+            }
+        };
+        let passwords = Passwords {
+            strength,
+            allow_empty: self.passwords.allow_empty,
+            users_may_set: self.passwords.users_may_set,
+        };
+        let history = History { retention: c.duration("history.retention", &self.history.retention) };
+
+        let h = &self.headers;
+        let assertion = Some(h.assertion.trim()).filter(|s| !s.is_empty());
+        let headers = IdentityHeaders {
+            user: c.header("headers.user", &h.user),
+            email: c.header("headers.email", &h.email),
+            groups: c.header("headers.groups", &h.groups),
+            name: c.header("headers.name", &h.name),
+            assertion: assertion.map(|a| c.header("headers.assertion", a)),
+        };
+
+        let format = match self.log.format.as_str() {
+            "pretty" => LogFormat::Pretty,
+            "json" => LogFormat::Json,
+            other => {
+                c.error("log.format", format!("{other:?}: use pretty or json"));
+                LogFormat::Pretty
+            }
+        };
+
+        match (policy, public_url, c.errors.is_empty()) {
+            (Some(policy), Some(public_url), true) => Ok(Config {
+                source: source.to_path_buf(),
+                policy_file,
+                policy,
+                public_url,
+                listen,
+                tls,
+                upstream,
+                limits,
+                store,
+                session,
+                links,
+                email,
+                webauthn,
+                passwords,
+                history,
+                headers,
+                log: Log { format },
+            }),
+            _ => Err(ConfigErrors(c.errors)),
+        }
+    }
+}
+
+fn parse_public_url(c: &mut Check, text: &str) -> Option<PublicUrl> {
+    let bad = |c: &mut Check| {
+        c.error("public_url", format!("{text:?} is not an origin like https://pbx.example.com"));
+        None
+    };
+    let Ok(uri) = text.trim().trim_end_matches('/').parse::<Uri>() else {
+        return bad(c);
+    };
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return bad(c),
+    };
+    let (Some(host), None) = (uri.host(), uri.query()) else {
+        return bad(c);
+    };
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return bad(c);
+    }
+    let host = host.to_ascii_lowercase();
+    let port = uri.port_u16();
+    let scheme = if https { "https" } else { "http" };
+    let origin = match port {
+        Some(p) if p != if https { 443 } else { 80 } => format!("{scheme}://{host}:{p}"),
+        _ => format!("{scheme}://{host}"),
+    };
+    Some(PublicUrl { https, host, port, origin })
+}

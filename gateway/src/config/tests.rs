@@ -1,0 +1,139 @@
+// figment::Jail closures return figment::Error, which is large by its design.
+#![allow(clippy::result_large_err)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Format, Toml};
+use figment::{Figment, Jail};
+
+use super::*;
+
+const POLICY: &str = "domains = [\"localhost\"]\n[[route]]\npath = \"/\"\naccess = \"user\"\n";
+
+fn load(jail: &Jail) -> Result<Config, ConfigErrors> {
+    let path = jail.directory().join("gateway.toml");
+    Config::from_figment(&path, Figment::new().merge(Toml::file_exact(&path)).merge(env_provider()))
+}
+
+fn paths(errors: &ConfigErrors) -> Vec<String> {
+    errors.0.iter().map(|e| e.path.clone()).collect()
+}
+
+#[test]
+fn minimal_file_gets_the_vodia_defaults() {
+    Jail::expect_with(|jail| {
+        jail.create_file("policy.toml", POLICY)?;
+        jail.create_file("gateway.toml", "policy_file = \"policy.toml\"\n[tls]\nself_signed = true\n")?;
+        let c = load(jail).map_err(|e| e.to_string())?;
+        assert_eq!(c.session.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(c.session.login_token_ttl, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.links.ttl, Duration::from_secs(15 * 60));
+        assert_eq!(c.links.invite_ttl, Duration::from_secs(72 * 3600));
+        assert_eq!(c.history.retention, Duration::from_secs(14 * 86_400));
+        assert_eq!(c.webauthn.max_passkeys_per_user, 20);
+        assert_eq!(c.webauthn.rp_id, "localhost");
+        assert_eq!(c.passwords.strength, PasswordStrength::Medium);
+        assert!(!c.passwords.allow_empty && !c.passwords.users_may_set);
+        assert_eq!(c.public_url.origin, "https://localhost:8443");
+        assert_eq!((c.tls.min_version, c.tls.max_version), (TlsVersion::V1_2, TlsVersion::V1_3));
+        assert_eq!(c.headers.user.as_str(), "remote-user");
+        assert!(c.policy_file.ends_with("policy.toml"));
+        Ok(())
+    });
+}
+
+#[test]
+fn environment_overrides_with_double_underscore_nesting() {
+    Jail::expect_with(|jail| {
+        jail.create_file("policy.toml", POLICY)?;
+        jail.create_file("gateway.toml", "policy_file = \"policy.toml\"\n[tls]\nself_signed = true\n")?;
+        jail.set_env("PBXGATE_TLS__MIN_VERSION", "1.3");
+        jail.set_env("PBXGATE_SESSION__IDLE_TIMEOUT", "600");
+        jail.set_env("PBXGATE_STORE__URL", "redis://127.0.0.1:6379/0");
+        jail.set_env("PBXGATE_UPSTREAM__URL", "https://10.0.0.5:8443");
+        jail.set_env("PBXGATE_LISTEN__HTTP", "127.0.0.1:8000");
+        let c = load(jail).map_err(|e| e.to_string())?;
+        assert_eq!(c.tls.min_version, TlsVersion::V1_3);
+        assert_eq!(c.session.idle_timeout, Duration::from_secs(600));
+        assert_eq!(c.store.url, "redis://127.0.0.1:6379/0");
+        assert_eq!(c.upstream.url.to_string(), "https://10.0.0.5:8443/");
+        assert_eq!(c.listen.http.map(|a| a.port()), Some(8000));
+        Ok(())
+    });
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key_path() {
+    Jail::expect_with(|jail| {
+        jail.create_file("policy.toml", "domains = []\n[[route]]\npath = \"/\"\naccess = \"everyone\"\n")?;
+        jail.create_file(
+            "gateway.toml",
+            r#"
+policy_file = "policy.toml"
+public_url = "ftp://x"
+[listen]
+https = "127.0.0.1:99999"
+[tls]
+min_version = "1.3"
+max_version = "1.2"
+session_ticket_lifetime = "forever"
+[upstream]
+url = "not a url"
+[session]
+idle_timeout = "0s"
+[store]
+url = "mysql://x"
+[log]
+format = "xml"
+"#,
+        )?;
+        let errors = load(jail).expect_err("invalid");
+        let paths = paths(&errors);
+        for want in [
+            "public_url",
+            "listen.https",
+            "tls.min_version",
+            "tls.session_ticket_lifetime",
+            "upstream.url",
+            "session.idle_timeout",
+            "store.url",
+            "log.format",
+        ] {
+            assert!(paths.iter().any(|p| p == want), "missing {want} in {paths:?}");
+        }
+        assert!(paths.iter().any(|p| p.ends_with(": domains")), "{paths:?}");
+        assert!(paths.iter().any(|p| p.ends_with(": route[0].access")), "{paths:?}");
+        Ok(())
+    });
+}
+
+#[test]
+fn unknown_keys_are_refused() {
+    Jail::expect_with(|jail| {
+        jail.create_file("policy.toml", POLICY)?;
+        jail.create_file(
+            "gateway.toml",
+            "policy_file = \"policy.toml\"\n[tls]\nself_signed = true\nmin_versoin = \"1.3\"\n",
+        )?;
+        let errors = load(jail).expect_err("invalid");
+        assert_eq!(paths(&errors), vec!["tls.min_versoin".to_string()]);
+        Ok(())
+    });
+}
+
+#[test]
+fn missing_file_is_an_error_not_defaults() {
+    let errors = Config::load(Path::new("/nonexistent/gateway.toml")).expect_err("missing");
+    assert_eq!(paths(&errors), vec!["config".to_string()]);
+}
+
+#[test]
+fn sizes() {
+    assert_eq!(parse_size("64KiB"), Ok(65536));
+    assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+    assert_eq!(parse_size("100MB"), Ok(100_000_000));
+    assert_eq!(parse_size("512"), Ok(512));
+    assert!(parse_size("1 parsec").is_err());
+    assert!(parse_size("").is_err());
+}

@@ -1,0 +1,148 @@
+//! pbxgate: an authentication gateway in front of a PBX web interface.
+//!
+//! `main.rs` parses the command line; everything else lives here so tests can
+//! run a whole gateway in-process on `127.0.0.1:0`:
+//!
+//! ```no_run
+//! # async fn example(config: pbxgate::config::Config) -> Result<(), pbxgate::Error> {
+//! let gateway = pbxgate::Gateway::bind(config).await?;
+//! println!("https on {:?}", gateway.addrs().https);
+//! gateway.serve(async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod listener;
+pub mod metrics;
+mod pipeline;
+pub mod proxy;
+mod reserved;
+pub mod telemetry;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use pbxgate_policies::Policy;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+pub use config::Config;
+pub use error::Error;
+
+/// Every response body: streamed from the upstream, or small and our own.
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// What every request shares, built once at start-up.
+pub(crate) struct State {
+    pub config: Arc<Config>,
+    pub policy: ArcSwap<Policy>,
+    pub upstream: proxy::Upstream,
+    pub spoofable: proxy::Spoofable,
+    pub metrics: metrics::Metrics,
+}
+
+impl State {
+    fn product_name(&self) -> String {
+        self.config.webauthn.rp_name.clone()
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+/// The addresses actually bound (useful with port 0).
+#[derive(Debug, Clone, Default)]
+pub struct Addrs {
+    pub https: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub redirect_http: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// A gateway whose sockets are bound but not yet served.
+pub struct Gateway {
+    state: Arc<State>,
+    addrs: Addrs,
+    listeners: Vec<(TcpListener, listener::Kind)>,
+}
+
+impl Gateway {
+    /// Checks the TLS material, builds the upstream client and binds every listener.
+    pub async fn bind(config: Config) -> Result<Self, Error> {
+        let tls = match config.listen.https {
+            Some(_) => Some(TlsAcceptor::from(tls::server_config(&config.tls, &config.policy)?)),
+            None => None,
+        };
+        let upstream = proxy::Upstream::new(&config.upstream, config.limits.max_request_body)?;
+        let spoofable = proxy::Spoofable::new(config.headers.all());
+        let mut addrs = Addrs::default();
+        let mut listeners = Vec::new();
+        let wanted = [
+            (config.listen.https, tls.map(listener::Kind::Https)),
+            (config.listen.http, Some(listener::Kind::Http)),
+            (config.listen.redirect_http, Some(listener::Kind::RedirectHttp)),
+            (config.listen.admin, Some(listener::Kind::Admin)),
+        ];
+        for (addr, kind) in wanted {
+            let (Some(addr), Some(kind)) = (addr, kind) else { continue };
+            let socket = listener::bind(addr).await?;
+            let local = socket.local_addr().map_err(|source| Error::Bind { addr, source })?;
+            let slot = match kind {
+                listener::Kind::Https(_) => &mut addrs.https,
+                listener::Kind::Http => &mut addrs.http,
+                listener::Kind::RedirectHttp => &mut addrs.redirect_http,
+                listener::Kind::Admin => &mut addrs.admin,
+            };
+            *slot = Some(local);
+            listeners.push((socket, kind));
+        }
+        let state = Arc::new(State {
+            policy: ArcSwap::new(config.policy.clone()),
+            config: Arc::new(config),
+            upstream,
+            spoofable,
+            metrics: metrics::Metrics::default(),
+        });
+        Ok(Self { state, addrs, listeners })
+    }
+
+    pub fn addrs(&self) -> &Addrs {
+        &self.addrs
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets
+    /// in-flight requests finish (up to `listen.shutdown_timeout`).
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+        let (tx, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for (socket, kind) in self.listeners {
+            if let Ok(addr) = socket.local_addr() {
+                tracing::info!(%addr, listener = kind.name(), "listening");
+            }
+            tasks.push(tokio::spawn(listener::serve(socket, kind, self.state.clone(), rx.clone())));
+        }
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, finishing requests in flight");
+        let _ = tx.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Binds and serves `config` until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+    Gateway::bind(config).await?.serve(shutdown).await
+}

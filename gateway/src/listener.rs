@@ -1,0 +1,264 @@
+//! Accept loops: TLS handshake (with a timeout), hyper auto h1/h2 with
+//! upgrades, graceful shutdown, and closing a screened connection without a
+//! single response byte.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio_rustls::TlsAcceptor;
+
+use crate::{admin, pipeline, State};
+
+/// What a listener serves.
+#[derive(Clone)]
+pub(crate) enum Kind {
+    Https(TlsAcceptor),
+    Http,
+    RedirectHttp,
+    Admin,
+}
+
+impl Kind {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Https(_) => "https",
+            Self::Http => "http",
+            Self::RedirectHttp => "redirect_http",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// One client connection, as the pipeline sees it.
+#[derive(Debug)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    /// `https` or `http`.
+    pub proto: &'static str,
+    dropped: AtomicBool,
+    drop_now: Notify,
+}
+
+impl Connection {
+    /// Asks for this connection to be closed with no (further) response bytes.
+    pub fn drop_silently(&self) {
+        self.dropped.store(true, Ordering::SeqCst);
+        self.drop_now.notify_one();
+    }
+}
+
+/// The service's error: hyper closes the connection instead of answering.
+#[derive(Debug, thiserror::Error)]
+#[error("connection dropped by screening")]
+pub struct Dropped;
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    kind: Kind,
+    state: Arc<State>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(http_builder(&state));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (kind, state, builder) = (kind.clone(), state.clone(), builder.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _active = state.metrics.connection_opened();
+            match kind {
+                Kind::Https(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(state.config.tls.handshake_timeout, acceptor.accept(tcp));
+                    match handshake.await {
+                        Ok(Ok(tls)) => {
+                            serve_connection(
+                                tls,
+                                peer,
+                                "https",
+                                Kind::Https(acceptor),
+                                state.clone(),
+                                builder,
+                                watcher,
+                            )
+                            .await
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+                kind => serve_connection(tcp, peer, "http", kind, state.clone(), builder, watcher).await,
+            }
+        });
+    }
+    drop(listener);
+    let grace = state.config.listen.shutdown_timeout;
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?grace, "shutdown grace period over; closing remaining connections");
+    }
+}
+
+fn http_builder(state: &State) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let max_header = state.config.limits.max_header_bytes;
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(max_header.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(30));
+    builder
+}
+
+async fn serve_connection<IO>(
+    io: IO,
+    peer: SocketAddr,
+    proto: &'static str,
+    kind: Kind,
+    state: Arc<State>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connection =
+        Arc::new(Connection { peer, proto, dropped: AtomicBool::new(false), drop_now: Notify::new() });
+    let io = Guarded { inner: Some(io), connection: connection.clone() };
+    let conn = connection.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let (state, conn, kind) = (state.clone(), conn.clone(), kind.clone());
+        async move {
+            match kind {
+                Kind::Admin => Ok(admin::handle(&state, &request)),
+                Kind::RedirectHttp => pipeline::redirect_to_https(&state, &conn, &request).await,
+                Kind::Https(_) | Kind::Http => pipeline::handle(&state, &conn, request).await,
+            }
+        }
+    });
+    let serving =
+        watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());
+    tokio::select! {
+        result = serving => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = connection.drop_now.notified() => {}
+    }
+}
+
+/// The connection's IO. When screening drops the connection, dropping this
+/// closes it cleanly (TLS close_notify, then FIN) without writing a response.
+struct Guarded<T: AsyncWrite + Unpin + Send + 'static> {
+    inner: Option<T>,
+    connection: Arc<Connection>,
+}
+
+impl<T: AsyncWrite + Unpin + Send + 'static> Drop for Guarded<T> {
+    fn drop(&mut self) {
+        if self.connection.dropped.load(Ordering::SeqCst) {
+            if let Some(mut io) = self.inner.take() {
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+                });
+            }
+        }
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection closed")
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Guarded<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(io) => Pin::new(io).poll_read(cx, buf),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Guarded<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.connection.dropped.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(gone()));
+        }
+        match self.inner.as_mut() {
+            Some(io) => Pin::new(io).poll_write(cx, buf),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.connection.dropped.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(gone()));
+        }
+        match self.inner.as_mut() {
+            Some(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(io) => Pin::new(io).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(io) => Pin::new(io).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// Binds every configured listener before anything is served, so a taken
+/// port fails start-up instead of half-starting.
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, crate::Error> {
+    TcpListener::bind(addr).await.map_err(|source| crate::Error::Bind { addr, source })
+}

@@ -1,0 +1,93 @@
+//! Prometheus counters kept in atomics: no locks and no allocation per request.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+const DECISIONS: [&str; 7] = ["allow", "login", "step_up", "deny", "drop", "reserved", "bad_request"];
+const CLASSES: [&str; 6] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Upper bounds of the upstream latency histogram, in seconds.
+const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: [[AtomicU64; CLASSES.len()]; DECISIONS.len()],
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_micros: AtomicU64,
+    connections: AtomicI64,
+}
+
+/// Decrements the open-connection gauge when the connection ends.
+pub struct ConnectionGuard<'a>(&'a AtomicI64);
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, decision: &str, status: u16) {
+        let d = DECISIONS.iter().position(|x| *x == decision).unwrap_or(0);
+        let c = usize::from(status / 100).min(CLASSES.len() - 1);
+        self.requests[d][c].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn upstream_latency(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_micros
+            .fetch_add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    pub fn connection_opened(&self) -> ConnectionGuard<'_> {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(&self.connections)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ =
+            writeln!(out, "# HELP pbxgate_build_info Build information.\n# TYPE pbxgate_build_info gauge");
+        let _ = writeln!(out, "pbxgate_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        let _ = writeln!(
+            out,
+            "# HELP pbxgate_requests_total Requests by decision and status class.\n# TYPE pbxgate_requests_total counter"
+        );
+        for (d, decision) in DECISIONS.iter().enumerate() {
+            for (c, class) in CLASSES.iter().enumerate() {
+                let n = self.requests[d][c].load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "pbxgate_requests_total{{decision=\"{decision}\",status=\"{class}\"}} {n}"
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP pbxgate_upstream_duration_seconds Time to the upstream's response headers.\n# TYPE pbxgate_upstream_duration_seconds histogram"
+        );
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.latency_buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "pbxgate_upstream_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let sum = self.latency_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "pbxgate_upstream_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "pbxgate_upstream_duration_seconds_sum {sum}");
+        let _ = writeln!(out, "pbxgate_upstream_duration_seconds_count {count}");
+        let _ = writeln!(
+            out,
+            "# HELP pbxgate_open_connections Client connections open now.\n# TYPE pbxgate_open_connections gauge"
+        );
+        let _ = writeln!(out, "pbxgate_open_connections {}", self.connections.load(Ordering::Relaxed));
+        out
+    }
+}

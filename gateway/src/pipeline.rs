@@ -1,0 +1,233 @@
+//! The request's path, top to bottom: facts, screen, reserved, identity,
+//! decide, proxy, log.
+
+use std::net::IpAddr;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use http::header::{ACCEPT, HOST, LOCATION, USER_AGENT};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use pbxgate_policies::{decide, normalize_path, screen, Facts, Screen, Verdict};
+
+use crate::error::{empty, respond, Refusal};
+use crate::listener::{Connection, Dropped};
+use crate::proxy::{headers, Outgoing};
+use crate::{reserved, Body, State};
+
+/// Handles one request on the https or http listener.
+pub(crate) async fn handle(
+    state: &State,
+    conn: &Connection,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Dropped> {
+    let started = Instant::now();
+    let policy = state.policy.load();
+
+    // 1. facts
+    let peer = conn.peer.ip();
+    let trusted_peer = policy.is_trusted_proxy(peer);
+    let client_ip = headers::client_ip(peer, request.headers(), &policy);
+    let host_header = request_host(&request).unwrap_or_default().to_string();
+    let host = bare_host(&host_header);
+    let method = request.method().clone();
+    let normalized = normalize_path(request.uri().path());
+    let user_agent = request.headers().get(USER_AGENT).and_then(|v| v.to_str().ok());
+    let browser = is_browser(&request);
+    let log_path = normalized.as_deref().unwrap_or("-").to_string();
+    let facts = Facts {
+        client_ip,
+        host: &host,
+        method: method.as_str(),
+        path: normalized.as_deref().unwrap_or(""),
+        user_agent,
+    };
+
+    // 2. screen
+    if let Screen::Drop(reason) = screen(&policy, &facts) {
+        state.metrics.request("drop", 0);
+        tracing::info!(target: "pbxgate::access", %method, host = %host, path = %log_path, status = 0,
+            decision = "drop", rule = reason.as_str(), user = "-", client = %client_ip);
+        return Err(drop_connection(conn).await);
+    }
+    let path: &str = match &normalized {
+        Ok(path) => path,
+        Err(e) => {
+            let response = respond(&Refusal::BadRequest, browser);
+            access_log(state, &method, &host, "-", &response, None, "bad_request", &e.to_string(), client_ip);
+            return Ok(response);
+        }
+    };
+
+    // 3. the gateway's own endpoints
+    if reserved::is_reserved(path) {
+        let response = reserved::handle(state, &request, path, browser);
+        access_log(state, &method, &host, path, &response, None, "reserved", "reserved", client_ip);
+        return Ok(response);
+    }
+
+    // 4. identity: sessions arrive with the login issue; nobody is identified yet.
+    // 5. decide
+    let decision = decide(&policy, &facts, None, unix_now());
+    let return_path = || match request.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let refusal = match decision.verdict {
+        Verdict::Allow => None,
+        Verdict::Login => Some(Refusal::LoginRequired { rd: return_path() }),
+        Verdict::StepUp { .. } => Some(Refusal::StepUpRequired { rd: return_path() }),
+        Verdict::Deny(reason) => {
+            tracing::debug!(reason = reason.as_str(), "denied");
+            Some(Refusal::Forbidden)
+        }
+    };
+    let verdict = verdict_name(decision.verdict);
+    if let Some(refusal) = refusal {
+        let response = respond(&refusal, browser);
+        access_log(
+            state,
+            &method,
+            &host,
+            path,
+            &response,
+            None,
+            verdict,
+            &decision.rule.to_string(),
+            client_ip,
+        );
+        return Ok(response);
+    }
+
+    // 6. proxy
+    let rule = decision.rule.to_string();
+    drop(policy);
+    let out = Outgoing { peer, trusted_peer, client: client_ip, proto: conn.proto, host: &host_header, path };
+    let upstream_started = Instant::now();
+    let response = match state.upstream.forward(request, out, &state.spoofable).await {
+        Ok(response) => response,
+        Err(refusal) => respond(&refusal, browser),
+    };
+    let upstream_ms = upstream_started.elapsed();
+    state.metrics.upstream_latency(upstream_ms);
+
+    // 7. log
+    access_log(state, &method, &host, path, &response, Some(started.elapsed()), verdict, &rule, client_ip);
+    Ok(response)
+}
+
+/// The `redirect_http` listener: known hosts are sent to HTTPS, others dropped.
+pub(crate) async fn redirect_to_https(
+    state: &State,
+    conn: &Connection,
+    request: &Request<Incoming>,
+) -> Result<Response<Body>, Dropped> {
+    let policy = state.policy.load();
+    let host = bare_host(request_host(request).unwrap_or_default());
+    let facts = Facts {
+        client_ip: headers::client_ip(conn.peer.ip(), request.headers(), &policy),
+        host: &host,
+        method: request.method().as_str(),
+        path: request.uri().path(),
+        user_agent: request.headers().get(USER_AGENT).and_then(|v| v.to_str().ok()),
+    };
+    if let Screen::Drop(_) = screen(&policy, &facts) {
+        drop(policy);
+        return Err(drop_connection(conn).await);
+    }
+    let port = match state.config.public_url.port {
+        Some(p) if p != 443 => format!(":{p}"),
+        _ => String::new(),
+    };
+    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    let target =
+        format!("https://{host}{port}{}", request.uri().path_and_query().map_or("/", |p| p.as_str()));
+    let mut response = empty(StatusCode::PERMANENT_REDIRECT);
+    if let Ok(value) = HeaderValue::from_str(&target) {
+        response.headers_mut().insert(LOCATION, value);
+    }
+    Ok(response)
+}
+
+/// Closes the connection under this request. The request never answers:
+/// hyper would otherwise write an error (HTTP/2 RST_STREAM) first.
+async fn drop_connection(conn: &Connection) -> Dropped {
+    conn.drop_silently();
+    std::future::pending::<()>().await;
+    Dropped
+}
+
+#[allow(clippy::too_many_arguments)]
+fn access_log(
+    state: &State,
+    method: &Method,
+    host: &str,
+    path: &str,
+    response: &Response<Body>,
+    upstream: Option<std::time::Duration>,
+    decision: &str,
+    rule: &str,
+    client: IpAddr,
+) {
+    let status = response.status().as_u16();
+    state.metrics.request(decision, status);
+    let upstream_ms = upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
+    tracing::info!(target: "pbxgate::access", %method, host, path, status, upstream_ms, decision, rule,
+        user = "-", %client);
+}
+
+fn verdict_name(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Allow => "allow",
+        Verdict::Login => "login",
+        Verdict::StepUp { .. } => "step_up",
+        Verdict::Deny(_) => "deny",
+    }
+}
+
+/// The host the client asked for: the HTTP/2 authority or the Host header.
+fn request_host<B>(request: &Request<B>) -> Option<&str> {
+    request.uri().authority().map(|a| a.as_str()).or_else(|| request.headers().get(HOST)?.to_str().ok())
+}
+
+/// Lower case, without port or trailing dot; IPv6 without brackets.
+fn bare_host(host: &str) -> String {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':')
+            .map_or(host, |(name, port)| if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host })
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// A person's browser navigating: they get pages and redirects, programs get JSON.
+fn is_browser<B>(request: &Request<B>) -> bool {
+    matches!(*request.method(), Method::GET | Method::HEAD)
+        && request
+            .headers()
+            .get(ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|accept| accept.contains("text/html"))
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bare_host_forms() {
+        for (input, want) in [
+            ("PBX.Example.com:8443", "pbx.example.com"),
+            ("localhost", "localhost"),
+            ("[::1]:8443", "::1"),
+            ("[::1]", "::1"),
+            ("example.com.", "example.com"),
+            ("", ""),
+        ] {
+            assert_eq!(super::bare_host(input), want, "{input}");
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! Forwarding to the PBX: a pooled keep-alive client, bodies streamed both
+//! ways, websocket upgrades spliced through.
+
+pub mod headers;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::config::Upstream as UpstreamConfig;
+use crate::error::{Error, Refusal};
+use crate::Body;
+
+pub use headers::Spoofable;
+
+type UpstreamBody = Limited<Incoming>;
+
+/// The PBX, as a pooled client plus where it lives.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix of `upstream.url` without its trailing slash ("" for none).
+    base_path: String,
+    timeout: Duration,
+    max_body: usize,
+}
+
+/// What the pipeline learnt about the request that forwarding needs.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    pub peer: IpAddr,
+    pub trusted_peer: bool,
+    pub client: IpAddr,
+    /// `https` or `http`: how the client reached us.
+    pub proto: &'static str,
+    /// The Host as the client sent it (with port).
+    pub host: &'a str,
+    /// The normalised path: the upstream routes what the policy decided on.
+    pub path: &'a str,
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig, max_body: u64) -> Result<Self, Error> {
+        let tls = upstream_tls(config)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        let url = &config.url;
+        Ok(Self {
+            client,
+            scheme: url.scheme().cloned().unwrap_or(Scheme::HTTP),
+            authority: url
+                .authority()
+                .cloned()
+                .ok_or_else(|| Error::Upstream("upstream.url has no host".into()))?,
+            base_path: url.path().trim_end_matches('/').to_string(),
+            timeout: config.timeout,
+            max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
+        })
+    }
+
+    /// Sends the request upstream and returns the upstream's response, or the
+    /// refusal to answer with (502 unreachable, 504 too slow, 413 too large).
+    pub async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        out: Outgoing<'_>,
+        spoofable: &Spoofable,
+    ) -> Result<Response<Body>, Refusal> {
+        if request
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|len| len > self.max_body as u64)
+        {
+            return Err(Refusal::PayloadTooLarge);
+        }
+        let upgrade = requested_upgrade(&request);
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+
+        let (mut parts, body) = request.into_parts();
+        parts.uri = self.upstream_uri(out.path, parts.uri.query())?;
+        parts.version = Version::HTTP_11;
+        let headers = &mut parts.headers;
+        headers::strip_hop_by_hop(headers);
+        headers::strip_identity(headers, spoofable);
+        headers::strip_gateway_cookies(headers);
+        headers::set_forwarded(headers, out.peer, out.trusted_peer, out.client, out.proto, out.host);
+        // HTTP/2 clients send :authority, not Host; the PBX sees the name the client used.
+        if let Ok(host) = HeaderValue::from_str(out.host) {
+            headers.insert(HOST, host);
+        }
+        if let Some(protocol) = &upgrade {
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(UPGRADE, protocol.clone());
+        }
+        let upstream_request = Request::from_parts(parts, Limited::new(body, self.max_body));
+
+        let mut response =
+            match tokio::time::timeout(self.timeout, self.client.request(upstream_request)).await {
+                Err(_) => return Err(Refusal::GatewayTimeout),
+                Ok(Err(e)) => return Err(classify(&e)),
+                Ok(Ok(response)) => response,
+            };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) else {
+                tracing::warn!("upstream switched protocols without being asked");
+                return Err(Refusal::BadGateway);
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice(client_upgrade, upstream_upgrade));
+            let headers = response.headers_mut();
+            headers::strip_hop_by_hop(headers);
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(UPGRADE, protocol);
+        } else {
+            headers::strip_hop_by_hop(response.headers_mut());
+        }
+        Ok(response.map(Either::Left))
+    }
+
+    fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, Refusal> {
+        let mut target =
+            String::with_capacity(self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
+        target.push_str(&self.base_path);
+        target.push_str(path);
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
+        let path_and_query = PathAndQuery::try_from(target).map_err(|_| Refusal::BadRequest)?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| Refusal::BadRequest)
+    }
+}
+
+/// The protocol an HTTP/1.1 client asks to switch to (`Connection: upgrade`).
+fn requested_upgrade(request: &Request<Incoming>) -> Option<HeaderValue> {
+    if request.version() != Version::HTTP_11 {
+        return None;
+    }
+    let wants = request
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    wants.then(|| request.headers().get(UPGRADE).cloned()).flatten()
+}
+
+/// Copies bytes both ways between the client and the upstream until either closes.
+async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}
+
+fn classify(error: &hyper_util::client::legacy::Error) -> Refusal {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<LengthLimitError>() {
+            return Refusal::PayloadTooLarge;
+        }
+        source = e.source();
+    }
+    if error.is_connect() {
+        tracing::warn!(error = %error, "upstream unreachable");
+    } else {
+        tracing::warn!(error = %error, "upstream request failed");
+    }
+    Refusal::BadGateway
+}
+
+fn upstream_tls(config: &UpstreamConfig) -> Result<ClientConfig, Error> {
+    let builder = ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Upstream(e.to_string()))?;
+    if config.insecure_skip_verify {
+        tracing::warn!("upstream.insecure_skip_verify is on: the upstream's certificate is NOT checked");
+        return Ok(builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(crate::tls::provider())))
+            .with_no_client_auth());
+    }
+    let mut roots = RootCertStore::empty();
+    if let Some(ca_file) = &config.ca_file {
+        let certs = CertificateDer::pem_file_iter(ca_file)
+            .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| Error::Upstream(format!("{}: {e}", ca_file.display())))?;
+        roots.add_parsable_certificates(certs);
+    } else if config.url.scheme_str() == Some("https") {
+        let found = rustls_native_certs::load_native_certs();
+        roots.add_parsable_certificates(found.certs);
+    }
+    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+}
+
+/// For a PBX with a self-signed certificate, when the operator opts in.
+/// Handshake signatures are still checked; the certificate is not.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,109 @@
+//! The gateway's own endpoints under `/.pbxgate/` and `/.well-known/pbxgate/`.
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{Either, Full};
+
+use crate::error::{escape, html, json, respond, Refusal};
+use crate::{Body, State};
+
+const CSS: &str = include_str!("../assets/pbxgate.css");
+
+pub(crate) fn is_reserved(path: &str) -> bool {
+    path == "/.pbxgate" || path.starts_with("/.pbxgate/") || path.starts_with("/.well-known/pbxgate/")
+}
+
+pub(crate) fn handle<B>(state: &State, request: &Request<B>, path: &str, browser: bool) -> Response<Body> {
+    match path {
+        "/.pbxgate/healthz" => json(StatusCode::OK, "{\"status\":\"ok\"}"),
+        "/.pbxgate/readyz" => readiness(state),
+        "/.pbxgate/assets/pbxgate.css" => asset(CSS, "text/css; charset=utf-8"),
+        "/.pbxgate/login" => {
+            let rd = query_param(request.uri().query(), "rd").unwrap_or_default();
+            let body = format!(
+                "<p>Sign-in is not available yet in this version of pbxgate.</p>\
+                 <p class=\"muted\">You will be returned to <code>{}</code> after signing in.</p>",
+                escape(&rd)
+            );
+            let mut response =
+                Response::new(Either::Right(Full::new(Bytes::from(page(&state.product_name(), &body)))));
+            page_headers(response.headers_mut());
+            response
+        }
+        _ if browser => html(StatusCode::NOT_FOUND, "This page does not exist."),
+        _ => respond(&Refusal::NotFound, false),
+    }
+}
+
+pub(crate) fn readiness(state: &State) -> Response<Body> {
+    if state.is_ready() {
+        json(StatusCode::OK, "{\"status\":\"ready\"}")
+    } else {
+        json(StatusCode::SERVICE_UNAVAILABLE, "{\"status\":\"unavailable\"}")
+    }
+}
+
+fn asset(content: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(content.as_bytes()))));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
+    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    response
+}
+
+/// A whole page around `body_html`: no external resources, one stylesheet of ours.
+pub(crate) fn page(title: &str, body_html: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title}</title><link rel=\"stylesheet\" href=\"/.pbxgate/assets/pbxgate.css\"></head>\
+         <body><main><h1>{title}</h1>{body_html}</main></body></html>",
+        title = escape(title)
+    )
+}
+
+/// Headers every page of ours carries: a strict CSP, no framing, no caching.
+pub(crate) fn page_headers(headers: &mut HeaderMap) {
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src 'self'; script-src 'self'; connect-src 'self'; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    headers.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+}
+
+/// One query parameter, percent-decoded (`+` as space).
+pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| percent_decode(value))
+    })
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex =
+            bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'+', _) => out.push(b' '),
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 2;
+            }
+            (b, _) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

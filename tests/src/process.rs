@@ -1,0 +1,123 @@
+//! The real `pbxgate` binary as a child process: for signals, exit codes and
+//! the gateway's own memory use.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>/pbxgate`, next to this test binary's `deps/` directory.
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("pbxgate");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build -p pbxgate` (scripts/test does this)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct GatewayProcess {
+    pub child: Child,
+    pub https: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl GatewayProcess {
+    /// Starts `pbxgate serve --config <config>` with JSON logs and waits until
+    /// it reports its listeners.
+    pub fn start(config: &Path, env: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(binary())
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("PBXGATE_LOG__FORMAT", "json")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn pbxgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let mut process = Self { child, https: None, http: None, admin: None, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for line in process.log_lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                if v["message"] != "listening" {
+                    continue;
+                }
+                let addr = v["addr"].as_str().and_then(|a| a.parse().ok());
+                match v["listener"].as_str() {
+                    Some("https") => process.https = addr,
+                    Some("http") => process.http = addr,
+                    Some("admin") => process.admin = addr,
+                    _ => {}
+                }
+            }
+            if process.https.is_some() || process.http.is_some() {
+                // Give the remaining listener lines a moment to arrive.
+                std::thread::sleep(Duration::from_millis(100));
+                return process;
+            }
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!("pbxgate exited early ({status}):\n{}", process.log_lines().join("\n"));
+            }
+            assert!(Instant::now() < deadline, "pbxgate did not start:\n{}", process.log_lines().join("\n"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status =
+            Command::new("kill").args(["-s", signal, &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+    }
+
+    /// Peak resident memory of the gateway process, in bytes (VmHWM).
+    pub fn peak_rss(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM")
+            * 1024
+    }
+
+    /// Waits for the process to exit and returns whether it exited with 0.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

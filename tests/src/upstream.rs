@@ -1,0 +1,148 @@
+//! A PBX stand-in. Routes:
+//! - `/upload`: reads the body as a stream, answers with the byte count;
+//! - `/download?bytes=N`: streams N bytes;
+//! - `/slow?ms=N`: waits, then answers;
+//! - `/ws`: `Upgrade: websocket` -> 101, then echoes every byte;
+//! - anything else: JSON `{"method","path","headers":{name:[values]}}`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), service_fn(route))
+                        .await;
+                });
+            }
+        });
+        Self { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn param(request: &Request<Incoming>, name: &str) -> Option<u64> {
+    request.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+async fn route(mut request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path().to_string();
+    Ok(match path.as_str() {
+        "/upload" => {
+            let mut body = request.into_body();
+            let mut total: u64 = 0;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(f) => total += f.data_ref().map_or(0, |d| d.len() as u64),
+                    Err(_) => return Ok(full(StatusCode::BAD_REQUEST, "body error")),
+                }
+            }
+            full(StatusCode::OK, total.to_string())
+        }
+        "/download" => {
+            let mut left = param(&request, "bytes").unwrap_or(0);
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let stream = futures_stream(move || {
+                if left == 0 {
+                    return None;
+                }
+                let n = left.min(chunk.len() as u64) as usize;
+                left -= n as u64;
+                Some(chunk.slice(..n))
+            });
+            Response::new(StreamBody::new(stream).boxed())
+        }
+        p if p.starts_with("/slow") => {
+            tokio::time::sleep(Duration::from_millis(param(&request, "ms").unwrap_or(1000))).await;
+            full(StatusCode::OK, "slow done")
+        }
+        "/ws" if request.headers().contains_key("upgrade") => {
+            let on_upgrade = hyper::upgrade::on(&mut request);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on_upgrade.await {
+                    let mut io = TokioIo::new(upgraded);
+                    let (mut r, mut w) = tokio::io::split(&mut io);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+            let mut r = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+            r.headers_mut().insert("upgrade", "websocket".parse().expect("hv"));
+            r.headers_mut().insert("connection", "upgrade".parse().expect("hv"));
+            r
+        }
+        _ => {
+            let mut headers = serde_json::Map::new();
+            for (name, value) in request.headers() {
+                let entry = headers.entry(name.as_str()).or_insert_with(|| serde_json::Value::Array(vec![]));
+                if let serde_json::Value::Array(values) = entry {
+                    values.push(String::from_utf8_lossy(value.as_bytes()).into_owned().into());
+                }
+            }
+            let body = serde_json::json!({
+                "method": request.method().as_str(),
+                "path": request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+                "version": format!("{:?}", request.version()),
+                "headers": headers,
+            });
+            let mut r = full(StatusCode::OK, body.to_string());
+            r.headers_mut().insert("content-type", "application/json".parse().expect("hv"));
+            r.headers_mut().insert("connection", "x-upstream-hop".parse().expect("hv"));
+            r.headers_mut().insert("x-upstream-hop", "must not reach the client".parse().expect("hv"));
+            r
+        }
+    })
+}
+
+/// A stream of data frames from a closure, without pulling in futures-util.
+fn futures_stream(
+    next: impl FnMut() -> Option<Bytes> + Send + Sync + Unpin + 'static,
+) -> impl futures_core::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync + 'static {
+    struct S<F>(F);
+    impl<F: FnMut() -> Option<Bytes> + Unpin> futures_core::Stream for S<F> {
+        type Item = Result<Frame<Bytes>, Infallible>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready((self.0)().map(|b| Ok(Frame::data(b))))
+        }
+    }
+    S(next)
+}

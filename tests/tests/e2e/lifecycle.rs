@@ -1,0 +1,123 @@
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pbxgate_e2e::client::{https_get, tls_connect, TlsOptions};
+use pbxgate_e2e::process::binary;
+use pbxgate_e2e::{write_config, GatewayProcess, TempDir, TestGateway, Upstream, TEST_POLICY};
+
+#[tokio::test]
+async fn shutdown_lets_a_slow_response_finish_and_refuses_new_connections() {
+    let upstream = Upstream::start().await;
+    let mut gw = TestGateway::start(&upstream.url(), TEST_POLICY, "").await;
+    let https = gw.https();
+    let slow = tokio::spawn(async move { https_get(https, "/slow?ms=1500", &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = gw.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(tls_connect(https, &TlsOptions::default()).await.is_err(), "no new connections while stopping");
+    let reply = slow.await.expect("join");
+    assert_eq!((reply.status.as_u16(), reply.text()), (200, "slow done".to_string()));
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("stops after the request")
+        .expect("join")
+        .expect("ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_slow_response_lets_it_complete() {
+    let upstream = Upstream::start().await;
+    let dir = TempDir::new("sigterm");
+    let config = write_config(&dir, &upstream.url(), TEST_POLICY);
+    let mut gw = GatewayProcess::start(&config, &[]);
+    let https = gw.https.expect("https");
+    let slow = tokio::spawn(async move { https_get(https, "/slow?ms=1500", &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.signal("TERM");
+    let reply = slow.await.expect("join");
+    assert_eq!((reply.status.as_u16(), reply.text()), (200, "slow done".to_string()));
+    let status = tokio::task::spawn_blocking(move || {
+        let s = gw.wait_exit(Duration::from_secs(10));
+        (s, gw.log_lines())
+    })
+    .await
+    .expect("join");
+    assert!(
+        status.0.is_some_and(|s| s.success()),
+        "exit after SIGTERM: {:?}\n{}",
+        status.0,
+        status.1.join("\n")
+    );
+}
+
+#[test]
+fn check_config_names_bad_keys_and_exits_2() {
+    let dir = TempDir::new("check");
+    let config = write_config(&dir, "http://127.0.0.1:9", TEST_POLICY);
+
+    let ok = Command::new(binary()).args(["check-config", "--config"]).arg(&config).output().expect("run");
+    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok"));
+
+    let bad = Command::new(binary())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("PBXGATE_TLS__MIN_VERSION", "1.1")
+        .env("PBXGATE_UPSTREAM__TIMEOUT", "soon")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(err.contains("tls.min_version"), "{err}");
+    assert!(err.contains("upstream.timeout"), "{err}");
+
+    let unknown = Command::new(binary())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("PBXGATE_TLS__MIN_VERSON", "1.3")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    assert_eq!(unknown.status.code(), Some(2), "{err}");
+    assert!(err.contains("tls.min_verson"), "{err}");
+
+    let bad_policy = TEST_POLICY.replace("networks = [\"10.0.0.0/8\"]", "networks = [\"10.0.0/8\"]");
+    dir.write("policy.toml", bad_policy);
+    let out = Command::new(binary()).args(["check-config", "--config"]).arg(&config).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("route[2].networks[0]"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_config_runs_as_is_with_env_overrides() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let upstream = Upstream::start().await;
+    let url = upstream.url();
+    let started = Instant::now();
+    let gw = GatewayProcess::start(
+        &root.join("gateway.toml.example"),
+        &[
+            ("PBXGATE_LISTEN__HTTPS", "127.0.0.1:0"),
+            ("PBXGATE_LISTEN__HTTP", "127.0.0.1:0"),
+            ("PBXGATE_LISTEN__ADMIN", "127.0.0.1:0"),
+            ("PBXGATE_UPSTREAM__URL", &url),
+            ("PBXGATE_TLS__MIN_VERSION", "1.3"),
+        ],
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let https = gw.https.expect("https");
+    let only12 = TlsOptions { versions: &[&pbxgate_e2e::client::TLS12], ..Default::default() };
+    assert!(tls_connect(https, &only12).await.is_err(), "min_version from the environment applies");
+    let reply = https_get(https, "/", &[("accept", "text/html")]).await;
+    assert_eq!(reply.status, 302);
+    assert_eq!(reply.header("location"), Some("/.pbxgate/login?rd=/"));
+    let admin = gw.admin.expect("admin listener");
+    let metrics = pbxgate_e2e::client::http_get(admin, "/metrics", &[]).await;
+    assert!(
+        metrics.text().contains("pbxgate_requests_total{decision=\"login\",status=\"3xx\"} 1"),
+        "{}",
+        metrics.text()
+    );
+    assert_eq!(pbxgate_e2e::client::http_get(admin, "/readyz", &[]).await.status, 200);
+}

@@ -1,0 +1,80 @@
+use std::time::Duration;
+
+use pbxgate_e2e::client::{https_get, tls_connect, TlsOptions};
+use pbxgate_e2e::{TestGateway, Upstream, TEST_POLICY};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends a raw HTTP/1.1 request and returns every byte the server sent before closing.
+async fn raw_exchange<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, request: &str) -> Vec<u8> {
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received)).await;
+    assert!(read.is_ok(), "the connection must be closed, not left hanging");
+    received
+}
+
+fn request(host: &str, ua: &str) -> String {
+    format!("GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {ua}\r\nAccept: */*\r\n\r\n")
+}
+
+#[tokio::test]
+async fn scanners_and_unknown_hosts_get_a_closed_connection_and_zero_bytes() {
+    let upstream = Upstream::start().await;
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "").await;
+    let cases = [
+        ("localhost", "friendly-scanner"),
+        ("localhost", "Mozilla/5.0 (sipvicious)"),
+        ("localhost", "my SIP Call agent"),
+        ("evil.example", "Mozilla/5.0"),
+        ("127.0.0.1", "curl/8"),
+    ];
+    for (host, ua) in cases {
+        let tcp = TcpStream::connect(gw.http()).await.expect("connect");
+        let got = raw_exchange(tcp, &request(host, ua)).await;
+        assert!(got.is_empty(), "plain http {host} {ua}: got {:?}", String::from_utf8_lossy(&got));
+        let tls = tls_connect(gw.https(), &TlsOptions::default()).await.expect("TLS connect");
+        let got = raw_exchange(tls, &request(host, ua)).await;
+        assert!(got.is_empty(), "https {host} {ua}: got {:?}", String::from_utf8_lossy(&got));
+    }
+    // The same connection with a normal client gets an answer.
+    let tcp = TcpStream::connect(gw.http()).await.expect("connect");
+    let got = raw_exchange(
+        tcp,
+        &request("localhost", "Mozilla/5.0").replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&got));
+}
+
+#[tokio::test]
+async fn unknown_host_allowed_from_listed_networks() {
+    let upstream = Upstream::start().await;
+    let policy = TEST_POLICY.replace(
+        "trusted_proxies = []",
+        "trusted_proxies = []\nallow_unknown_host_networks = [\"127.0.0.0/8\"]",
+    );
+    let gw = TestGateway::start(&upstream.url(), &policy, "").await;
+    let reply = https_get(gw.https(), "/x", &[("host", "192.0.2.1")]).await;
+    assert_eq!(reply.status, 200);
+    // ... but a scanner from there is still dropped: User-Agent rules only deny.
+    let tcp = TcpStream::connect(gw.http()).await.expect("connect");
+    assert!(raw_exchange(tcp, &request("localhost", "friendly-scanner")).await.is_empty());
+}
+
+#[tokio::test]
+async fn redirect_listener_sends_known_hosts_to_https() {
+    let upstream = Upstream::start().await;
+    let gw = TestGateway::start(
+        &upstream.url(),
+        TEST_POLICY,
+        "[listen]\nhttps = \"127.0.0.1:0\"\nredirect_http = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let addr = gw.addrs.redirect_http.expect("redirect listener");
+    let reply = pbxgate_e2e::client::http_get(addr, "/private/x?y=1", &[]).await;
+    assert_eq!(reply.status, 308);
+    assert_eq!(reply.header("location"), Some("https://localhost:8443/private/x?y=1"));
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    assert!(raw_exchange(tcp, &request("evil.example", "Mozilla/5.0")).await.is_empty());
+}
