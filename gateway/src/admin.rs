@@ -9,10 +9,10 @@ use http_body_util::{Either, Full};
 use crate::error::{json, respond, Refusal};
 use crate::{reserved, Body, State};
 
-pub(crate) fn handle<B>(state: &State, request: &Request<B>) -> Response<Body> {
+pub(crate) async fn handle<B>(state: &State, request: &Request<B>) -> Response<Body> {
     match request.uri().path() {
         "/healthz" => json(StatusCode::OK, "{\"status\":\"ok\"}"),
-        "/readyz" => reserved::readiness(state),
+        "/readyz" => reserved::readiness(state).await,
         "/metrics" => {
             let mut response = Response::new(Either::Right(Full::new(Bytes::from(state.metrics.render()))));
             response

@@ -20,6 +20,8 @@ pub enum Error {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("upstream client: {0}")]
     Upstream(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Why the gateway answers a request itself instead of forwarding it.

@@ -19,6 +19,7 @@ pub mod metrics;
 mod pipeline;
 pub mod proxy;
 mod reserved;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 
@@ -48,6 +49,7 @@ pub(crate) struct State {
     pub upstream: proxy::Upstream,
     pub spoofable: proxy::Spoofable,
     pub metrics: metrics::Metrics,
+    pub store: store::Store,
 }
 
 impl State {
@@ -55,8 +57,15 @@ impl State {
         self.config.webauthn.rp_name.clone()
     }
 
-    fn is_ready(&self) -> bool {
-        true
+    /// Ready when the store answers: without it nobody can sign in.
+    async fn is_ready(&self) -> bool {
+        match self.store.ping().await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "not ready: store unreachable");
+                false
+            }
+        }
     }
 }
 
@@ -85,6 +94,10 @@ impl Gateway {
         };
         let upstream = proxy::Upstream::new(&config.upstream, config.limits.max_request_body)?;
         let spoofable = proxy::Spoofable::new(config.headers.all());
+        let base =
+            config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        let store = store::Store::open(&config.store.url, &config.store.key_prefix, base).await?;
+        tracing::info!(backend = store.backend(), "store opened");
         let mut addrs = Addrs::default();
         let mut listeners = Vec::new();
         let wanted = [
@@ -112,6 +125,7 @@ impl Gateway {
             upstream,
             spoofable,
             metrics: metrics::Metrics::default(),
+            store,
         });
         Ok(Self { state, addrs, listeners })
     }

@@ -159,7 +159,7 @@ async fn serve_connection<IO>(
         let (state, conn, kind) = (state.clone(), conn.clone(), kind.clone());
         async move {
             match kind {
-                Kind::Admin => Ok(admin::handle(&state, &request)),
+                Kind::Admin => Ok(admin::handle(&state, &request).await),
                 Kind::RedirectHttp => pipeline::redirect_to_https(&state, &conn, &request).await,
                 Kind::Https(_) | Kind::Http => pipeline::handle(&state, &conn, request).await,
             }

@@ -60,7 +60,7 @@ pub(crate) async fn handle(
 
     // 3. the gateway's own endpoints
     if reserved::is_reserved(path) {
-        let response = reserved::handle(state, &request, path, browser);
+        let response = reserved::handle(state, &request, path, browser).await;
         access_log(state, &method, &host, path, &response, None, "reserved", "reserved", client_ip);
         return Ok(response);
     }

@@ -14,10 +14,15 @@ pub(crate) fn is_reserved(path: &str) -> bool {
     path == "/.pbxgate" || path.starts_with("/.pbxgate/") || path.starts_with("/.well-known/pbxgate/")
 }
 
-pub(crate) fn handle<B>(state: &State, request: &Request<B>, path: &str, browser: bool) -> Response<Body> {
+pub(crate) async fn handle<B>(
+    state: &State,
+    request: &Request<B>,
+    path: &str,
+    browser: bool,
+) -> Response<Body> {
     match path {
         "/.pbxgate/healthz" => json(StatusCode::OK, "{\"status\":\"ok\"}"),
-        "/.pbxgate/readyz" => readiness(state),
+        "/.pbxgate/readyz" => readiness(state).await,
         "/.pbxgate/assets/pbxgate.css" => asset(CSS, "text/css; charset=utf-8"),
         "/.pbxgate/login" => {
             let rd = query_param(request.uri().query(), "rd").unwrap_or_default();
@@ -36,8 +41,8 @@ pub(crate) fn handle<B>(state: &State, request: &Request<B>, path: &str, browser
     }
 }
 
-pub(crate) fn readiness(state: &State) -> Response<Body> {
-    if state.is_ready() {
+pub(crate) async fn readiness(state: &State) -> Response<Body> {
+    if state.is_ready().await {
         json(StatusCode::OK, "{\"status\":\"ready\"}")
     } else {
         json(StatusCode::SERVICE_UNAVAILABLE, "{\"status\":\"unavailable\"}")

@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod process;
+pub mod redis;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};

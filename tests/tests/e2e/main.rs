@@ -6,4 +6,5 @@
 mod lifecycle;
 mod proxy;
 mod screening;
+mod store;
 mod tls;

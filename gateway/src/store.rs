@@ -1,0 +1,719 @@
+//! Everything the gateway remembers: sessions, remember tokens, one-time
+//! values, user handles, passkeys, password hashes, flags, login history,
+//! rate-limit counters and revocations.
+//!
+//! Two backends (`embedded://` file, `redis://` / `redis+cluster://`) provide the
+//! primitives of [`Kv`]; the logic here is written once on top of them. Records
+//! are versioned JSON (`"v": 1`) so a later version reads what an earlier wrote.
+//! Secrets are keyed by their SHA-256 only.
+
+mod embedded;
+mod kv;
+mod redis;
+pub mod secret;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use kv::{Durability, Kv};
+pub use secret::{Secret, SecretHash};
+
+/// Store failures. Callers fail closed: no store, no login.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store timed out")]
+    Timeout,
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("store configuration: {0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Milliseconds since the Unix epoch: the store's clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+const VERSION: u32 = 1;
+
+fn version() -> u32 {
+    VERSION
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    #[serde(default = "version")]
+    pub v: u32,
+    pub user: String,
+    pub created_ms: u64,
+    pub last_seen_ms: u64,
+    /// Idle timeout: the session ends this long after `last_seen_ms`.
+    pub idle_ms: u64,
+    /// Absolute cap: the session ends at this time whatever happens.
+    pub expires_ms: u64,
+    /// When the person last proved who they are (login or unlock).
+    pub authenticated_ms: u64,
+    #[serde(default)]
+    pub step_up_until_ms: Option<u64>,
+    /// The client address the session was made from.
+    pub ip: String,
+    #[serde(default)]
+    pub method: String,
+}
+
+impl Session {
+    /// When the session ends if nothing touches it.
+    pub fn ends_ms(&self) -> u64 {
+        self.last_seen_ms.saturating_add(self.idle_ms).min(self.expires_ms)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RememberToken {
+    #[serde(default = "version")]
+    pub v: u32,
+    /// Public id, for listing and revoking (not the secret).
+    pub id: String,
+    pub user: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub last_used_ms: Option<u64>,
+    pub last_ip: String,
+    pub user_agent: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PasskeyRecord {
+    #[serde(default = "version")]
+    pub v: u32,
+    /// The credential id (base64url, as WebAuthn gives it).
+    pub cred_id: String,
+    pub name: String,
+    pub created_ms: u64,
+    pub last_used_ms: Option<u64>,
+    /// The webauthn-rs `Passkey`, serialised; opaque to the store.
+    pub passkey: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserFlags {
+    #[serde(default = "version")]
+    pub v: u32,
+    /// Must register a passkey before anything else (admin-set or enforced).
+    #[serde(default)]
+    pub onboarding_required: bool,
+    #[serde(default)]
+    pub last_login_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    #[serde(default = "version")]
+    pub v: u32,
+    /// Random, so two identical events stay two entries.
+    #[serde(default)]
+    pub id: String,
+    pub user: String,
+    pub time_ms: u64,
+    /// `passkey`, `link`, `password`, `one_time_password`, `basic`, …
+    pub method: String,
+    /// `success` or a failure reason.
+    pub result: String,
+    pub ip: String,
+    pub user_agent: String,
+}
+
+/// The kinds of one-time values: each its own key space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OneTime {
+    MagicLink,
+    Invite,
+    Ceremony,
+    AdminPassword,
+}
+
+impl OneTime {
+    fn tag(self) -> &'static str {
+        match self {
+            Self::MagicLink => "link",
+            Self::Invite => "invite",
+            Self::Ceremony => "ceremony",
+            Self::AdminPassword => "otp",
+        }
+    }
+}
+
+/// Something revoked that other gateway instances must forget from their caches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Revocation {
+    Session(SecretHash),
+    Token(SecretHash),
+    /// Every session and token of a user.
+    User(String),
+}
+
+impl Revocation {
+    fn encode(&self) -> String {
+        match self {
+            Self::Session(h) => format!("s:{h}"),
+            Self::Token(h) => format!("t:{h}"),
+            Self::User(u) => format!("u:{u}"),
+        }
+    }
+
+    fn decode(text: &str) -> Option<Self> {
+        let (kind, rest) = text.split_once(':')?;
+        // Entries carry a random suffix (after '|') so repeats are distinct members.
+        let rest = rest.rsplit_once('|').map_or(rest, |(r, _)| r);
+        Some(match kind {
+            "s" => Self::Session(SecretHash::from_hex(rest)?),
+            "t" => Self::Token(SecretHash::from_hex(rest)?),
+            "u" => Self::User(rest.to_string()),
+            _ => return None,
+        })
+    }
+}
+
+/// Why a passkey could not be added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddPasskeyError {
+    #[error("this credential is already registered")]
+    Duplicate,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How long revocations are kept for other instances to pick up.
+const REVOCATION_WINDOW: Duration = Duration::from_secs(120);
+
+/// The store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    kv: Arc<dyn Kv>,
+    prefix: Arc<str>,
+    backend: &'static str,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("backend", &self.backend).field("prefix", &self.prefix).finish()
+    }
+}
+
+impl Store {
+    /// Opens the backend named by `url`: `embedded://PATH`, `redis://…`,
+    /// `rediss://…`, `redis+cluster://host:port,host:port` (or `rediss+cluster://`).
+    /// A relative embedded path is relative to `base`.
+    pub async fn open(url: &str, prefix: &str, base: &std::path::Path) -> Result<Self> {
+        let (kv, backend): (Arc<dyn Kv>, &'static str) = if let Some(path) = url.strip_prefix("embedded://") {
+            let path = std::path::Path::new(path);
+            let path = if path.is_absolute() { path.to_path_buf() } else { base.join(path) };
+            (Arc::new(embedded::EmbeddedKv::open(&path).await?), "embedded")
+        } else {
+            (Arc::new(redis::RedisKv::connect(url).await?), "redis")
+        };
+        Ok(Self { kv, prefix: prefix.into(), backend })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut key =
+            String::with_capacity(self.prefix.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+        key.push_str(&self.prefix);
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                key.push(':');
+            }
+            key.push_str(part);
+        }
+        key
+    }
+
+    /// Per-user keys share a Redis Cluster hash tag, so they live on one node.
+    fn user_key(&self, kind: &str, user: &str) -> String {
+        self.key(&[kind, &format!("{{{user}}}")])
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.kv.ping().await
+    }
+
+    // ---- sessions -------------------------------------------------------
+
+    /// Starts a session; the secret goes into the cookie, only its hash is stored.
+    pub async fn create_session(
+        &self,
+        user: &str,
+        ip: &str,
+        method: &str,
+        idle: Duration,
+        max_lifetime: Duration,
+        now: u64,
+    ) -> Result<(Secret, Session)> {
+        let secret = Secret::generate();
+        let hash = secret.hash();
+        let session = Session {
+            v: VERSION,
+            user: user.to_string(),
+            created_ms: now,
+            last_seen_ms: now,
+            idle_ms: ms(idle),
+            expires_ms: now.saturating_add(ms(max_lifetime)),
+            authenticated_ms: now,
+            step_up_until_ms: None,
+            ip: ip.to_string(),
+            method: method.to_string(),
+        };
+        self.write_session(&hash, &session, now, Durability::Durable).await?;
+        self.kv.set_add(&self.user_key("us", user), hash.as_str()).await?;
+        Ok((secret, session))
+    }
+
+    async fn write_session(
+        &self,
+        hash: &SecretHash,
+        session: &Session,
+        now: u64,
+        d: Durability,
+    ) -> Result<()> {
+        let ttl = Duration::from_millis(session.ends_ms().saturating_sub(now).max(1));
+        self.kv.set(&self.key(&["s", hash.as_str()]), &encode(session)?, Some(ttl), d).await
+    }
+
+    /// Reads a session without touching it.
+    pub async fn session(&self, hash: &SecretHash, now: u64) -> Result<Option<Session>> {
+        let session: Option<Session> = decode_opt(self.kv.get(&self.key(&["s", hash.as_str()])).await?)?;
+        Ok(session.filter(|s| s.ends_ms() > now))
+    }
+
+    /// Reads a live session and slides its idle timeout (never past the cap).
+    pub async fn touch_session(&self, hash: &SecretHash, now: u64) -> Result<Option<Session>> {
+        let Some(mut session) = self.session(hash, now).await? else {
+            return Ok(None);
+        };
+        session.last_seen_ms = now;
+        self.write_session(hash, &session, now, Durability::Lazy).await?;
+        Ok(Some(session))
+    }
+
+    /// Records a fresh proof of identity and an unlock window (or ends it with `None`).
+    pub async fn set_step_up(&self, hash: &SecretHash, until_ms: Option<u64>, now: u64) -> Result<bool> {
+        let Some(mut session) = self.session(hash, now).await? else {
+            return Ok(false);
+        };
+        session.step_up_until_ms = until_ms;
+        if until_ms.is_some() {
+            session.authenticated_ms = now;
+        }
+        session.last_seen_ms = now;
+        self.write_session(hash, &session, now, Durability::Durable).await?;
+        Ok(true)
+    }
+
+    pub async fn delete_session(&self, hash: &SecretHash) -> Result<bool> {
+        let key = self.key(&["s", hash.as_str()]);
+        let session: Option<Session> = decode_opt(self.kv.get(&key).await?)?;
+        let existed = self.kv.del(&[key]).await? > 0;
+        if let Some(s) = session {
+            self.kv.set_remove(&self.user_key("us", &s.user), &[hash.as_str().to_string()]).await?;
+        }
+        self.revoke(Revocation::Session(hash.clone())).await?;
+        Ok(existed)
+    }
+
+    /// The user's live sessions (stale index entries are cleaned on the way).
+    pub async fn sessions_of(&self, user: &str, now: u64) -> Result<Vec<(SecretHash, Session)>> {
+        let index = self.user_key("us", user);
+        let mut live = Vec::new();
+        let mut stale = Vec::new();
+        for member in self.kv.set_members(&index).await? {
+            let Some(hash) = SecretHash::from_hex(&member) else {
+                stale.push(member);
+                continue;
+            };
+            match self.session(&hash, now).await? {
+                Some(s) => live.push((hash, s)),
+                None => stale.push(member),
+            }
+        }
+        if !stale.is_empty() {
+            self.kv.set_remove(&index, &stale).await?;
+        }
+        live.sort_by_key(|(_, x)| std::cmp::Reverse(x.created_ms));
+        Ok(live)
+    }
+
+    /// Ends every session of a user; returns how many were live.
+    pub async fn delete_sessions_of(&self, user: &str) -> Result<u64> {
+        let index = self.user_key("us", user);
+        let members = self.kv.set_members(&index).await?;
+        let keys: Vec<String> = members.iter().map(|m| self.key(&["s", m])).collect();
+        let n = if keys.is_empty() { 0 } else { self.kv.del(&keys).await? };
+        self.kv.del(&[index]).await?;
+        self.revoke(Revocation::User(user.to_string())).await?;
+        Ok(n)
+    }
+
+    // ---- remember tokens -----------------------------------------------
+
+    pub async fn create_token(
+        &self,
+        user: &str,
+        ip: &str,
+        user_agent: &str,
+        ttl: Duration,
+        now: u64,
+    ) -> Result<(Secret, RememberToken)> {
+        let secret = Secret::generate();
+        let hash = secret.hash();
+        let token = RememberToken {
+            v: VERSION,
+            id: secret::hex(&secret::random::<8>()),
+            user: user.to_string(),
+            created_ms: now,
+            expires_ms: now.saturating_add(ms(ttl)),
+            last_used_ms: None,
+            last_ip: ip.to_string(),
+            user_agent: truncate(user_agent, 256),
+        };
+        let ttl = Some(ttl.max(Duration::from_millis(1)));
+        self.kv.set(&self.key(&["t", hash.as_str()]), &encode(&token)?, ttl, Durability::Durable).await?;
+        self.kv
+            .set(&self.key(&["tid", &token.id]), hash.as_str().as_bytes(), ttl, Durability::Durable)
+            .await?;
+        self.kv.set_add(&self.user_key("ut", user), hash.as_str()).await?;
+        Ok((secret, token))
+    }
+
+    pub async fn token(&self, hash: &SecretHash, now: u64) -> Result<Option<RememberToken>> {
+        let token: Option<RememberToken> = decode_opt(self.kv.get(&self.key(&["t", hash.as_str()])).await?)?;
+        Ok(token.filter(|t| t.expires_ms > now))
+    }
+
+    /// Records a use of the token (the expiry stays fixed from creation).
+    pub async fn record_token_use(
+        &self,
+        hash: &SecretHash,
+        ip: &str,
+        user_agent: &str,
+        now: u64,
+    ) -> Result<bool> {
+        let Some(mut token) = self.token(hash, now).await? else {
+            return Ok(false);
+        };
+        token.last_used_ms = Some(now);
+        token.last_ip = ip.to_string();
+        token.user_agent = truncate(user_agent, 256);
+        let ttl = Duration::from_millis(token.expires_ms.saturating_sub(now).max(1));
+        self.kv.set(&self.key(&["t", hash.as_str()]), &encode(&token)?, Some(ttl), Durability::Lazy).await?;
+        Ok(true)
+    }
+
+    pub async fn tokens_of(&self, user: &str, now: u64) -> Result<Vec<(SecretHash, RememberToken)>> {
+        let index = self.user_key("ut", user);
+        let mut live = Vec::new();
+        let mut stale = Vec::new();
+        for member in self.kv.set_members(&index).await? {
+            match SecretHash::from_hex(&member) {
+                Some(hash) => match self.token(&hash, now).await? {
+                    Some(t) => live.push((hash, t)),
+                    None => stale.push(member),
+                },
+                None => stale.push(member),
+            }
+        }
+        if !stale.is_empty() {
+            self.kv.set_remove(&index, &stale).await?;
+        }
+        live.sort_by_key(|(_, x)| std::cmp::Reverse(x.created_ms));
+        Ok(live)
+    }
+
+    /// Revokes a token by its public id; returns its owner when it existed.
+    pub async fn revoke_token(&self, id: &str) -> Result<Option<String>> {
+        let Some(hash) = self.kv.get(&self.key(&["tid", id])).await? else {
+            return Ok(None);
+        };
+        let Some(hash) = SecretHash::from_hex(&String::from_utf8_lossy(&hash)) else {
+            return Err(StoreError::Corrupt(format!("token index {id}")));
+        };
+        let token: Option<RememberToken> = decode_opt(self.kv.get(&self.key(&["t", hash.as_str()])).await?)?;
+        self.kv.del(&[self.key(&["t", hash.as_str()]), self.key(&["tid", id])]).await?;
+        if let Some(t) = &token {
+            self.kv.set_remove(&self.user_key("ut", &t.user), &[hash.as_str().to_string()]).await?;
+        }
+        self.revoke(Revocation::Token(hash)).await?;
+        Ok(token.map(|t| t.user))
+    }
+
+    pub async fn revoke_tokens_of(&self, user: &str, now: u64) -> Result<u64> {
+        let tokens = self.tokens_of(user, now).await?;
+        let mut keys = Vec::with_capacity(tokens.len() * 2 + 1);
+        for (hash, token) in &tokens {
+            keys.push(self.key(&["t", hash.as_str()]));
+            keys.push(self.key(&["tid", &token.id]));
+        }
+        keys.push(self.user_key("ut", user));
+        self.kv.del(&keys).await?;
+        self.revoke(Revocation::User(user.to_string())).await?;
+        Ok(tokens.len() as u64)
+    }
+
+    // ---- one-time values -------------------------------------------------
+
+    /// Stores `value` under the hash of `secret`, for `ttl`.
+    pub async fn put_once(&self, kind: OneTime, secret: &Secret, value: &[u8], ttl: Duration) -> Result<()> {
+        let key = self.key(&["once", kind.tag(), secret.hash().as_str()]);
+        self.kv.set(&key, value, Some(ttl.max(Duration::from_millis(1))), Durability::Durable).await
+    }
+
+    /// Takes the value exactly once: of any number of concurrent takers, one gets it.
+    pub async fn take_once(&self, kind: OneTime, secret: &Secret) -> Result<Option<Vec<u8>>> {
+        self.kv.take(&self.key(&["once", kind.tag(), secret.hash().as_str()])).await
+    }
+
+    // ---- user handles ------------------------------------------------------
+
+    /// The user's stable WebAuthn user handle (a UUID), made on first use.
+    pub async fn user_handle(&self, user: &str) -> Result<String> {
+        let key = self.key(&["uh", user]);
+        if let Some(existing) = self.kv.get(&key).await? {
+            return Ok(String::from_utf8_lossy(&existing).into_owned());
+        }
+        let fresh = secret::uuid_v4();
+        if self.kv.set_nx(&key, fresh.as_bytes(), None).await? {
+            self.kv.set(&self.key(&["hu", &fresh]), user.as_bytes(), None, Durability::Durable).await?;
+            return Ok(fresh);
+        }
+        // Another request made it first: use theirs.
+        let existing =
+            self.kv.get(&key).await?.ok_or_else(|| StoreError::Corrupt(format!("user handle of {user}")))?;
+        Ok(String::from_utf8_lossy(&existing).into_owned())
+    }
+
+    /// The user a handle belongs to (discoverable passkey login).
+    pub async fn user_by_handle(&self, handle: &str) -> Result<Option<String>> {
+        Ok(self.kv.get(&self.key(&["hu", handle])).await?.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    // ---- passkeys ----------------------------------------------------------
+
+    /// Adds a passkey. A credential id is registered to one account only.
+    pub async fn add_passkey(
+        &self,
+        user: &str,
+        record: &PasskeyRecord,
+    ) -> std::result::Result<(), AddPasskeyError> {
+        let owner_key = self.key(&["cred", &record.cred_id]);
+        if !self.kv.set_nx(&owner_key, user.as_bytes(), None).await? {
+            return Err(AddPasskeyError::Duplicate);
+        }
+        if let Err(e) = self.kv.hash_put(&self.user_key("pk", user), &record.cred_id, &encode(record)?).await
+        {
+            let _ = self.kv.del(&[owner_key]).await;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    pub async fn passkeys_of(&self, user: &str) -> Result<Vec<PasskeyRecord>> {
+        let mut records = self
+            .kv
+            .hash_all(&self.user_key("pk", user))
+            .await?
+            .into_iter()
+            .map(|(_, bytes)| decode::<PasskeyRecord>(&bytes))
+            .collect::<Result<Vec<_>>>()?;
+        records.sort_by_key(|r| r.created_ms);
+        Ok(records)
+    }
+
+    pub async fn passkey(&self, user: &str, cred_id: &str) -> Result<Option<PasskeyRecord>> {
+        decode_opt(self.kv.hash_get(&self.user_key("pk", user), cred_id).await?)
+    }
+
+    pub async fn passkey_owner(&self, cred_id: &str) -> Result<Option<String>> {
+        Ok(self
+            .kv
+            .get(&self.key(&["cred", cred_id]))
+            .await?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    pub async fn passkey_count(&self, user: &str) -> Result<u64> {
+        self.kv.hash_len(&self.user_key("pk", user)).await
+    }
+
+    pub async fn rename_passkey(&self, user: &str, cred_id: &str, name: &str) -> Result<bool> {
+        let Some(mut record) = self.passkey(user, cred_id).await? else {
+            return Ok(false);
+        };
+        record.name = truncate(name.trim(), 64);
+        self.kv.hash_put(&self.user_key("pk", user), cred_id, &encode(&record)?).await?;
+        Ok(true)
+    }
+
+    /// After a login: the updated passkey (counter, backup state) and its last use.
+    pub async fn update_passkey(
+        &self,
+        user: &str,
+        cred_id: &str,
+        passkey: Option<serde_json::Value>,
+        now: u64,
+    ) -> Result<bool> {
+        let Some(mut record) = self.passkey(user, cred_id).await? else {
+            return Ok(false);
+        };
+        if let Some(p) = passkey {
+            record.passkey = p;
+        }
+        record.last_used_ms = Some(now);
+        self.kv.hash_put(&self.user_key("pk", user), cred_id, &encode(&record)?).await?;
+        Ok(true)
+    }
+
+    pub async fn delete_passkey(&self, user: &str, cred_id: &str) -> Result<bool> {
+        let removed = self.kv.hash_remove(&self.user_key("pk", user), cred_id).await?;
+        if removed {
+            self.kv.del(&[self.key(&["cred", cred_id])]).await?;
+        }
+        Ok(removed)
+    }
+
+    pub async fn delete_passkeys_of(&self, user: &str) -> Result<u64> {
+        let records = self.passkeys_of(user).await?;
+        let mut keys: Vec<String> = records.iter().map(|r| self.key(&["cred", &r.cred_id])).collect();
+        keys.push(self.user_key("pk", user));
+        self.kv.del(&keys).await?;
+        Ok(records.len() as u64)
+    }
+
+    // ---- passwords and flags ---------------------------------------------
+
+    pub async fn set_password_hash(&self, user: &str, phc: &str) -> Result<()> {
+        self.kv.set(&self.key(&["pw", user]), phc.as_bytes(), None, Durability::Durable).await
+    }
+
+    pub async fn password_hash(&self, user: &str) -> Result<Option<String>> {
+        Ok(self.kv.get(&self.key(&["pw", user])).await?.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    }
+
+    pub async fn clear_password(&self, user: &str) -> Result<bool> {
+        Ok(self.kv.del(&[self.key(&["pw", user])]).await? > 0)
+    }
+
+    pub async fn flags(&self, user: &str) -> Result<UserFlags> {
+        Ok(decode_opt(self.kv.get(&self.key(&["flags", user])).await?)?.unwrap_or_default())
+    }
+
+    pub async fn set_flags(&self, user: &str, flags: &UserFlags) -> Result<()> {
+        self.kv.set(&self.key(&["flags", user]), &encode(flags)?, None, Durability::Durable).await
+    }
+
+    // ---- login history ----------------------------------------------------
+
+    /// Appends an event and drops those older than `retention`.
+    pub async fn append_history(&self, event: &HistoryEvent, retention: Duration, now: u64) -> Result<()> {
+        let mut event = event.clone();
+        if event.id.is_empty() {
+            event.id = secret::hex(&secret::random::<8>());
+        }
+        let key = self.key(&["history"]);
+        let member = String::from_utf8(encode(&event)?).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.kv.zset_add(&key, event.time_ms, &member).await?;
+        self.kv.zset_trim(&key, now.saturating_sub(ms(retention))).await
+    }
+
+    /// Newest first; only `user`'s when given; only within `retention`.
+    pub async fn history(
+        &self,
+        user: Option<&str>,
+        retention: Duration,
+        limit: usize,
+        now: u64,
+    ) -> Result<Vec<HistoryEvent>> {
+        let min = now.saturating_sub(ms(retention));
+        let fetch = if user.is_some() { limit.saturating_mul(20).max(1000) } else { limit };
+        let mut out = Vec::new();
+        for (member, _) in self.kv.zset_newest(&self.key(&["history"]), min, fetch).await? {
+            let event: HistoryEvent = decode(member.as_bytes())?;
+            if user.is_none_or(|u| u == event.user) {
+                out.push(event);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- rate-limit counters ----------------------------------------------
+
+    /// Counts one event for `key` within a window that starts at the first one.
+    pub async fn hit(&self, key: &str, window: Duration) -> Result<u64> {
+        self.kv.incr_window(&self.key(&["rl", key]), window).await
+    }
+
+    pub async fn hits(&self, key: &str) -> Result<u64> {
+        Ok(self
+            .kv
+            .get(&self.key(&["rl", key]))
+            .await?
+            .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    // ---- revocations, for other instances' caches ------------------------
+
+    async fn revoke(&self, what: Revocation) -> Result<()> {
+        let now = now_ms();
+        let key = self.key(&["revoked"]);
+        let member = format!("{}|{}", what.encode(), secret::hex(&secret::random::<4>()));
+        self.kv.zset_add(&key, now, &member).await?;
+        self.kv.zset_trim(&key, now.saturating_sub(ms(REVOCATION_WINDOW))).await
+    }
+
+    /// Revocations at or after `since_ms` (any instance's), oldest last.
+    pub async fn revoked_since(&self, since_ms: u64) -> Result<Vec<(Revocation, u64)>> {
+        Ok(self
+            .kv
+            .zset_newest(&self.key(&["revoked"]), since_ms, 10_000)
+            .await?
+            .into_iter()
+            .filter_map(|(m, t)| Revocation::decode(&m).map(|r| (r, t)))
+            .collect())
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn decode_opt<T: DeserializeOwned>(bytes: Option<Vec<u8>>) -> Result<Option<T>> {
+    bytes.map(|b| decode(&b)).transpose()
+}
+
+fn truncate(text: &str, max_chars: usize) -> String {
+    text.chars().take(max_chars).collect()
+}

@@ -1,0 +1,260 @@
+//! The Redis backend: one Redis (`redis://`, `rediss://`) through an
+//! auto-reconnecting connection manager, or a Redis Cluster
+//! (`redis+cluster://host:port,host:port`). Every call has a deadline, so a
+//! dead Redis gives a clear error instead of a hang; the connection comes
+//! back by itself when Redis does.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline};
+use tokio::sync::OnceCell;
+
+use super::kv::{Durability, Kv, Result};
+use super::StoreError;
+
+/// The longest any store call may take before it is reported as failed.
+const DEADLINE: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+// Made once per process: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Target {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
+pub struct RedisKv {
+    target: Target,
+    conn: OnceCell<Conn>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// `redis+cluster://[user:pass@]a:6379,b:6379` → node URLs sharing the credentials.
+fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = if let Some(r) = url.strip_prefix("redis+cluster://") {
+        ("redis", r)
+    } else {
+        ("rediss", url.strip_prefix("rediss+cluster://")?)
+    };
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let hosts = hosts.split('/').next().unwrap_or_default();
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{scheme}://{auth}{h}"))
+        .collect();
+    (!nodes.is_empty()).then_some(nodes)
+}
+
+impl RedisKv {
+    /// Checks the URL now; connects on first use (and again after failures),
+    /// so the gateway starts, and reports not-ready, while Redis is down.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let target = if url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://") {
+            let nodes = cluster_nodes(url)
+                .ok_or_else(|| StoreError::Config("no cluster nodes in store.url".into()))?;
+            let client = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(DEADLINE)
+                .response_timeout(DEADLINE)
+                .retries(2)
+                .build()
+                .map_err(|e| StoreError::Config(e.to_string()))?;
+            Target::Cluster(client)
+        } else {
+            Target::Single(redis::Client::open(url).map_err(|e| StoreError::Config(e.to_string()))?)
+        };
+        let kv = Self { target, conn: OnceCell::new() };
+        if let Err(e) = kv.conn().await {
+            tracing::warn!(error = %e, "Redis is not reachable yet; will keep trying");
+        }
+        Ok(kv)
+    }
+
+    async fn conn(&self) -> Result<Conn> {
+        let make = || async {
+            let connecting = async {
+                match &self.target {
+                    Target::Single(client) => {
+                        let config = redis::aio::ConnectionManagerConfig::new()
+                            .set_connection_timeout(Some(DEADLINE))
+                            .set_response_timeout(Some(DEADLINE))
+                            .set_number_of_retries(1)
+                            .set_max_delay(Duration::from_millis(500));
+                        ConnectionManager::new_with_config(client.clone(), config).await.map(Conn::Single)
+                    }
+                    Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+                }
+            };
+            match tokio::time::timeout(DEADLINE, connecting).await {
+                Ok(Ok(conn)) => Ok(conn),
+                Ok(Err(e)) => Err(unavailable(e)),
+                Err(_) => Err(StoreError::Timeout),
+            }
+        };
+        self.conn.get_or_try_init(make).await.cloned()
+    }
+
+    async fn run<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let conn = self.conn().await?;
+        let call = async move {
+            match conn {
+                Conn::Single(mut c) => cmd.query_async(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(DEADLINE, call).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+
+    async fn run_pipe<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T> {
+        let conn = self.conn().await?;
+        let call = async move {
+            match conn {
+                Conn::Single(mut c) => pipe.query_async(&mut c).await,
+                Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(DEADLINE, call).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[async_trait]
+impl Kv for RedisKv {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.run(redis::cmd("GET").arg(key)).await
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>, _: Durability) -> Result<()> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value);
+        if let Some(ttl) = ttl {
+            cmd.arg("PX").arg(millis(ttl));
+        }
+        self.run::<()>(&cmd).await
+    }
+
+    async fn set_nx(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<bool> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value).arg("NX");
+        if let Some(ttl) = ttl {
+            cmd.arg("PX").arg(millis(ttl));
+        }
+        Ok(self.run::<Option<String>>(&cmd).await?.is_some())
+    }
+
+    async fn take(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.run(redis::cmd("GETDEL").arg(key)).await
+    }
+
+    async fn del(&self, keys: &[String]) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        // One DEL per key: a cluster refuses multi-key commands (and
+        // pipelines) across slots. One Redis gets them in one round trip.
+        if let Target::Cluster(_) = self.target {
+            let mut n = 0;
+            for key in keys {
+                n += self.run::<u64>(redis::cmd("DEL").arg(key)).await?;
+            }
+            return Ok(n);
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("DEL").arg(key);
+        }
+        Ok(self.run_pipe::<Vec<u64>>(&pipe).await?.into_iter().sum())
+    }
+
+    async fn set_add(&self, key: &str, member: &str) -> Result<()> {
+        self.run::<()>(redis::cmd("SADD").arg(key).arg(member)).await
+    }
+
+    async fn set_remove(&self, key: &str, members: &[String]) -> Result<()> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        self.run::<()>(redis::cmd("SREM").arg(key).arg(members)).await
+    }
+
+    async fn set_members(&self, key: &str) -> Result<Vec<String>> {
+        self.run(redis::cmd("SMEMBERS").arg(key)).await
+    }
+
+    async fn hash_put(&self, key: &str, field: &str, value: &[u8]) -> Result<()> {
+        self.run::<()>(redis::cmd("HSET").arg(key).arg(field).arg(value)).await
+    }
+
+    async fn hash_get(&self, key: &str, field: &str) -> Result<Option<Vec<u8>>> {
+        self.run(redis::cmd("HGET").arg(key).arg(field)).await
+    }
+
+    async fn hash_remove(&self, key: &str, field: &str) -> Result<bool> {
+        Ok(self.run::<u64>(redis::cmd("HDEL").arg(key).arg(field)).await? > 0)
+    }
+
+    async fn hash_all(&self, key: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.run(redis::cmd("HGETALL").arg(key)).await
+    }
+
+    async fn hash_len(&self, key: &str) -> Result<u64> {
+        self.run(redis::cmd("HLEN").arg(key)).await
+    }
+
+    async fn zset_add(&self, key: &str, score: u64, member: &str) -> Result<()> {
+        self.run::<()>(redis::cmd("ZADD").arg(key).arg(score).arg(member)).await
+    }
+
+    async fn zset_newest(&self, key: &str, min: u64, limit: usize) -> Result<Vec<(String, u64)>> {
+        self.run(
+            redis::cmd("ZREVRANGEBYSCORE")
+                .arg(key)
+                .arg("+inf")
+                .arg(min)
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit),
+        )
+        .await
+    }
+
+    async fn zset_trim(&self, key: &str, below: u64) -> Result<()> {
+        self.run::<()>(redis::cmd("ZREMRANGEBYSCORE").arg(key).arg("-inf").arg(format!("({below}"))).await
+    }
+
+    async fn incr_window(&self, key: &str, window: Duration) -> Result<u64> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("INCR").arg(key).cmd("PEXPIRE").arg(key).arg(millis(window)).arg("NX").ignore();
+        let (count,): (u64,) = self.run_pipe(&pipe).await?;
+        Ok(count)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.run::<String>(&redis::cmd("PING")).await.map(|_| ())
+    }
+}

@@ -1,0 +1,98 @@
+//! Secrets handed to browsers and mailboxes: 256 random bits, hex. The store
+//! only ever sees their SHA-256, so a dump of it holds no live credential.
+
+use std::fmt;
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+/// A secret in clear, as it goes into a cookie or a link. Never logged:
+/// `Debug` shows only its short id.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+/// The SHA-256 of a secret, hex: what the store keys on.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct SecretHash(String);
+
+impl Secret {
+    pub fn generate() -> Self {
+        Self(hex(&random::<32>()))
+    }
+
+    /// A secret as received from a client. Anything that is not 64 hex digits
+    /// cannot be one of ours and is refused before any lookup.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        (text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| Self(text.to_ascii_lowercase()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn hash(&self) -> SecretHash {
+        SecretHash(hex(ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes()).as_ref()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({})", self.hash().short_id())
+    }
+}
+
+impl SecretHash {
+    pub fn from_hex(text: &str) -> Option<Self> {
+        (text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| Self(text.to_ascii_lowercase()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first 8 hex digits: enough to tell secrets apart in logs, useless to an attacker.
+    pub fn short_id(&self) -> &str {
+        &self.0[..8]
+    }
+}
+
+impl fmt::Debug for SecretHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretHash({}…)", self.short_id())
+    }
+}
+
+impl fmt::Display for SecretHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    // The system RNG failing is not something to limp on from.
+    #[allow(clippy::expect_used)]
+    SystemRandom::new().fill(&mut bytes).expect("system random number generator");
+    bytes
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+/// A random (version 4) UUID, for WebAuthn user handles.
+pub fn uuid_v4() -> String {
+    let mut b = random::<16>();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex(&b);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
