@@ -22,6 +22,8 @@ pub enum Error {
     Upstream(String),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("sign-in: {0}")]
+    Auth(String),
 }
 
 /// Why the gateway answers a request itself instead of forwarding it.

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod listener;
@@ -50,11 +51,28 @@ pub(crate) struct State {
     pub spoofable: proxy::Spoofable,
     pub metrics: metrics::Metrics,
     pub store: store::Store,
+    pub auth: Auth,
+}
+
+/// Sign-in machinery, built once at start-up.
+pub(crate) struct Auth {
+    pub passkeys: auth::passkeys::Passkeys,
+    pub mailer: auth::mail::Mailer,
+    /// Signs the upstream assertion when `headers.assertion` is set.
+    pub signer: Option<auth::assertion::Signer>,
+    /// For unknown accounts, so a failed password takes as long as a wrong one.
+    pub dummy_hash: String,
+    pub sockets: auth::sockets::Sockets,
 }
 
 impl State {
     fn product_name(&self) -> String {
         self.config.webauthn.rp_name.clone()
+    }
+
+    /// Whether any account may use a password (else the login page hides it).
+    fn passwords_possible(&self) -> bool {
+        self.policy.load().users.iter().any(|u| u.password_login)
     }
 
     /// Ready when the store answers: without it nobody can sign in.
@@ -66,6 +84,32 @@ impl State {
                 false
             }
         }
+    }
+}
+
+impl Auth {
+    async fn new(config: &Config, store: &store::Store) -> Result<Self, Error> {
+        let signer = match &config.headers.assertion {
+            Some(_) => {
+                let audience = config.upstream.url.to_string();
+                Some(
+                    auth::assertion::Signer::load(
+                        store,
+                        &config.public_url.origin,
+                        audience.trim_end_matches('/'),
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
+        Ok(Self {
+            passkeys: auth::passkeys::Passkeys::new(config).map_err(Error::Auth)?,
+            mailer: auth::mail::Mailer::new(&config.email).map_err(Error::Auth)?,
+            signer,
+            dummy_hash: tokio::task::spawn_blocking(auth::passwords::dummy_hash).await.unwrap_or_default(),
+            sockets: auth::sockets::Sockets::default(),
+        })
     }
 }
 
@@ -98,6 +142,7 @@ impl Gateway {
             config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         let store = store::Store::open(&config.store.url, &config.store.key_prefix, base).await?;
         tracing::info!(backend = store.backend(), "store opened");
+        let auth = Auth::new(&config, &store).await?;
         let mut addrs = Addrs::default();
         let mut listeners = Vec::new();
         let wanted = [
@@ -126,7 +171,9 @@ impl Gateway {
             spoofable,
             metrics: metrics::Metrics::default(),
             store,
+            auth,
         });
+        tokio::spawn(auth::sockets::watch(Arc::downgrade(&state)));
         Ok(Self { state, addrs, listeners })
     }
 

@@ -2,13 +2,16 @@
 //! decide, proxy, log.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use http::header::{ACCEPT, HOST, LOCATION, USER_AGENT};
+use http::header::{HeaderName, ACCEPT, HOST, LOCATION, SET_COOKIE, USER_AGENT};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use pbxgate_policies::{decide, normalize_path, screen, Facts, Screen, Verdict};
+use pbxgate_policies::{decide, normalize_path, screen, Access, Facts, Principal, Screen, User, Verdict};
 
+use crate::auth::routes::Ctx;
+use crate::auth::{self, Identity};
 use crate::error::{empty, respond, Refusal};
 use crate::listener::{Connection, Dropped};
 use crate::proxy::{headers, Outgoing};
@@ -16,12 +19,12 @@ use crate::{reserved, Body, State};
 
 /// Handles one request on the https or http listener.
 pub(crate) async fn handle(
-    state: &State,
+    state: &Arc<State>,
     conn: &Connection,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Dropped> {
     let started = Instant::now();
-    let policy = state.policy.load();
+    let policy = state.policy.load_full();
 
     // 1. facts
     let peer = conn.peer.ip();
@@ -47,27 +50,72 @@ pub(crate) async fn handle(
         state.metrics.request("drop", 0);
         tracing::info!(target: "pbxgate::access", %method, host = %host, path = %log_path, status = 0,
             decision = "drop", rule = reason.as_str(), user = "-", client = %client_ip);
+        drop(policy);
         return Err(drop_connection(conn).await);
     }
     let path: &str = match &normalized {
         Ok(path) => path,
         Err(e) => {
             let response = respond(&Refusal::BadRequest, browser);
-            access_log(state, &method, &host, "-", &response, None, "bad_request", &e.to_string(), client_ip);
+            access_log(
+                state,
+                &method,
+                &host,
+                "-",
+                &response,
+                None,
+                "bad_request",
+                &e.to_string(),
+                "-",
+                client_ip,
+            );
             return Ok(response);
         }
     };
+    let user_agent = user_agent.unwrap_or_default().to_string();
 
     // 3. the gateway's own endpoints
     if reserved::is_reserved(path) {
-        let response = reserved::handle(state, &request, path, browser).await;
-        access_log(state, &method, &host, path, &response, None, "reserved", "reserved", client_ip);
+        let ctx = Ctx { client_ip, proto: conn.proto, host: &host_header, user_agent, browser };
+        let response = reserved::handle(state, &ctx, request, path).await;
+        access_log(state, &method, &host, path, &response, None, "reserved", "reserved", "-", client_ip);
         return Ok(response);
     }
 
-    // 4. identity: sessions arrive with the login issue; nobody is identified yet.
+    // 4. identity, where the route needs a person; no store, no entry.
+    let needs_person =
+        policy.route_for(path).is_some_and(|r| !matches!(r.access, Access::Public | Access::Network));
+    let identity = if needs_person {
+        match auth::identify(state, request.headers(), client_ip, &user_agent).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                tracing::error!(error = %e, "store unavailable: refusing (fail closed)");
+                let response = respond(&Refusal::Unavailable, browser);
+                access_log(
+                    state,
+                    &method,
+                    &host,
+                    path,
+                    &response,
+                    None,
+                    "deny",
+                    "store_unavailable",
+                    "-",
+                    client_ip,
+                );
+                return Ok(response);
+            }
+        }
+    } else {
+        Identity::default()
+    };
+    let who = identity.principal.as_ref();
+    let user_name = who.map_or("-", |p| p.user.as_str());
+    let principal = who
+        .map(|p| Principal { name: &p.user, step_up_until: p.record.step_up_until_ms.map(|ms| ms / 1000) });
+
     // 5. decide
-    let decision = decide(&policy, &facts, None, unix_now());
+    let decision = decide(&policy, &facts, principal.as_ref(), unix_now());
     let return_path = || match request.uri().query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
@@ -82,37 +130,94 @@ pub(crate) async fn handle(
         }
     };
     let verdict = verdict_name(decision.verdict);
+    let rule = decision.rule.to_string();
     if let Some(refusal) = refusal {
-        let response = respond(&refusal, browser);
-        access_log(
-            state,
-            &method,
-            &host,
-            path,
-            &response,
-            None,
-            verdict,
-            &decision.rule.to_string(),
-            client_ip,
-        );
+        let response = with_cookies(respond(&refusal, browser), identity.set_cookies);
+        access_log(state, &method, &host, path, &response, None, verdict, &rule, user_name, client_ip);
         return Ok(response);
     }
 
-    // 6. proxy
-    let rule = decision.rule.to_string();
-    drop(policy);
-    let out = Outgoing { peer, trusted_peer, client: client_ip, proto: conn.proto, host: &host_header, path };
+    // 6. proxy, with the identity the upstream may trust
+    let upstream_identity = match (who, decision.user) {
+        (Some(_), Some(user)) => identity_headers(state, user),
+        _ => Vec::new(),
+    };
+    let out = Outgoing {
+        peer,
+        trusted_peer,
+        client: client_ip,
+        proto: conn.proto,
+        host: &host_header,
+        path,
+        identity: upstream_identity,
+        sockets: who.map(|p| (&state.auth.sockets, p.session.clone())),
+    };
     let upstream_started = Instant::now();
     let response = match state.upstream.forward(request, out, &state.spoofable).await {
         Ok(response) => response,
         Err(refusal) => respond(&refusal, browser),
     };
-    let upstream_ms = upstream_started.elapsed();
-    state.metrics.upstream_latency(upstream_ms);
+    state.metrics.upstream_latency(upstream_started.elapsed());
+    let response = with_cookies(response, identity.set_cookies);
 
     // 7. log
-    access_log(state, &method, &host, path, &response, Some(started.elapsed()), verdict, &rule, client_ip);
+    access_log(
+        state,
+        &method,
+        &host,
+        path,
+        &response,
+        Some(started.elapsed()),
+        verdict,
+        &rule,
+        user_name,
+        client_ip,
+    );
     Ok(response)
+}
+
+fn with_cookies(mut response: Response<Body>, cookies: Vec<HeaderValue>) -> Response<Body> {
+    for cookie in cookies {
+        response.headers_mut().append(SET_COOKIE, cookie);
+    }
+    response
+}
+
+/// `Remote-User` and friends (names from `[headers]`), plus the signed
+/// assertion when configured.
+fn identity_headers(state: &State, user: &User) -> Vec<(HeaderName, HeaderValue)> {
+    let h = &state.config.headers;
+    let mut out = Vec::with_capacity(5);
+    let mut add = |name: &HeaderName, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            out.push((name.clone(), v));
+        }
+    };
+    add(&h.user, &user.name);
+    add(&h.groups, user.role.as_str());
+    if let Some(email) = &user.email {
+        add(&h.email, email);
+    }
+    if let Some(name) = &user.display_name {
+        add(&h.name, name);
+    }
+    if let (Some(header), Some(signer)) = (&h.assertion, &state.auth.signer) {
+        let role = user.role.as_str();
+        if let Some(jwt) =
+            signer.sign(&user.name, user.email.as_deref(), user.display_name.as_deref(), role, unix_now())
+        {
+            add(header, &jwt);
+        }
+    }
+    out
+}
+
+/// Closes the connection under this request. The request never answers:
+/// hyper would otherwise write an error (HTTP/2 RST_STREAM) first.
+async fn drop_connection(conn: &Connection) -> Dropped {
+    conn.drop_silently();
+    std::future::pending::<()>().await;
+    Dropped
 }
 
 /// The `redirect_http` listener: known hosts are sent to HTTPS, others dropped.
@@ -148,14 +253,6 @@ pub(crate) async fn redirect_to_https(
     Ok(response)
 }
 
-/// Closes the connection under this request. The request never answers:
-/// hyper would otherwise write an error (HTTP/2 RST_STREAM) first.
-async fn drop_connection(conn: &Connection) -> Dropped {
-    conn.drop_silently();
-    std::future::pending::<()>().await;
-    Dropped
-}
-
 #[allow(clippy::too_many_arguments)]
 fn access_log(
     state: &State,
@@ -166,13 +263,13 @@ fn access_log(
     upstream: Option<std::time::Duration>,
     decision: &str,
     rule: &str,
+    user: &str,
     client: IpAddr,
 ) {
     let status = response.status().as_u16();
     state.metrics.request(decision, status);
     let upstream_ms = upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
-    tracing::info!(target: "pbxgate::access", %method, host, path, status, upstream_ms, decision, rule,
-        user = "-", %client);
+    tracing::info!(target: "pbxgate::access", %method, host, path, status, upstream_ms, decision, rule, user, %client);
 }
 
 fn verdict_name(verdict: Verdict) -> &'static str {

@@ -53,6 +53,10 @@ pub struct Outgoing<'a> {
     pub host: &'a str,
     /// The normalised path: the upstream routes what the policy decided on.
     pub path: &'a str,
+    /// Identity headers to send (after every client-sent copy is removed).
+    pub identity: Vec<(http::HeaderName, HeaderValue)>,
+    /// Where to register an upgraded connection, so it closes with its session.
+    pub sockets: Option<(&'a crate::auth::sockets::Sockets, crate::store::SecretHash)>,
 }
 
 impl Upstream {
@@ -114,6 +118,9 @@ impl Upstream {
         headers::strip_identity(headers, spoofable);
         headers::strip_gateway_cookies(headers);
         headers::set_forwarded(headers, out.peer, out.trusted_peer, out.client, out.proto, out.host);
+        for (name, value) in out.identity {
+            headers.insert(name, value);
+        }
         // HTTP/2 clients send :authority, not Host; the PBX sees the name the client used.
         if let Ok(host) = HeaderValue::from_str(out.host) {
             headers.insert(HOST, host);
@@ -137,7 +144,10 @@ impl Upstream {
                 return Err(Refusal::BadGateway);
             };
             let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(splice(client_upgrade, upstream_upgrade));
+            let task = tokio::spawn(splice(client_upgrade, upstream_upgrade));
+            if let Some((sockets, session)) = out.sockets {
+                sockets.register(session, task.abort_handle());
+            }
             let headers = response.headers_mut();
             headers::strip_hop_by_hop(headers);
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));

@@ -1,43 +1,36 @@
 //! The gateway's own endpoints under `/.pbxgate/` and `/.well-known/pbxgate/`.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
+use hyper::body::Incoming;
 
-use crate::error::{escape, html, json, respond, Refusal};
+use crate::auth::routes::{self, Ctx};
+use crate::error::{escape, json};
 use crate::{Body, State};
 
 const CSS: &str = include_str!("../assets/pbxgate.css");
+const JS: &str = include_str!("../assets/pbxgate.js");
 
 pub(crate) fn is_reserved(path: &str) -> bool {
     path == "/.pbxgate" || path.starts_with("/.pbxgate/") || path.starts_with("/.well-known/pbxgate/")
 }
 
-pub(crate) async fn handle<B>(
-    state: &State,
-    request: &Request<B>,
+pub(crate) async fn handle(
+    state: &Arc<State>,
+    ctx: &Ctx<'_>,
+    request: Request<Incoming>,
     path: &str,
-    browser: bool,
 ) -> Response<Body> {
     match path {
         "/.pbxgate/healthz" => json(StatusCode::OK, "{\"status\":\"ok\"}"),
         "/.pbxgate/readyz" => readiness(state).await,
         "/.pbxgate/assets/pbxgate.css" => asset(CSS, "text/css; charset=utf-8"),
-        "/.pbxgate/login" => {
-            let rd = query_param(request.uri().query(), "rd").unwrap_or_default();
-            let body = format!(
-                "<p>Sign-in is not available yet in this version of pbxgate.</p>\
-                 <p class=\"muted\">You will be returned to <code>{}</code> after signing in.</p>",
-                escape(&rd)
-            );
-            let mut response =
-                Response::new(Either::Right(Full::new(Bytes::from(page(&state.product_name(), &body)))));
-            page_headers(response.headers_mut());
-            response
-        }
-        _ if browser => html(StatusCode::NOT_FOUND, "This page does not exist."),
-        _ => respond(&Refusal::NotFound, false),
+        "/.pbxgate/assets/pbxgate.js" => asset(JS, "text/javascript; charset=utf-8"),
+        _ => routes::handle(state, ctx, request, path).await,
     }
 }
 

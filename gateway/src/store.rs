@@ -664,6 +664,19 @@ impl Store {
         Ok(out)
     }
 
+    // ---- shared gateway material ------------------------------------------
+
+    /// A value all instances share (e.g. the assertion signing key): the first
+    /// instance to ask makes it, everyone reads the same one.
+    pub async fn get_or_init(&self, name: &str, make: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>> {
+        let key = self.key(&["shared", name]);
+        if let Some(existing) = self.kv.get(&key).await? {
+            return Ok(existing);
+        }
+        self.kv.set_nx(&key, &make(), None).await?;
+        self.kv.get(&key).await?.ok_or_else(|| StoreError::Corrupt(format!("shared value {name}")))
+    }
+
     // ---- rate-limit counters ----------------------------------------------
 
     /// Counts one event for `key` within a window that starts at the first one.

@@ -133,7 +133,7 @@ fn verdict_for(
 }
 
 /// A user's own networks and their role's networks both apply when set.
-pub(crate) fn user_may_come_from(policy: &Policy, user: &User, facts: &Facts<'_>) -> bool {
+pub fn user_may_come_from(policy: &Policy, user: &User, facts: &Facts<'_>) -> bool {
     let own = user.networks.is_empty() || contains(&user.networks, facts.client_ip);
     let by_role = policy
         .role_settings(user.role)

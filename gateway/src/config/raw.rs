@@ -374,9 +374,17 @@ impl RawConfig {
         };
         let smtp_url = Some(self.email.smtp_url.trim()).filter(|s| !s.is_empty()).map(str::to_string);
         if let Some(url) = &smtp_url {
-            if !["smtp://", "smtps://", "smtp+starttls://"].iter().any(|s| url.starts_with(s)) {
-                c.error("email.smtp_url", "use smtp://, smtps:// or smtp+starttls://");
+            if !["smtp://", "smtps://"].iter().any(|s| url.starts_with(s)) {
+                c.error("email.smtp_url", "use smtps://host:465, smtp://host:587?tls=required (STARTTLS) or smtp://host:25 (local relay)");
+            } else if let Err(e) = crate::auth::mail::Mailer::check_url(url) {
+                c.error("email.smtp_url", e);
             }
+        }
+        if self.email.from.parse::<lettre::message::Mailbox>().is_err() {
+            c.error(
+                "email.from",
+                format!("{:?} is not an address like \"PBX <pbx@example.com>\"", self.email.from),
+            );
         }
         let email = Email { smtp_url, from: self.email.from.clone() };
 

@@ -1,0 +1,230 @@
+//! Who is asking: sessions and remember tokens, and the ways in (passkeys,
+//! emailed links, passwords where allowed), with the pages and JSON API under
+//! `/.pbxgate/`.
+
+pub mod assertion;
+pub mod cookies;
+pub mod mail;
+pub mod pages;
+pub mod passkeys;
+pub mod passwords;
+pub mod regulate;
+pub(crate) mod routes;
+pub mod sockets;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue};
+
+use crate::store::{now_ms, HistoryEvent, Secret, SecretHash, Session, StoreError, UserFlags};
+use crate::State;
+
+/// A signed-in person, for this request.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user: String,
+    pub session: SecretHash,
+    pub record: Session,
+}
+
+/// The outcome of looking at a request's cookies.
+#[derive(Debug, Default)]
+pub struct Identity {
+    pub principal: Option<Principal>,
+    /// Cookies to set on the response (a session made from a remember token).
+    pub set_cookies: Vec<HeaderValue>,
+}
+
+/// A session made within this long counts as a fresh sign-in (passkey
+/// registration, password change).
+pub const RECENT_AUTH: Duration = Duration::from_secs(5 * 60);
+
+/// Session cookie first; else a remember token silently makes a new session.
+/// A user the policy no longer names is nobody. Store errors propagate: the
+/// caller fails closed.
+pub(crate) async fn identify(
+    state: &State,
+    headers: &HeaderMap,
+    client_ip: IpAddr,
+    user_agent: &str,
+) -> Result<Identity, StoreError> {
+    let policy = state.policy.load();
+    let now = now_ms();
+    if let Some(secret) = cookies::read(headers, cookies::SESSION) {
+        let hash = secret.hash();
+        if let Some(record) = state.store.touch_session(&hash, now).await? {
+            if policy.user(&record.user).is_some() {
+                return Ok(Identity {
+                    principal: Some(Principal { user: record.user.clone(), session: hash, record }),
+                    set_cookies: Vec::new(),
+                });
+            }
+        }
+    }
+    let Some(remember) = cookies::read(headers, cookies::REMEMBER) else {
+        return Ok(Identity::default());
+    };
+    let token_hash = remember.hash();
+    let Some(token) = state.store.token(&token_hash, now).await? else {
+        return Ok(Identity { principal: None, set_cookies: vec![cookies::clear(cookies::REMEMBER)] });
+    };
+    let Some(user) = policy.user(&token.user) else {
+        return Ok(Identity::default());
+    };
+    if user.role == pbxgate_policies::Role::Api {
+        return Ok(Identity::default());
+    }
+    let s = &state.config.session;
+    let ip = client_ip.to_string();
+    let (secret, record) =
+        state.store.create_session(&user.name, &ip, "remember", s.idle_timeout, s.max_lifetime, now).await?;
+    state.store.record_token_use(&token_hash, &ip, user_agent, now).await?;
+    tracing::info!(target: "pbxgate::audit", user = %user.name, client = %ip, token = token_hash.short_id(),
+        "new session from remember token");
+    Ok(Identity {
+        principal: Some(Principal { user: user.name.clone(), session: secret.hash(), record }),
+        set_cookies: vec![cookies::set(cookies::SESSION, &secret, s.max_lifetime)],
+    })
+}
+
+/// After a successful sign-in: a fresh session (never the old id) and a
+/// remember token, recorded in the history. Returns the cookies to set.
+pub(crate) async fn establish(
+    state: &State,
+    user: &str,
+    method: &str,
+    client_ip: IpAddr,
+    user_agent: &str,
+    previous: Option<&Secret>,
+) -> Result<Vec<HeaderValue>, StoreError> {
+    let now = now_ms();
+    let s = &state.config.session;
+    let ip = client_ip.to_string();
+    if let Some(old) = previous {
+        state.store.delete_session(&old.hash()).await?;
+    }
+    let (session, _) =
+        state.store.create_session(user, &ip, method, s.idle_timeout, s.max_lifetime, now).await?;
+    let mut set = vec![cookies::set(cookies::SESSION, &session, s.max_lifetime)];
+    if !s.login_token_ttl.is_zero() {
+        let (token, _) = state.store.create_token(user, &ip, user_agent, s.login_token_ttl, now).await?;
+        set.push(cookies::set(cookies::REMEMBER, &token, s.login_token_ttl));
+    }
+    let mut flags = state.store.flags(user).await?;
+    flags.last_login_ms = Some(now);
+    state.store.set_flags(user, &UserFlags { v: 1, ..flags }).await?;
+    record(state, user, method, "success", client_ip, user_agent).await;
+    tracing::info!(target: "pbxgate::audit", %user, %method, client = %ip, session = session.hash().short_id(), "signed in");
+    Ok(set)
+}
+
+/// Appends to the login history; a failure to record is logged, not fatal.
+pub(crate) async fn record(
+    state: &State,
+    user: &str,
+    method: &str,
+    result: &str,
+    ip: IpAddr,
+    user_agent: &str,
+) {
+    let event = HistoryEvent {
+        v: 1,
+        id: String::new(),
+        user: user.to_string(),
+        time_ms: now_ms(),
+        method: method.to_string(),
+        result: result.to_string(),
+        ip: ip.to_string(),
+        user_agent: user_agent.chars().take(256).collect(),
+    };
+    if let Err(e) = state.store.append_history(&event, state.config.history.retention, now_ms()).await {
+        tracing::warn!(error = %e, "could not record login history");
+    }
+}
+
+/// The origin a state-changing request comes from, when it is one of ours:
+/// `public_url`, a `webauthn.origins` entry, or the request's own origin.
+/// Without `Origin`, only `Sec-Fetch-Site: same-origin` passes.
+pub(crate) fn checked_origin(state: &State, headers: &HeaderMap, proto: &str, host: &str) -> Option<String> {
+    let own = format!("{proto}://{host}");
+    match headers.get(http::header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        Some(origin) => {
+            let origin = origin.trim_end_matches('/');
+            let allowed = origin == state.config.public_url.origin
+                || state.config.webauthn.origins.iter().any(|o| o == origin)
+                || origin.eq_ignore_ascii_case(&own);
+            allowed.then(|| origin.to_string())
+        }
+        None => headers
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == "same-origin")
+            .then_some(own),
+    }
+}
+
+/// The return path, when it is a same-origin relative path; otherwise `/`.
+/// Refuses `//host`, `/\host`, schemes, control characters and the same
+/// tricks percent-encoded (once or twice).
+pub fn safe_rd(rd: &str) -> String {
+    fn bad(text: &str) -> bool {
+        !text.starts_with('/')
+            || text.starts_with("//")
+            || text.starts_with("/\\")
+            || text.contains('\\')
+            || text.chars().any(|c| c.is_control() || c == ' ')
+    }
+    let once = percent_decode(rd);
+    let twice = percent_decode(&once);
+    if rd.is_empty() || rd.len() > 2048 || bad(rd) || bad(&once) || bad(&twice) {
+        return "/".to_string();
+    }
+    rd.to_string()
+}
+
+pub(crate) fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex =
+            bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'+', _) => out.push(b' '),
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 2;
+            }
+            (b, _) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_rd;
+
+    #[test]
+    fn return_paths() {
+        for ok in ["/", "/admin/", "/calls?day=mon&x=%2F", "/.pbxgate/account"] {
+            assert_eq!(safe_rd(ok), ok);
+        }
+        for bad in [
+            "//evil.example",
+            "/\\evil.example",
+            "https://evil.example",
+            "evil.example",
+            "%2F%2Fevil.example",
+            "/%5Cevil.example",
+            "%252F%252Fevil.example",
+            "/%252F%252Fevil.example",
+            "/\tx",
+            "",
+        ] {
+            assert_eq!(safe_rd(bad), "/", "{bad:?}");
+        }
+    }
+}

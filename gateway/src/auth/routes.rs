@@ -1,0 +1,827 @@
+//! The sign-in pages and JSON API under `/.pbxgate/`.
+//!
+//! Every POST checks `Origin` first. Answers never say whether an account
+//! exists; details go to the audit log. Store errors fail closed (503).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, LOCATION, SET_COOKIE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use pbxgate_policies::{Role, User};
+use serde::Deserialize;
+use webauthn_rs::prelude::{PublicKeyCredential, RegisterPublicKeyCredential};
+
+use super::mail::LinkKind;
+use super::passkeys::PasskeyError;
+use super::{
+    cookies, establish, identify, pages, passwords, record, regulate, safe_rd, Principal, RECENT_AUTH,
+};
+use crate::error::{empty, json, respond, Refusal};
+use crate::store::{now_ms, OneTime, Secret, StoreError};
+use crate::{Body, State};
+
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the pipeline knows about the request.
+pub(crate) struct Ctx<'a> {
+    pub client_ip: IpAddr,
+    pub proto: &'static str,
+    /// The Host header as sent (with port).
+    pub host: &'a str,
+    pub user_agent: String,
+    pub browser: bool,
+}
+
+/// A JSON error a script can act on and a person can read.
+fn api_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json(status, &serde_json::json!({"error": code, "message": message}).to_string())
+}
+
+fn unavailable(e: &StoreError, browser: bool) -> Response<Body> {
+    tracing::error!(error = %e, "store unavailable: refusing sign-in (fail closed)");
+    respond(&Refusal::Unavailable, browser)
+}
+
+fn too_many(state: &State, json_api: bool) -> Response<Body> {
+    let message = "Too many attempts. Please wait a few minutes and try again.";
+    if json_api {
+        api_error(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts", message)
+    } else {
+        let view = pages::LoginView {
+            rd: "/",
+            login: "",
+            error: Some(message),
+            info: None,
+            passwords: state.passwords_possible(),
+        };
+        pages::login(&state.product_name(), &view, StatusCode::TOO_MANY_REQUESTS)
+    }
+}
+
+fn see_other(location: &str, cookies: Vec<HeaderValue>) -> Response<Body> {
+    let mut response = empty(StatusCode::SEE_OTHER);
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(LOCATION, value);
+    }
+    for c in cookies {
+        response.headers_mut().append(SET_COOKIE, c);
+    }
+    response
+}
+
+fn with_cookies(mut response: Response<Body>, cookies: Vec<HeaderValue>) -> Response<Body> {
+    for c in cookies {
+        response.headers_mut().append(SET_COOKIE, c);
+    }
+    response
+}
+
+async fn read_body(request: Request<Incoming>) -> Option<Bytes> {
+    Limited::new(request.into_body(), MAX_BODY).collect().await.ok().map(|c| c.to_bytes())
+}
+
+fn form(body: &[u8]) -> std::collections::HashMap<String, String> {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (!k.is_empty()).then(|| (super::percent_decode(k), super::percent_decode(v)))
+        })
+        .collect()
+}
+
+fn query(request: &Request<Incoming>, name: &str) -> String {
+    crate::reserved::query_param(request.uri().query(), name).unwrap_or_default()
+}
+
+/// Whether `user` may sign in from `ip` at all (any method): named in the
+/// policy, not an API account, inside its networks.
+fn may_sign_in(state: &State, login: &str, ip: IpAddr) -> Result<User, &'static str> {
+    let policy = state.policy.load();
+    let user = policy.user(login).ok_or("unknown_user")?;
+    if user.role == Role::Api {
+        return Err("api_account");
+    }
+    let facts =
+        pbxgate_policies::Facts { client_ip: ip, host: "", method: "POST", path: "/", user_agent: None };
+    if !pbxgate_policies::user_may_come_from(&policy, user, &facts) {
+        return Err("network");
+    }
+    Ok(user.clone())
+}
+
+pub(crate) async fn handle(
+    state: &Arc<State>,
+    ctx: &Ctx<'_>,
+    request: Request<Incoming>,
+    path: &str,
+) -> Response<Body> {
+    let method = request.method().clone();
+    let api = path.starts_with("/.pbxgate/api/");
+    if method == Method::POST {
+        let origin = super::checked_origin(state, request.headers(), ctx.proto, ctx.host);
+        let Some(origin) = origin else {
+            tracing::warn!(target: "pbxgate::audit", client = %ctx.client_ip, %path, "POST refused: foreign or missing Origin");
+            return if api || !ctx.browser {
+                api_error(StatusCode::FORBIDDEN, "bad_origin", "This request did not come from this site.")
+            } else {
+                respond(&Refusal::Forbidden, true)
+            };
+        };
+        return post(state, ctx, request, path, &origin).await;
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Use GET or POST.");
+    }
+    let product = state.product_name();
+    match path {
+        "/.pbxgate/login" => {
+            let rd = safe_rd(&query(&request, "rd"));
+            match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent).await {
+                Ok(identity) if identity.principal.is_some() => see_other(&rd, identity.set_cookies),
+                Ok(identity) => {
+                    let view = pages::LoginView {
+                        rd: &rd,
+                        login: "",
+                        error: None,
+                        info: None,
+                        passwords: state.passwords_possible(),
+                    };
+                    with_cookies(pages::login(&product, &view, StatusCode::OK), identity.set_cookies)
+                }
+                Err(e) => unavailable(&e, true),
+            }
+        }
+        "/.pbxgate/link" => pages::link_landing(&product, &query(&request, "token")),
+        "/.pbxgate/logout" => pages::logout_form(&product),
+        "/.pbxgate/passkey-offer" | "/.pbxgate/account" => {
+            let here = path.to_string();
+            let principal = match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent).await {
+                Ok(identity) => identity.principal,
+                Err(e) => return unavailable(&e, true),
+            };
+            let Some(principal) = principal else {
+                return see_other(
+                    &format!("/.pbxgate/login?rd={}", crate::error::encode_rd(&here)),
+                    Vec::new(),
+                );
+            };
+            if here == "/.pbxgate/passkey-offer" {
+                return pages::passkey_offer(&product, &safe_rd(&query(&request, "rd")));
+            }
+            match account_view(state, &principal).await {
+                Ok(view) => pages::account(&product, &view),
+                Err(e) => unavailable(&e, true),
+            }
+        }
+        "/.well-known/pbxgate/jwks.json" => match &state.auth.signer {
+            Some(signer) => json(StatusCode::OK, signer.jwks()),
+            None => respond(&Refusal::NotFound, false),
+        },
+        "/.pbxgate/api/passkeys" | "/.pbxgate/api/sessions" | "/.pbxgate/api/me" => {
+            let principal = match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent).await {
+                Ok(identity) => identity.principal,
+                Err(e) => return unavailable(&e, false),
+            };
+            let Some(principal) = principal else {
+                return respond(&Refusal::LoginRequired { rd: String::new() }, false);
+            };
+            match account_json(state, &principal, path).await {
+                Ok(body) => json(StatusCode::OK, &body.to_string()),
+                Err(e) => unavailable(&e, false),
+            }
+        }
+        _ => respond(&Refusal::NotFound, ctx.browser),
+    }
+}
+
+async fn account_view(state: &State, p: &Principal) -> Result<pages::AccountView, StoreError> {
+    let now = now_ms();
+    let passkeys = state
+        .store
+        .passkeys_of(&p.user)
+        .await?
+        .into_iter()
+        .map(|k| (k.cred_id, k.name, pages::when(Some(k.created_ms)), pages::when(k.last_used_ms)))
+        .collect();
+    let sessions = state
+        .store
+        .sessions_of(&p.user, now)
+        .await?
+        .into_iter()
+        .map(|(hash, s)| {
+            (hash == p.session, pages::when(Some(s.created_ms)), pages::when(Some(s.last_seen_ms)), s.ip)
+        })
+        .collect();
+    Ok(pages::AccountView { user: p.user.clone(), passkeys, sessions })
+}
+
+async fn account_json(state: &State, p: &Principal, path: &str) -> Result<serde_json::Value, StoreError> {
+    let now = now_ms();
+    Ok(match path {
+        "/.pbxgate/api/passkeys" => serde_json::json!(state
+            .store
+            .passkeys_of(&p.user)
+            .await?
+            .into_iter()
+            .map(|k| serde_json::json!({"id": k.cred_id, "name": k.name, "created_ms": k.created_ms, "last_used_ms": k.last_used_ms}))
+            .collect::<Vec<_>>()),
+        "/.pbxgate/api/sessions" => serde_json::json!(state
+            .store
+            .sessions_of(&p.user, now)
+            .await?
+            .into_iter()
+            .map(|(hash, s)| serde_json::json!({
+                "current": hash == p.session, "created_ms": s.created_ms, "last_seen_ms": s.last_seen_ms,
+                "ip": s.ip, "method": s.method,
+            }))
+            .collect::<Vec<_>>()),
+        _ => {
+            let policy = state.policy.load();
+            let user = policy.user(&p.user);
+            serde_json::json!({
+                "user": p.user,
+                "email": user.and_then(|u| u.email.clone()),
+                "role": user.map(|u| u.role.as_str()),
+                "passkeys": state.store.passkey_count(&p.user).await?,
+            })
+        }
+    })
+}
+
+#[derive(Deserialize)]
+struct LoginStart {
+    #[serde(default)]
+    login: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LoginFinish {
+    ceremony: String,
+    credential: PublicKeyCredential,
+    #[serde(default)]
+    rd: String,
+}
+
+#[derive(Deserialize)]
+struct RegisterFinish {
+    ceremony: String,
+    credential: RegisterPublicKeyCredential,
+    #[serde(default)]
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct PasskeyAction {
+    id: String,
+    #[serde(default)]
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct Credentials {
+    #[serde(default)]
+    login: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    rd: String,
+}
+
+#[derive(Deserialize)]
+struct NewPassword {
+    password: String,
+}
+
+#[derive(Deserialize, Default)]
+struct Logout {
+    #[serde(default)]
+    everywhere: bool,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
+    serde_json::from_slice(body).ok()
+}
+
+fn bad_request() -> Response<Body> {
+    api_error(StatusCode::BAD_REQUEST, "bad_request", "The request could not be understood.")
+}
+
+async fn post(
+    state: &Arc<State>,
+    ctx: &Ctx<'_>,
+    request: Request<Incoming>,
+    path: &str,
+    origin: &str,
+) -> Response<Body> {
+    let headers = request.headers().clone();
+    let is_json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    let Some(body) = read_body(request).await else {
+        return api_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "The request is too large.");
+    };
+    let identity = || identify(state, &headers, ctx.client_ip, &ctx.user_agent);
+    match path {
+        "/.pbxgate/login/link" | "/.pbxgate/api/link/request" => {
+            let (login, rd) = if is_json {
+                match parse::<Credentials>(&body) {
+                    Some(c) => (c.login, c.rd),
+                    None => return bad_request(),
+                }
+            } else {
+                let f = form(&body);
+                (f.get("login").cloned().unwrap_or_default(), f.get("rd").cloned().unwrap_or_default())
+            };
+            match request_link(state, ctx, origin, &login, &safe_rd(&rd)).await {
+                Ok(true) if is_json => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"status": "sent", "message": "If an account matches, we sent a sign-in link to its email address."})
+                        .to_string(),
+                ),
+                Ok(true) => pages::link_sent(&state.product_name(), state.config.links.ttl.as_secs().div_ceil(60)),
+                Ok(false) => too_many(state, is_json),
+                Err(e) => unavailable(&e, !is_json),
+            }
+        }
+        "/.pbxgate/link" => {
+            let token = form(&body).get("token").cloned().unwrap_or_default();
+            consume_link(state, ctx, &token, &headers).await
+        }
+        "/.pbxgate/login/password" | "/.pbxgate/api/password/login" => {
+            let creds = if is_json {
+                match parse::<Credentials>(&body) {
+                    Some(c) => c,
+                    None => return bad_request(),
+                }
+            } else {
+                let f = form(&body);
+                Credentials {
+                    login: f.get("login").cloned().unwrap_or_default(),
+                    password: f.get("password").cloned().unwrap_or_default(),
+                    rd: f.get("rd").cloned().unwrap_or_default(),
+                }
+            };
+            password_login(state, ctx, creds, is_json, &headers).await
+        }
+        "/.pbxgate/api/passkey/login/start" => {
+            let Some(start) = parse::<LoginStart>(&body) else { return bad_request() };
+            let user = start.login.as_deref().map(str::trim).filter(|l| !l.is_empty()).and_then(|login| {
+                let policy = state.policy.load();
+                policy.user(login).map(|u| u.name.clone())
+            });
+            match state.auth.passkeys.start_login(&state.store, user.as_deref()).await {
+                Ok((ceremony, options)) => {
+                    let mut answer = options;
+                    answer["ceremony"] = ceremony.expose().into();
+                    json(StatusCode::OK, &answer.to_string())
+                }
+                Err(PasskeyError::Store(e)) => unavailable(&e, false),
+                Err(e) => {
+                    tracing::warn!(error = %e, "passkey login could not start");
+                    api_error(StatusCode::BAD_REQUEST, "passkey_failed", "Passkey sign-in could not start.")
+                }
+            }
+        }
+        "/.pbxgate/api/passkey/login/finish" => {
+            let Some(finish) = parse::<LoginFinish>(&body) else { return bad_request() };
+            passkey_login(state, ctx, finish, &headers).await
+        }
+        "/.pbxgate/api/passkey/register/start" | "/.pbxgate/api/passkey/register/finish" => {
+            let principal = match identity().await {
+                Ok(i) => i.principal,
+                Err(e) => return unavailable(&e, false),
+            };
+            let Some(principal) = principal else {
+                return respond(&Refusal::LoginRequired { rd: String::new() }, false);
+            };
+            if now_ms().saturating_sub(principal.record.authenticated_ms) > RECENT_AUTH.as_millis() as u64 {
+                return api_error(
+                    StatusCode::FORBIDDEN,
+                    "reauthenticate",
+                    "For your security, sign in again before adding a passkey.",
+                );
+            }
+            if path.ends_with("/start") {
+                let display = {
+                    let policy = state.policy.load();
+                    policy
+                        .user(&principal.user)
+                        .and_then(|u| u.display_name.clone())
+                        .unwrap_or_else(|| principal.user.clone())
+                };
+                return match state
+                    .auth
+                    .passkeys
+                    .start_registration(&state.store, &principal.user, &display)
+                    .await
+                {
+                    Ok((ceremony, options)) => {
+                        let mut answer = options;
+                        answer["ceremony"] = ceremony.expose().into();
+                        json(StatusCode::OK, &answer.to_string())
+                    }
+                    Err(e) => passkey_error(e),
+                };
+            }
+            let Some(finish) = parse::<RegisterFinish>(&body) else { return bad_request() };
+            let Some(ceremony) = Secret::parse(&finish.ceremony) else {
+                return passkey_error(PasskeyError::Expired);
+            };
+            match state
+                .auth
+                .passkeys
+                .finish_registration(
+                    &state.store,
+                    &principal.user,
+                    &ceremony,
+                    &finish.credential,
+                    &finish.name,
+                )
+                .await
+            {
+                Ok(record) => {
+                    if let Ok(mut flags) = state.store.flags(&principal.user).await {
+                        if flags.onboarding_required {
+                            flags.onboarding_required = false;
+                            let _ = state.store.set_flags(&principal.user, &flags).await;
+                        }
+                    }
+                    tracing::info!(target: "pbxgate::audit", user = %principal.user, client = %ctx.client_ip,
+                        passkey = %record.name, "passkey registered");
+                    json(
+                        StatusCode::OK,
+                        &serde_json::json!({"id": record.cred_id, "name": record.name}).to_string(),
+                    )
+                }
+                Err(e) => passkey_error(e),
+            }
+        }
+        "/.pbxgate/api/passkeys/rename" | "/.pbxgate/api/passkeys/delete" => {
+            let principal = match identity().await {
+                Ok(i) => i.principal,
+                Err(e) => return unavailable(&e, false),
+            };
+            let Some(principal) = principal else {
+                return respond(&Refusal::LoginRequired { rd: String::new() }, false);
+            };
+            let Some(action) = parse::<PasskeyAction>(&body) else { return bad_request() };
+            let done = if path.ends_with("/rename") {
+                state.store.rename_passkey(&principal.user, &action.id, &action.name).await
+            } else {
+                state.store.delete_passkey(&principal.user, &action.id).await
+            };
+            match done {
+                Ok(true) => {
+                    tracing::info!(target: "pbxgate::audit", user = %principal.user, client = %ctx.client_ip,
+                        action = path.rsplit('/').next().unwrap_or(""), "passkey changed");
+                    json(StatusCode::OK, "{\"status\":\"ok\"}")
+                }
+                Ok(false) => api_error(StatusCode::NOT_FOUND, "not_found", "No such passkey."),
+                Err(e) => unavailable(&e, false),
+            }
+        }
+        "/.pbxgate/api/password/set" => {
+            let principal = match identity().await {
+                Ok(i) => i.principal,
+                Err(e) => return unavailable(&e, false),
+            };
+            let Some(principal) = principal else {
+                return respond(&Refusal::LoginRequired { rd: String::new() }, false);
+            };
+            let allowed = state.config.passwords.users_may_set && {
+                let policy = state.policy.load();
+                policy.user(&principal.user).is_some_and(|u| u.password_login)
+            };
+            if !allowed {
+                return api_error(
+                    StatusCode::FORBIDDEN,
+                    "not_allowed",
+                    "Passwords are set by an administrator here.",
+                );
+            }
+            if now_ms().saturating_sub(principal.record.authenticated_ms) > RECENT_AUTH.as_millis() as u64 {
+                return api_error(
+                    StatusCode::FORBIDDEN,
+                    "reauthenticate",
+                    "Sign in again before changing your password.",
+                );
+            }
+            let Some(new) = parse::<NewPassword>(&body) else { return bad_request() };
+            if let Err(message) = passwords::check_new(&state.config.passwords, &new.password) {
+                return api_error(StatusCode::BAD_REQUEST, "weak_password", &message);
+            }
+            let hash = match passwords::hash(new.password).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::error!(error = %e, "password hashing failed");
+                    return respond(&Refusal::Unavailable, false);
+                }
+            };
+            match state.store.set_password_hash(&principal.user, &hash).await {
+                Ok(()) => {
+                    tracing::info!(target: "pbxgate::audit", user = %principal.user, client = %ctx.client_ip, "password changed by its owner");
+                    json(StatusCode::OK, "{\"status\":\"ok\"}")
+                }
+                Err(e) => unavailable(&e, false),
+            }
+        }
+        "/.pbxgate/logout" | "/.pbxgate/api/logout" => {
+            let everywhere = if is_json {
+                parse::<Logout>(&body).unwrap_or_default().everywhere
+            } else {
+                form(&body).get("everywhere").is_some_and(|v| !v.is_empty() && v != "0")
+            };
+            logout(state, ctx, &headers, everywhere, is_json).await
+        }
+        _ => respond(&Refusal::NotFound, !is_json && ctx.browser),
+    }
+}
+
+fn passkey_error(e: PasskeyError) -> Response<Body> {
+    match e {
+        PasskeyError::Store(e) => unavailable(&e, false),
+        PasskeyError::Expired => api_error(
+            StatusCode::BAD_REQUEST,
+            "ceremony_expired",
+            "This passkey request expired. Please try again.",
+        ),
+        PasskeyError::Duplicate => {
+            api_error(StatusCode::CONFLICT, "duplicate", "This passkey is already registered.")
+        }
+        PasskeyError::TooMany => api_error(
+            StatusCode::CONFLICT,
+            "too_many_passkeys",
+            "This account has the maximum number of passkeys. Delete one first.",
+        ),
+        PasskeyError::Rejected(detail) => {
+            tracing::info!(%detail, "passkey registration rejected");
+            api_error(
+                StatusCode::BAD_REQUEST,
+                "passkey_failed",
+                "The passkey was not accepted. Please try again.",
+            )
+        }
+    }
+}
+
+/// Starts a sign-in link for `login` in the background and answers at once,
+/// the same for every login. Ok(false): regulated.
+async fn request_link(
+    state: &Arc<State>,
+    ctx: &Ctx<'_>,
+    origin: &str,
+    login: &str,
+    rd: &str,
+) -> Result<bool, StoreError> {
+    let login = login.trim().to_string();
+    if regulate::is_locked(&state.store, regulate::Kind::LinkRequest, &login, ctx.client_ip).await? {
+        tracing::warn!(target: "pbxgate::audit", client = %ctx.client_ip, "link request regulated");
+        return Ok(false);
+    }
+    regulate::count(&state.store, regulate::Kind::LinkRequest, &login, ctx.client_ip).await?;
+    let (state, origin, rd, ip) = (state.clone(), origin.to_string(), rd.to_string(), ctx.client_ip);
+    // Whether the account exists must not show in the answer nor in its timing.
+    tokio::spawn(async move {
+        let user = match may_sign_in(&state, &login, ip) {
+            Ok(user) => user,
+            Err(reason) => {
+                tracing::info!(target: "pbxgate::audit", client = %ip, reason, "sign-in link not sent");
+                return;
+            }
+        };
+        if let Err(e) = send_link(&state, &user, LinkKind::SignIn, &origin, &rd).await {
+            tracing::warn!(user = %user.name, error = %e, "sign-in link not sent");
+        }
+    });
+    Ok(true)
+}
+
+/// Makes a one-time link for `user` and emails it.
+pub(crate) async fn send_link(
+    state: &State,
+    user: &User,
+    kind: LinkKind,
+    origin: &str,
+    rd: &str,
+) -> Result<(), String> {
+    let Some(email) = &user.email else {
+        return Err("the account has no email address".into());
+    };
+    let (one_time, ttl) = match kind {
+        LinkKind::SignIn => (OneTime::MagicLink, state.config.links.ttl),
+        LinkKind::Invite => (OneTime::Invite, state.config.links.invite_ttl),
+    };
+    let token = Secret::generate();
+    let value = serde_json::json!({"user": user.name, "rd": rd}).to_string();
+    state.store.put_once(one_time, &token, value.as_bytes(), ttl).await.map_err(|e| e.to_string())?;
+    let link = format!("{origin}/.pbxgate/link?token={}", token.expose());
+    state.auth.mailer.send_link(kind, email, &user.name, &state.product_name(), &link, ttl).await?;
+    tracing::info!(target: "pbxgate::audit", user = %user.name, link = token.hash().short_id(), kind = ?kind, "link sent");
+    Ok(())
+}
+
+async fn consume_link(
+    state: &State,
+    ctx: &Ctx<'_>,
+    token: &str,
+    headers: &http::HeaderMap,
+) -> Response<Body> {
+    let product = state.product_name();
+    let Some(token) = Secret::parse(token) else {
+        return pages::link_failed(&product);
+    };
+    let mut value = None;
+    for kind in [OneTime::MagicLink, OneTime::Invite] {
+        match state.store.take_once(kind, &token).await {
+            Ok(Some(v)) => {
+                value = Some((kind, v));
+                break;
+            }
+            Ok(None) => {}
+            Err(e) => return unavailable(&e, true),
+        }
+    }
+    let Some((kind, value)) = value else {
+        tracing::info!(target: "pbxgate::audit", client = %ctx.client_ip, link = token.hash().short_id(), "expired or used link");
+        let _ = regulate::count(&state.store, regulate::Kind::Failure, "", ctx.client_ip).await;
+        return pages::link_failed(&product);
+    };
+    let value: serde_json::Value = serde_json::from_slice(&value).unwrap_or_default();
+    let login = value["user"].as_str().unwrap_or_default().to_string();
+    let rd = safe_rd(value["rd"].as_str().unwrap_or("/"));
+    let method = if kind == OneTime::Invite { "invite" } else { "link" };
+    let user = match may_sign_in(state, &login, ctx.client_ip) {
+        Ok(user) => user,
+        Err(reason) => {
+            tracing::warn!(target: "pbxgate::audit", user = %login, client = %ctx.client_ip, reason, "link sign-in refused");
+            record(state, &login, method, reason, ctx.client_ip, &ctx.user_agent).await;
+            return pages::link_failed(&product);
+        }
+    };
+    let previous = cookies::read(headers, cookies::SESSION);
+    let cookies =
+        match establish(state, &user.name, method, ctx.client_ip, &ctx.user_agent, previous.as_ref()).await {
+            Ok(c) => c,
+            Err(e) => return unavailable(&e, true),
+        };
+    let next = match state.store.passkey_count(&user.name).await {
+        Ok(0) => format!("/.pbxgate/passkey-offer?rd={}", crate::error::encode_rd(&rd)),
+        _ => rd,
+    };
+    see_other(&next, cookies)
+}
+
+async fn password_login(
+    state: &State,
+    ctx: &Ctx<'_>,
+    creds: Credentials,
+    is_json: bool,
+    headers: &http::HeaderMap,
+) -> Response<Body> {
+    let login = creds.login.trim().to_string();
+    let rd = safe_rd(&creds.rd);
+    match regulate::is_locked(&state.store, regulate::Kind::Failure, &login, ctx.client_ip).await {
+        Ok(true) => return too_many(state, is_json),
+        Ok(false) => {}
+        Err(e) => return unavailable(&e, !is_json),
+    }
+    let candidate = may_sign_in(state, &login, ctx.client_ip).ok().filter(|u| u.password_login);
+    let empty_refused = creds.password.is_empty() && !state.config.passwords.allow_empty;
+    let hash = match &candidate {
+        Some(user) if !empty_refused => match state.store.password_hash(&user.name).await {
+            Ok(h) => h,
+            Err(e) => return unavailable(&e, !is_json),
+        },
+        _ => None,
+    };
+    // Always one argon2 verification, so time tells nothing about the account.
+    let verified = passwords::verify(creds.password, hash, &state.auth.dummy_hash).await;
+    let Some(user) = candidate.filter(|_| verified) else {
+        let _ = regulate::count(&state.store, regulate::Kind::Failure, &login, ctx.client_ip).await;
+        let known = state.policy.load().user(&login).map(|u| u.name.clone());
+        if let Some(name) = known {
+            record(state, &name, "password", "bad_credentials", ctx.client_ip, &ctx.user_agent).await;
+        }
+        tracing::info!(target: "pbxgate::audit", client = %ctx.client_ip, "password sign-in failed");
+        let message = "Wrong name or password, or password sign-in is not enabled for this account.";
+        return if is_json {
+            api_error(StatusCode::UNAUTHORIZED, "bad_credentials", message)
+        } else {
+            let view = pages::LoginView {
+                rd: &rd,
+                login: &login,
+                error: Some(message),
+                info: None,
+                passwords: true,
+            };
+            pages::login(&state.product_name(), &view, StatusCode::UNAUTHORIZED)
+        };
+    };
+    let previous = cookies::read(headers, cookies::SESSION);
+    match establish(state, &user.name, "password", ctx.client_ip, &ctx.user_agent, previous.as_ref()).await {
+        Ok(cookies) if is_json => {
+            with_cookies(json(StatusCode::OK, &serde_json::json!({"redirect": rd}).to_string()), cookies)
+        }
+        Ok(cookies) => see_other(&rd, cookies),
+        Err(e) => unavailable(&e, !is_json),
+    }
+}
+
+async fn passkey_login(
+    state: &State,
+    ctx: &Ctx<'_>,
+    finish: LoginFinish,
+    headers: &http::HeaderMap,
+) -> Response<Body> {
+    match regulate::is_locked(&state.store, regulate::Kind::Failure, "", ctx.client_ip).await {
+        Ok(true) => return too_many(state, true),
+        Ok(false) => {}
+        Err(e) => return unavailable(&e, false),
+    }
+    let failed = |detail: String| async move {
+        tracing::info!(target: "pbxgate::audit", client = %ctx.client_ip, %detail, "passkey sign-in failed");
+        let _ = regulate::count(&state.store, regulate::Kind::Failure, "", ctx.client_ip).await;
+        api_error(
+            StatusCode::UNAUTHORIZED,
+            "passkey_failed",
+            "That passkey did not work. Try again, or ask for a sign-in link.",
+        )
+    };
+    let Some(ceremony) = Secret::parse(&finish.ceremony) else {
+        return failed("malformed ceremony id".into()).await;
+    };
+    let signed_in = match state.auth.passkeys.finish_login(&state.store, &ceremony, &finish.credential).await
+    {
+        Ok(s) => s,
+        Err(PasskeyError::Store(e)) => return unavailable(&e, false),
+        Err(e) => return failed(e.to_string()).await,
+    };
+    let user = match may_sign_in(state, &signed_in.user, ctx.client_ip) {
+        Ok(user) => user,
+        Err(reason) => {
+            record(state, &signed_in.user, "passkey", reason, ctx.client_ip, &ctx.user_agent).await;
+            return failed(format!("refused: {reason}")).await;
+        }
+    };
+    let previous = cookies::read(headers, cookies::SESSION);
+    match establish(state, &user.name, "passkey", ctx.client_ip, &ctx.user_agent, previous.as_ref()).await {
+        Ok(cookies) => with_cookies(
+            json(StatusCode::OK, &serde_json::json!({"redirect": safe_rd(&finish.rd)}).to_string()),
+            cookies,
+        ),
+        Err(e) => unavailable(&e, false),
+    }
+}
+
+async fn logout(
+    state: &State,
+    ctx: &Ctx<'_>,
+    headers: &http::HeaderMap,
+    everywhere: bool,
+    is_json: bool,
+) -> Response<Body> {
+    let now = now_ms();
+    let result: Result<(), StoreError> = async {
+        let session = cookies::read(headers, cookies::SESSION).map(|s| s.hash());
+        let user = match &session {
+            Some(hash) => state.store.session(hash, now).await?.map(|s| s.user),
+            None => None,
+        };
+        if let Some(token) = cookies::read(headers, cookies::REMEMBER) {
+            if let Some(t) = state.store.token(&token.hash(), now).await? {
+                state.store.revoke_token(&t.id).await?;
+            }
+        }
+        if let Some(hash) = &session {
+            state.auth.sockets.close(hash);
+            state.store.delete_session(hash).await?;
+        }
+        if let (true, Some(user)) = (everywhere, &user) {
+            for (hash, _) in state.store.sessions_of(user, now).await? {
+                state.auth.sockets.close(&hash);
+            }
+            let sessions = state.store.delete_sessions_of(user).await?;
+            let tokens = state.store.revoke_tokens_of(user, now).await?;
+            tracing::info!(target: "pbxgate::audit", %user, client = %ctx.client_ip, sessions, tokens, "signed out everywhere");
+        } else if let Some(user) = &user {
+            tracing::info!(target: "pbxgate::audit", %user, client = %ctx.client_ip, "signed out");
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        return unavailable(&e, !is_json);
+    }
+    let clear = vec![cookies::clear(cookies::SESSION), cookies::clear(cookies::REMEMBER)];
+    if is_json {
+        with_cookies(json(StatusCode::OK, "{\"redirect\":\"/.pbxgate/login\"}"), clear)
+    } else {
+        with_cookies(pages::logged_out(&state.product_name(), everywhere), clear)
+    }
+}
