@@ -145,10 +145,13 @@ pub(crate) async fn record(
 
 /// The origin a state-changing request comes from, when it is one of ours:
 /// `public_url`, a `webauthn.origins` entry, or the request's own origin.
-/// Without `Origin`, only `Sec-Fetch-Site: same-origin` passes.
+/// Without a usable `Origin` (absent, or `null`, which browsers send from
+/// pages with `Referrer-Policy: no-referrer`), only `Sec-Fetch-Site:
+/// same-origin` passes: scripts cannot set it, and cross-site requests carry
+/// another value.
 pub(crate) fn checked_origin(state: &State, headers: &HeaderMap, proto: &str, host: &str) -> Option<String> {
     let own = format!("{proto}://{host}");
-    match headers.get(http::header::ORIGIN).and_then(|v| v.to_str().ok()) {
+    match headers.get(http::header::ORIGIN).and_then(|v| v.to_str().ok()).filter(|o| *o != "null") {
         Some(origin) => {
             let origin = origin.trim_end_matches('/');
             let allowed = origin == state.config.public_url.origin

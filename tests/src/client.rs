@@ -187,3 +187,34 @@ impl ServerCertVerifier for AcceptAny {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// Any request over TLS (HTTP/1.1, SNI localhost), body given whole.
+pub async fn https_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
+    let mut builder = Request::builder().method(method).uri(path);
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        builder = builder.header("host", "localhost");
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = builder.body(Full::new(Bytes::from(body.to_string()))).expect("request");
+    let tls = tls_connect(addr, &TlsOptions::default()).await.expect("TLS connect");
+    send_h1(tls, request).await.expect("request")
+}
+
+impl Reply {
+    /// The value a `Set-Cookie` header gives cookie `name` (empty when cleared).
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        self.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).find_map(|c| {
+            let (pair, _) = c.split_once(';').unwrap_or((c, ""));
+            let (n, v) = pair.split_once('=')?;
+            (n.trim() == name).then(|| v.trim().to_string())
+        })
+    }
+}

@@ -8,9 +8,11 @@
 // A test kit: failing loudly, with a message, is its job.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod browser;
 pub mod client;
 pub mod process;
 pub mod redis;
+pub mod smtp;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};
