@@ -181,6 +181,11 @@ impl Gateway {
         &self.addrs
     }
 
+    /// The gateway's store (for tools and tests that work beside it).
+    pub fn store(&self) -> store::Store {
+        self.state.store.clone()
+    }
+
     /// Serves until `shutdown` resolves, then stops accepting and lets
     /// in-flight requests finish (up to `listen.shutdown_timeout`).
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {

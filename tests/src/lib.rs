@@ -120,6 +120,7 @@ self_signed = true
 /// pbxgate running in this process.
 pub struct TestGateway {
     pub addrs: pbxgate::Addrs,
+    pub store: pbxgate::store::Store,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), pbxgate::Error>>>,
     _dir: TempDir,
@@ -139,11 +140,12 @@ impl TestGateway {
     pub async fn from_config(config: Config, dir: TempDir) -> Self {
         let gateway = pbxgate::Gateway::bind(config).await.expect("bind gateway");
         let addrs = gateway.addrs().clone();
+        let store = gateway.store();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(gateway.serve(async move {
             let _ = rx.await;
         }));
-        Self { addrs, shutdown: Some(tx), task: Some(task), _dir: dir }
+        Self { addrs, store, shutdown: Some(tx), task: Some(task), _dir: dir }
     }
 
     pub fn https(&self) -> std::net::SocketAddr {

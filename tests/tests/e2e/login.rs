@@ -217,3 +217,281 @@ async fn browser_link_login_passkey_offer_logout_and_passkey_logins() {
     assert_eq!(replay, serde_json::json!([200, 401]), "the same ceremony works once");
     browser.close().await;
 }
+
+// ---- attacks and rules, over plain HTTP ------------------------------------
+
+const ATTACKER_SESSION: &str =
+    "__Host-pbxgate=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_signs_in_exactly_once_and_get_does_not_use_it() {
+    let rig = Rig::start("").await;
+    let token = rig.link_token("100", "alice@example.com", "/home").await;
+    // Mail scanners open links: GET shows the page and changes nothing.
+    for _ in 0..2 {
+        let page = rig.get(&format!("/.pbxgate/link?token={token}"), None).await;
+        assert_eq!(page.status, 200);
+        assert!(page.header("set-cookie").is_none());
+    }
+    let first = rig.post("/.pbxgate/link", &format!("token={token}"), &[]).await;
+    assert_eq!(first.status, 303);
+    assert_eq!(first.header("location"), Some("/.pbxgate/passkey-offer?rd=/home"));
+    let second = rig.post("/.pbxgate/link", &format!("token={token}"), &[]).await;
+    assert_eq!(second.status, 400);
+    assert!(second.cookie("__Host-pbxgate").is_none());
+
+    // Ten at once: one session.
+    let token = rig.link_token("100", "alice@example.com", "/").await;
+    let rig = std::sync::Arc::new(rig);
+    let tries: Vec<_> = (0..10)
+        .map(|_| {
+            let (rig, token) = (rig.clone(), token.clone());
+            tokio::spawn(async move {
+                rig.post("/.pbxgate/link", &format!("token={token}"), &[]).await.status.as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tries {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 303).count(), 1, "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_expires() {
+    let rig = Rig::start("[links]\nttl = \"1s\"\n").await;
+    let token = rig.link_token("100", "alice@example.com", "/").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rig.post("/.pbxgate/link", &format!("token={token}"), &[]).await.status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_is_the_same_whether_the_account_exists_or_not() {
+    let rig = Rig::start("").await;
+    let known = rig.post("/.pbxgate/login/link", "login=100&rd=/", &[]).await;
+    rig.smtp.wait_for("alice@example.com", 0);
+    let before = rig.smtp.count();
+    let unknown = rig.post("/.pbxgate/login/link", "login=999&rd=/", &[]).await;
+    let api_account = rig.post("/.pbxgate/login/link", "login=svc&rd=/", &[]).await;
+    assert_eq!(known.status, unknown.status);
+    assert_eq!(known.text(), unknown.text());
+    assert_eq!(known.text(), api_account.text());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rig.smtp.count(), before, "no email for an unknown or API account");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_id_from_before_login_is_not_valid_after() {
+    let rig = Rig::start("").await;
+    let token = rig.link_token("100", "alice@example.com", "/").await;
+    let reply = rig.post("/.pbxgate/link", &format!("token={token}"), &[("cookie", ATTACKER_SESSION)]).await;
+    assert_eq!(reply.status, 303);
+    let issued = reply.cookie("__Host-pbxgate").unwrap();
+    assert!(!ATTACKER_SESSION.ends_with(&issued), "a fresh session id");
+    assert_eq!(rig.get("/home", Some(ATTACKER_SESSION)).await.status, 401);
+    let good = format!("__Host-pbxgate={issued}");
+    assert_eq!(rig.get("/home", Some(&good)).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn return_paths_to_other_sites_are_refused() {
+    let rig = Rig::start("").await;
+    rig.gw
+        .store
+        .set_password_hash("101", &pbxgate::auth::passwords::hash("Correct horse 42!".into()).await.unwrap())
+        .await
+        .unwrap();
+    for rd in [
+        "//evil.example",
+        "/\\evil.example",
+        "https://evil.example",
+        "%2F%2Fevil.example",
+        "/%2F%2Fevil.example",
+        "/%5Cevil.example",
+        "%252F%252Fevil.example",
+        "javascript:alert(1)",
+    ] {
+        let encoded = pbxgate::error::encode_rd(rd);
+        let reply = rig
+            .post(
+                "/.pbxgate/login/password",
+                &format!("login=101&password=Correct+horse+42%21&rd={encoded}"),
+                &[],
+            )
+            .await;
+        assert_eq!(reply.status, 303, "{rd}: {}", reply.text());
+        assert_eq!(reply.header("location"), Some("/"), "{rd}");
+    }
+    // Through an emailed link too.
+    let token =
+        rig.link_token("100", "alice@example.com", &pbxgate::error::encode_rd("//evil.example")).await;
+    let reply = rig.post("/.pbxgate/link", &format!("token={token}"), &[]).await;
+    assert_eq!(reply.header("location"), Some("/.pbxgate/passkey-offer?rd=/"));
+    // And a good one survives.
+    let reply = rig
+        .post("/.pbxgate/login/password", "login=101&password=Correct+horse+42%21&rd=/calls%3Fday%3Dmon", &[])
+        .await;
+    assert_eq!(reply.header("location"), Some("/calls?day=mon"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_from_other_origins_are_refused() {
+    let rig = Rig::start("").await;
+    let host = format!("localhost:{}", rig.port);
+    for path in
+        ["/.pbxgate/login/link", "/.pbxgate/link", "/.pbxgate/logout", "/.pbxgate/api/passkey/login/start"]
+    {
+        for headers in [
+            vec![("origin", "https://evil.example")],
+            vec![("origin", "null"), ("sec-fetch-site", "cross-site")],
+            vec![("sec-fetch-site", "cross-site")],
+            vec![],
+        ] {
+            let mut h = headers.clone();
+            h.push(("host", &host));
+            h.push(("content-type", "application/json"));
+            let reply = https_request(rig.gw.https(), "POST", path, &h, "{}").await;
+            assert_eq!(reply.status, 403, "{path} {headers:?}");
+        }
+    }
+    // A same-origin navigation from a no-referrer page (Origin: null) is fine.
+    let reply = https_request(
+        rig.gw.https(),
+        "POST",
+        "/.pbxgate/api/passkey/login/start",
+        &[
+            ("host", &host),
+            ("origin", "null"),
+            ("sec-fetch-site", "same-origin"),
+            ("content-type", "application/json"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_only_where_allowed_and_brute_force_is_locked_out() {
+    let rig = Rig::start("").await;
+    let hash = pbxgate::auth::passwords::hash("Correct horse 42!".into()).await.unwrap();
+    rig.gw.store.set_password_hash("101", &hash).await.unwrap();
+    rig.gw.store.set_password_hash("102", &hash).await.unwrap();
+    let login = |who: &str, pw: &str| format!("{{\"login\":\"{who}\",\"password\":\"{pw}\",\"rd\":\"/x\"}}");
+
+    let ok =
+        rig.post("/.pbxgate/api/password/login", &login("bob@example.com", "Correct horse 42!"), &[]).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert!(ok.cookie("__Host-pbxgate").is_some());
+    // 102 has a hash but password sign-in is not enabled for the account.
+    let refused = rig.post("/.pbxgate/api/password/login", &login("102", "Correct horse 42!"), &[]).await;
+    let wrong = rig.post("/.pbxgate/api/password/login", &login("101", "nope"), &[]).await;
+    let unknown = rig.post("/.pbxgate/api/password/login", &login("999", "nope"), &[]).await;
+    for r in [&refused, &wrong, &unknown] {
+        assert_eq!(r.status, 401);
+        assert_eq!(r.text(), wrong.text(), "one answer for every failure");
+    }
+    // Keep guessing: locked, even with the right password, with a message that tells nothing.
+    for _ in 0..10 {
+        rig.post("/.pbxgate/api/password/login", &login("101", "guess"), &[]).await;
+    }
+    let locked = rig.post("/.pbxgate/api/password/login", &login("101", "Correct horse 42!"), &[]).await;
+    assert_eq!(locked.status, 429);
+    assert_eq!(locked.json()["error"], "too_many_attempts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_renew_from_the_remember_token_until_it_expires() {
+    let rig = Rig::start("[session]\nidle_timeout = \"1s\"\nlogin_token_ttl = \"4s\"\n").await;
+    let (_, cookies) = rig.link_login("100", "alice@example.com").await;
+    let first = rig.get("/home", Some(&cookies)).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.json()["headers"]["remote-user"][0], "100");
+
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let session_only = cookies.split(';').next().unwrap().to_string();
+    assert_eq!(rig.get("/home", Some(&session_only)).await.status, 401, "the session went idle");
+    let renewed = rig.get("/home", Some(&cookies)).await;
+    assert_eq!(renewed.status, 200, "the remember token made a new session silently");
+    let fresh = renewed.cookie("__Host-pbxgate").expect("a new session cookie");
+    assert!(!cookies.contains(&fresh));
+
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let remember_only = cookies.split(';').nth(1).unwrap().trim().to_string();
+    let expired = https_get(
+        rig.gw.https(),
+        "/home",
+        &[("host", &format!("localhost:{}", rig.port)), ("accept", "text/html"), ("cookie", &remember_only)],
+    )
+    .await;
+    assert_eq!(expired.status, 302, "after the remember token expires: the login page");
+    assert_eq!(expired.header("location"), Some("/.pbxgate/login?rd=/home"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_out_everywhere_ends_every_session_token_and_websocket() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = Rig::start("").await;
+    let (_, laptop) = rig.link_login("100", "alice@example.com").await;
+    let (_, phone) = rig.link_login("100", "alice@example.com").await;
+    assert_eq!(rig.get("/home", Some(&phone)).await.status, 200);
+
+    // The phone has a websocket open to the PBX.
+    let mut ws = pbxgate_e2e::client::tls_connect(rig.gw.https(), &Default::default()).await.unwrap();
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost:{}\r\nCookie: {phone}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        rig.port
+    );
+    ws.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 12];
+    ws.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+
+    let out = rig.post("/.pbxgate/api/logout", "{\"everywhere\":true}", &[("cookie", &laptop)]).await;
+    assert_eq!(out.status, 200);
+    assert_eq!(out.cookie("__Host-pbxgate").as_deref(), Some(""), "cookies cleared");
+    assert_eq!(rig.get("/home", Some(&laptop)).await.status, 401);
+    assert_eq!(
+        rig.get("/home", Some(&phone)).await.status,
+        401,
+        "the phone's session and token are gone too"
+    );
+
+    // The websocket opened under the phone's session is closed.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), ws.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the websocket must be closed after sign-out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_gets_a_signed_assertion_it_can_verify() {
+    let rig = Rig::start("[headers]\nassertion = \"X-Pbxgate-Assertion\"\n").await;
+    let (_, cookies) = rig.link_login("100", "alice@example.com").await;
+    let echo = rig.get("/home", Some(&cookies)).await.json();
+    let jwt = echo["headers"]["x-pbxgate-assertion"][0].as_str().expect("assertion header").to_string();
+    let jwks = rig.get("/.well-known/pbxgate/jwks.json", None).await.json();
+    let key = &jwks["keys"][0];
+    let decoding =
+        jsonwebtoken::DecodingKey::from_ec_components(key["x"].as_str().unwrap(), key["y"].as_str().unwrap())
+            .unwrap();
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+    validation.set_audience(&[rig.upstream.url()]);
+    let claims =
+        jsonwebtoken::decode::<serde_json::Value>(&jwt, &decoding, &validation).expect("valid signature");
+    assert_eq!(claims.claims["sub"], "100");
+    assert_eq!(claims.claims["email"], "alice@example.com");
+    assert_eq!(claims.claims["role"], "user");
+    assert_eq!(claims.header.kid.as_deref(), key["kid"].as_str());
+    // A client cannot bring its own.
+    let host = format!("localhost:{}", rig.port);
+    let forged = https_get(
+        rig.gw.https(),
+        "/public/x",
+        &[("host", &host), ("cookie", &cookies), ("x-pbxgate-assertion", "forged")],
+    )
+    .await
+    .json();
+    assert!(forged["headers"].get("x-pbxgate-assertion").is_none(), "{forged}");
+}
