@@ -119,6 +119,33 @@ pub(crate) async fn establish(
     Ok(set)
 }
 
+/// Makes a one-time link (sign-in or invite) for `user`, stores only its
+/// hash, and emails it.
+pub async fn mail_link(
+    store: &crate::store::Store,
+    mailer: &mail::Mailer,
+    config: &crate::Config,
+    user: &pbxgate_policies::User,
+    kind: mail::LinkKind,
+    origin: &str,
+    rd: &str,
+) -> Result<(), String> {
+    let Some(email) = &user.email else {
+        return Err("the account has no email address".into());
+    };
+    let (one_time, ttl) = match kind {
+        mail::LinkKind::SignIn => (crate::store::OneTime::MagicLink, config.links.ttl),
+        mail::LinkKind::Invite => (crate::store::OneTime::Invite, config.links.invite_ttl),
+    };
+    let token = Secret::generate();
+    let value = serde_json::json!({"user": user.name, "rd": rd}).to_string();
+    store.put_once(one_time, &token, value.as_bytes(), ttl).await.map_err(|e| e.to_string())?;
+    let link = format!("{origin}/.pbxgate/link?token={}", token.expose());
+    mailer.send_link(kind, email, &user.name, &config.webauthn.rp_name, &link, ttl).await?;
+    tracing::info!(target: "pbxgate::audit", user = %user.name, link = token.hash().short_id(), kind = ?kind, "link sent");
+    Ok(())
+}
+
 /// Appends to the login history; a failure to record is logged, not fatal.
 pub(crate) async fn record(
     state: &State,

@@ -30,6 +30,23 @@ enum Command {
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
     },
+    /// Manage accounts (the accounts themselves are declared in the policy file).
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+        #[arg(short, long, default_value = "gateway.toml", global = true)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Email NAME a welcome link (valid for links.invite_ttl) to sign in and
+    /// create a passkey. Also the way back in for someone who lost theirs.
+    Invite { name: String },
+    /// Set NAME's password, read from standard input (one line) or, on a
+    /// terminal, from a prompt. Never pass a password as an argument.
+    SetPassword { name: String },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +54,116 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => check_config(config),
+        Command::User { action, config } => user(action, config),
+    }
+}
+
+fn user(action: UserAction, path: PathBuf) -> ExitCode {
+    let config = match load(&path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    pbxgate::telemetry::init(config.log.format);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let name = match &action {
+        UserAction::Invite { name } | UserAction::SetPassword { name } => name.clone(),
+    };
+    let Some(user) = config.policy.user(&name).cloned() else {
+        eprintln!("{name}: no such user in {}", config.policy_file.display());
+        return ExitCode::from(2);
+    };
+    let password = match action {
+        UserAction::SetPassword { .. } => match read_new_password(&user.name) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+        UserAction::Invite { .. } => None,
+    };
+    runtime.block_on(async move {
+        let base = config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let store = match pbxgate::store::Store::open(&config.store.url, &config.store.key_prefix, base).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot open the store: {e}");
+                if config.store.url.starts_with("embedded://") {
+                    eprintln!("(the embedded store can be used by one process at a time: stop the gateway, or use Redis)");
+                }
+                return ExitCode::FAILURE;
+            }
+        };
+        match password {
+            Some(password) => {
+                if let Err(message) = pbxgate::auth::passwords::check_new(&config.passwords, &password) {
+                    eprintln!("{message}");
+                    return ExitCode::from(2);
+                }
+                let hash = match pbxgate::auth::passwords::hash(password).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        eprintln!("hashing failed: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                if let Err(e) = store.set_password_hash(&user.name, &hash).await {
+                    eprintln!("cannot save the password: {e}");
+                    return ExitCode::FAILURE;
+                }
+                tracing::info!(target: "pbxgate::audit", user = %user.name, "password set from the command line");
+                println!("password set for {}", user.name);
+                if !user.password_login && user.role != pbxgate_policies::Role::Api {
+                    println!("note: password sign-in is off for {}: set password_login = true in the policy to use it", user.name);
+                }
+                ExitCode::SUCCESS
+            }
+            None => {
+                let mailer = match pbxgate::auth::mail::Mailer::new(&config.email) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let kind = pbxgate::auth::mail::LinkKind::Invite;
+                let origin = config.public_url.origin.clone();
+                match pbxgate::auth::mail_link(&store, &mailer, &config, &user, kind, &origin, "/").await {
+                    Ok(()) => {
+                        println!("invite sent to {} ({})", user.name, user.email.as_deref().unwrap_or_default());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("invite not sent: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// One line from standard input, or (on a terminal) a prompt asked twice.
+fn read_new_password(name: &str) -> Result<String, String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        let first =
+            rpassword::prompt_password(format!("New password for {name}: ")).map_err(|e| e.to_string())?;
+        let again = rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?;
+        if first != again {
+            return Err("the two passwords differ".into());
+        }
+        Ok(first)
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map_err(|e| e.to_string())?;
+        Ok(line.trim_end_matches(['\n', '\r']).to_string())
     }
 }
 

@@ -610,20 +610,7 @@ pub(crate) async fn send_link(
     origin: &str,
     rd: &str,
 ) -> Result<(), String> {
-    let Some(email) = &user.email else {
-        return Err("the account has no email address".into());
-    };
-    let (one_time, ttl) = match kind {
-        LinkKind::SignIn => (OneTime::MagicLink, state.config.links.ttl),
-        LinkKind::Invite => (OneTime::Invite, state.config.links.invite_ttl),
-    };
-    let token = Secret::generate();
-    let value = serde_json::json!({"user": user.name, "rd": rd}).to_string();
-    state.store.put_once(one_time, &token, value.as_bytes(), ttl).await.map_err(|e| e.to_string())?;
-    let link = format!("{origin}/.pbxgate/link?token={}", token.expose());
-    state.auth.mailer.send_link(kind, email, &user.name, &state.product_name(), &link, ttl).await?;
-    tracing::info!(target: "pbxgate::audit", user = %user.name, link = token.hash().short_id(), kind = ?kind, "link sent");
-    Ok(())
+    super::mail_link(&state.store, &state.auth.mailer, &state.config, user, kind, origin, rd).await
 }
 
 async fn consume_link(

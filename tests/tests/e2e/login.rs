@@ -495,3 +495,152 @@ async fn the_upstream_gets_a_signed_assertion_it_can_verify() {
     .json();
     assert!(forged["headers"].get("x-pbxgate-assertion").is_none(), "{forged}");
 }
+
+/// The first run of a newcomer: plain http://localhost (a secure context, so
+/// passkeys and Secure cookies work without a trusted certificate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_run_on_plain_http_localhost_reaches_a_working_login() {
+    let upstream = Upstream::start().await;
+    let smtp = SmtpServer::start();
+    let port = free_port(false);
+    let overrides = format!(
+        "public_url = \"https://localhost:8443\"\n[listen]\nhttp = \"127.0.0.1:{port}\"\n\
+         [webauthn]\norigins = [\"http://localhost:{port}\"]\n[email]\nsmtp_url = \"{}\"\n",
+        smtp.url()
+    );
+    let gw = TestGateway::start(&upstream.url(), LOGIN_POLICY, &overrides).await;
+    let origin = format!("http://localhost:{port}");
+    let browser = Browser::start().await;
+    browser.goto(&format!("{origin}/welcome")).await;
+    browser.wait_for_path("/.pbxgate/login").await;
+    browser.fill("#login", "100").await;
+    browser.click("#link-button").await;
+    let link = smtp.wait_for("alice@example.com", 0).link();
+    assert!(link.starts_with(&origin), "the link points where the person is: {link}");
+    browser.goto(&link).await;
+    browser.wait_for_path("/.pbxgate/passkey-offer").await;
+    browser.click("#register-button").await;
+    browser.wait_for_path("/welcome").await;
+    let echo: serde_json::Value = serde_json::from_str(&browser.text().await).expect("upstream echo");
+    assert_eq!(echo["headers"]["remote-user"][0], "100");
+    assert_eq!(browser.credentials().await.len(), 1);
+    drop(gw);
+    browser.close().await;
+}
+
+/// The command line (set-password, invite) and then a gateway process whose
+/// every log line is searched for every secret handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_passwords_and_invites_and_no_secret_in_any_log_line() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let upstream = Upstream::start().await;
+    let smtp = SmtpServer::start();
+    let dir = pbxgate_e2e::TempDir::new("cli");
+    let config = pbxgate_e2e::write_config(&dir, &upstream.url(), LOGIN_POLICY);
+    let port = free_port(false);
+    let (smtp_url, public, listen) =
+        (smtp.url(), format!("https://localhost:{port}"), format!("127.0.0.1:{port}"));
+    let env = [
+        ("PBXGATE_EMAIL__SMTP_URL", smtp_url.as_str()),
+        ("PBXGATE_PUBLIC_URL", public.as_str()),
+        ("PBXGATE_LISTEN__HTTPS", listen.as_str()),
+        ("RUST_LOG", "debug"),
+    ];
+    let cli = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(pbxgate_e2e::process::binary())
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let password = "Correct horse 42!";
+    let (code, out) = cli(&["user", "set-password", "101"], "abc\n");
+    assert_eq!(code, Some(2), "a weak password is refused: {out}");
+    let (code, out) = cli(&["user", "set-password", "101"], &format!("{password}\n"));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains(password));
+    let (code, out) = cli(&["user", "set-password", "nobody"], &format!("{password}\n"));
+    assert_eq!(code, Some(2), "{out}");
+    let (code, out) = cli(&["user", "invite", "100"], "");
+    assert_eq!(code, Some(0), "{out}");
+    let invite = smtp.wait_for("alice@example.com", 0);
+    assert!(invite.subject.contains("Welcome"), "{invite:?}");
+    assert!(invite.text.contains("72 hours"), "the invite says how long it works: {}", invite.text);
+    let invite_link = invite.link();
+    assert!(invite_link.starts_with(&public));
+    let invite_token = invite_link.split("token=").nth(1).unwrap().to_string();
+
+    let gw = pbxgate_e2e::GatewayProcess::start(&config, &env);
+    let https = gw.https.expect("https");
+    let host = format!("localhost:{port}");
+    let post = |path: &'static str, body: String, cookie: Option<String>| {
+        let (host, public) = (host.clone(), public.clone());
+        async move {
+            let mut h = vec![
+                ("host", host.as_str()),
+                ("origin", public.as_str()),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ];
+            let cookie = cookie.unwrap_or_default();
+            if !cookie.is_empty() {
+                h.push(("cookie", cookie.as_str()));
+            }
+            https_request(https, "POST", path, &h, &body).await
+        }
+    };
+    let mut secrets = vec![invite_token.clone(), password.to_string()];
+
+    // The invite signs in once.
+    let reply = post("/.pbxgate/link", format!("token={invite_token}"), None).await;
+    assert_eq!(reply.status, 303, "{}", reply.text());
+    secrets.push(reply.cookie("__Host-pbxgate").unwrap());
+    secrets.push(reply.cookie("__Host-pbxgate-remember").unwrap());
+
+    // A password sign-in, with the password the command line set.
+    let reply =
+        post("/.pbxgate/login/password", "login=101&password=Correct+horse+42%21&rd=/".to_string(), None)
+            .await;
+    assert_eq!(reply.status, 303, "{}", reply.text());
+    let session = reply.cookie("__Host-pbxgate").unwrap();
+    secrets.push(session.clone());
+    secrets.push(reply.cookie("__Host-pbxgate-remember").unwrap());
+    let cookie = format!("__Host-pbxgate={session}");
+    let page =
+        https_get(https, "/home?secret=query-not-logged", &[("host", &host), ("cookie", &cookie)]).await;
+    assert_eq!(page.json()["headers"]["remote-user"][0], "101");
+
+    // A sign-in link, used.
+    let seen = smtp.count();
+    post("/.pbxgate/login/link", "login=100&rd=/".into(), None).await;
+    let link = smtp.wait_for("alice@example.com", seen).link();
+    let token = link.split("token=").nth(1).unwrap().to_string();
+    let reply = post("/.pbxgate/link", format!("token={token}"), None).await;
+    assert_eq!(reply.status, 303);
+    secrets.push(token);
+    secrets.push(reply.cookie("__Host-pbxgate").unwrap());
+    post("/.pbxgate/logout", String::new(), Some(cookie)).await;
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = gw.log_lines();
+    assert!(lines.len() > 10, "the gateway logged: {}", lines.len());
+    assert!(lines.iter().any(|l| l.contains("pbxgate::audit")), "audit lines are there");
+    for secret in &secrets {
+        assert!(secret.len() >= 16);
+        if let Some(line) = lines.iter().find(|l| l.contains(secret.as_str())) {
+            panic!("a secret reached the log: {line}");
+        }
+    }
+    assert!(!lines.iter().any(|l| l.contains("query-not-logged")), "queries are not logged");
+}
