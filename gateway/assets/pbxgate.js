@@ -153,6 +153,32 @@
     }
   }
 
+  if (page === "unlock") {
+    const unlock = $("unlock-form");
+    const minutes = $("minutes");
+    const mirror = $("password-minutes");
+    if (mirror) minutes.addEventListener("change", () => { mirror.value = minutes.value; });
+    unlock.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const button = $("unlock-button");
+      button.disabled = true;
+      try {
+        const start = await post("/.pbxgate/api/unlock/start", {});
+        const credential = await navigator.credentials.get({ publicKey: requestOptions(start.publicKey) });
+        const done = await post("/.pbxgate/api/unlock/finish", {
+          ceremony: start.ceremony,
+          credential: credentialJSON(credential),
+          minutes: Number(minutes.value),
+          rd: unlock.dataset.rd || "/",
+        });
+        location.assign(done.redirect);
+      } catch (e) {
+        say(explain(e) || "Cancelled.", "error");
+        button.disabled = false;
+      }
+    });
+  }
+
   if (page === "account") {
     for (const item of document.querySelectorAll("#passkeys li[data-id]")) {
       const id = item.dataset.id;

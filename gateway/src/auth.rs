@@ -2,7 +2,9 @@
 //! emailed links, passwords where allowed), with the pages and JSON API under
 //! `/.pbxgate/`.
 
+pub(crate) mod admin;
 pub mod assertion;
+pub mod basic;
 pub mod cookies;
 pub mod mail;
 pub mod pages;
@@ -11,6 +13,7 @@ pub mod passwords;
 pub mod regulate;
 pub(crate) mod routes;
 pub mod sockets;
+pub(crate) mod unlock;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -106,6 +109,9 @@ pub(crate) async fn establish(
     }
     let (session, _) =
         state.store.create_session(user, &ip, method, s.idle_timeout, s.max_lifetime, now).await?;
+    if method != "passkey" && must_register_passkey(state, user, method).await? {
+        state.store.update_session(&session.hash(), now, |s| s.must_register_passkey = true).await?;
+    }
     let mut set = vec![cookies::set(cookies::SESSION, &session, s.max_lifetime)];
     if !s.login_token_ttl.is_zero() {
         let (token, _) = state.store.create_token(user, &ip, user_agent, s.login_token_ttl, now).await?;
@@ -117,6 +123,54 @@ pub(crate) async fn establish(
     record(state, user, method, "success", client_ip, user_agent).await;
     tracing::info!(target: "pbxgate::audit", %user, %method, client = %ip, session = session.hash().short_id(), "signed in");
     Ok(set)
+}
+
+/// Whether a person signing in without a passkey must create one before
+/// anything else: enforced for the user or role (`require_passkey`), asked by
+/// an admin (onboarding), or after a one-time admin password.
+async fn must_register_passkey(state: &State, user: &str, method: &str) -> Result<bool, StoreError> {
+    let required = method == "one_time_password"
+        || {
+            let policy = state.policy.load();
+            policy.user(user).is_some_and(|u| policy.requires_passkey(u))
+        }
+        || state.store.flags(user).await?.onboarding_required;
+    Ok(required && state.store.passkey_count(user).await? == 0)
+}
+
+/// Arms the one-time admin password (command line or
+/// `bootstrap.one_time_password_file`). Only its hash is stored.
+pub(crate) async fn arm_bootstrap(
+    config: &crate::Config,
+    store: &crate::store::Store,
+) -> Result<(), crate::Error> {
+    let b = &config.bootstrap;
+    let (Some(admin), Some(password)) = (&b.admin, &b.one_time_password) else {
+        return Ok(());
+    };
+    let Some(user) = config.policy.user(admin).filter(|u| u.role == pbxgate_policies::Role::Admin) else {
+        return Err(crate::Error::Auth(format!("{admin} is not an admin in the policy file")));
+    };
+    if b.only_until_first_credential {
+        for a in config.policy.users.iter().filter(|u| u.role == pbxgate_policies::Role::Admin) {
+            if store.passkey_count(&a.name).await? > 0 || store.password_hash(&a.name).await?.is_some() {
+                tracing::info!("an admin credential exists: bootstrap.one_time_password_file is ignored");
+                return Ok(());
+            }
+        }
+    }
+    let key = Secret::derive(&format!("{}\n{password}", user.name));
+    store.put_once(crate::store::OneTime::AdminPassword, &key, user.name.as_bytes(), BOOTSTRAP_TTL).await?;
+    tracing::warn!(target: "pbxgate::audit", user = %user.name, "one-time admin password armed: it works once, then a passkey must be created");
+    Ok(())
+}
+
+const BOOTSTRAP_TTL: Duration = Duration::from_secs(7 * 86_400);
+
+/// Takes the one-time admin password, when `password` is it.
+pub(crate) async fn take_bootstrap(state: &State, user: &str, password: &str) -> Result<bool, StoreError> {
+    let key = Secret::derive(&format!("{user}\n{password}"));
+    Ok(state.store.take_once(crate::store::OneTime::AdminPassword, &key).await?.is_some())
 }
 
 /// Makes a one-time link (sign-in or invite) for `user`, stores only its

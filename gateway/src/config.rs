@@ -82,6 +82,18 @@ pub struct Config {
     pub history: History,
     pub headers: IdentityHeaders,
     pub log: Log,
+    pub bootstrap: Bootstrap,
+}
+
+/// A one-time password for an admin, for a first start or a lost admin
+/// (Vodia's admin password reset). Consumed at the first sign-in with it.
+#[derive(Debug, Clone, Default)]
+pub struct Bootstrap {
+    pub admin: Option<String>,
+    pub one_time_password: Option<String>,
+    /// From `bootstrap.one_time_password_file`: only while no admin has a
+    /// passkey or password. From the command line: always.
+    pub only_until_first_credential: bool,
 }
 
 #[derive(Debug, Clone)]

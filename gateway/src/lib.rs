@@ -63,6 +63,7 @@ pub(crate) struct Auth {
     /// For unknown accounts, so a failed password takes as long as a wrong one.
     pub dummy_hash: String,
     pub sockets: auth::sockets::Sockets,
+    pub basic: auth::basic::BasicCache,
 }
 
 impl State {
@@ -109,6 +110,7 @@ impl Auth {
             signer,
             dummy_hash: tokio::task::spawn_blocking(auth::passwords::dummy_hash).await.unwrap_or_default(),
             sockets: auth::sockets::Sockets::default(),
+            basic: auth::basic::BasicCache::default(),
         })
     }
 }
@@ -143,6 +145,7 @@ impl Gateway {
         let store = store::Store::open(&config.store.url, &config.store.key_prefix, base).await?;
         tracing::info!(backend = store.backend(), "store opened");
         let auth = Auth::new(&config, &store).await?;
+        auth::arm_bootstrap(&config, &store).await?;
         let mut addrs = Addrs::default();
         let mut listeners = Vec::new();
         let wanted = [

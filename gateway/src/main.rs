@@ -23,6 +23,17 @@ enum Command {
         /// override its keys, e.g. PBXGATE_STORE__URL for [store] url.
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
+        /// Give this admin a one-time password (for a first start, or a lost
+        /// admin): it works once, then the admin must create a passkey.
+        #[arg(long, requires = "password_source")]
+        admin_username: Option<String>,
+        /// The one-time password, from the first line of this file.
+        #[arg(long, group = "password_source")]
+        admin_password_file: Option<PathBuf>,
+        /// The one-time password itself. Visible to anyone who can list
+        /// processes: prefer --admin-password-file.
+        #[arg(long, group = "password_source")]
+        admin_password: Option<String>,
     },
     /// Check a configuration and its policy file, print every problem with its
     /// key path, and exit 2 if there is any (0 and a summary when valid).
@@ -52,7 +63,19 @@ enum UserAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve { config, admin_username, admin_password_file, admin_password } => {
+            let password = match (admin_password_file, admin_password) {
+                (Some(file), _) => match std::fs::read_to_string(&file) {
+                    Ok(text) => Some(text.lines().next().unwrap_or_default().trim().to_string()),
+                    Err(e) => {
+                        eprintln!("--admin-password-file {}: {e}", file.display());
+                        return ExitCode::from(2);
+                    }
+                },
+                (None, password) => password,
+            };
+            serve(config, admin_username.zip(password))
+        }
         Command::CheckConfig { config } => check_config(config),
         Command::User { action, config } => user(action, config),
     }
@@ -177,11 +200,22 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn serve(path: PathBuf) -> ExitCode {
-    let config = match load(&path) {
+fn serve(path: PathBuf, bootstrap: Option<(String, String)>) -> ExitCode {
+    let mut config = match load(&path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Some((admin, password)) = bootstrap {
+        if password.is_empty() {
+            eprintln!("the one-time admin password is empty");
+            return ExitCode::from(2);
+        }
+        config.bootstrap = pbxgate::config::Bootstrap {
+            admin: Some(admin),
+            one_time_password: Some(password),
+            only_until_first_credential: false,
+        };
+    }
     pbxgate::telemetry::init(config.log.format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -16,6 +16,8 @@ pub struct Metrics {
     latency_count: AtomicU64,
     latency_micros: AtomicU64,
     connections: AtomicI64,
+    /// argon2 verifications run (sign-ins, unlocks, Basic cache misses).
+    pub password_verifications: AtomicU64,
 }
 
 /// Decrements the open-connection gauge when the connection ends.
@@ -88,6 +90,12 @@ impl Metrics {
             "# HELP pbxgate_open_connections Client connections open now.\n# TYPE pbxgate_open_connections gauge"
         );
         let _ = writeln!(out, "pbxgate_open_connections {}", self.connections.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP pbxgate_password_verifications_total argon2 verifications (sign-ins, unlocks, Basic cache misses).\n# TYPE pbxgate_password_verifications_total counter"
+        );
+        let verifications = self.password_verifications.load(Ordering::Relaxed);
+        let _ = writeln!(out, "pbxgate_password_verifications_total {verifications}");
         out
     }
 }

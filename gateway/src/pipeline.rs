@@ -10,6 +10,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use pbxgate_policies::{decide, normalize_path, screen, Access, Facts, Principal, Screen, User, Verdict};
 
+use crate::auth::basic::Basic;
 use crate::auth::routes::Ctx;
 use crate::auth::{self, Identity};
 use crate::error::{empty, respond, Refusal};
@@ -83,11 +84,72 @@ pub(crate) async fn handle(
     }
 
     // 4. identity, where the route needs a person; no store, no entry.
-    let needs_person =
-        policy.route_for(path).is_some_and(|r| !matches!(r.access, Access::Public | Access::Network));
-    let identity = if needs_person {
-        match auth::identify(state, request.headers(), client_ip, &user_agent).await {
-            Ok(identity) => identity,
+    let route = policy.route_for(path);
+    let needs_person = route.is_some_and(|r| !matches!(r.access, Access::Public | Access::Network));
+    let mut identity = Identity::default();
+    let mut basic_user = None;
+    if needs_person {
+        let looked_up = async {
+            let identity = auth::identify(state, request.headers(), client_ip, &user_agent).await?;
+            let basic = match identity.principal {
+                Some(_) => Basic::Absent,
+                None => auth::basic::verify(state, request.headers(), client_ip).await?,
+            };
+            Ok::<_, crate::store::StoreError>((identity, basic))
+        };
+        match looked_up.await {
+            Ok((found, basic)) => {
+                identity = found;
+                let listed = route.is_some_and(|r| {
+                    r.access == Access::Api
+                        && auth::basic::listed_form(request.headers())
+                            .is_some_and(|c| r.basic_credentials.contains(&c))
+                });
+                match basic {
+                    Basic::Verified(user) => basic_user = Some(user),
+                    // Vodia's API access list: a listed credential needs no account.
+                    _ if listed => {}
+                    Basic::Refused | Basic::Regulated => {
+                        let regulated = matches!(basic, Basic::Regulated);
+                        let response = basic_refused(regulated);
+                        access_log(
+                            state, &method, &host, path, &response, None, "deny", "basic", "-", client_ip,
+                        );
+                        return Ok(response);
+                    }
+                    Basic::Absent => {}
+                }
+                if listed && identity.principal.is_none() && basic_user.is_none() {
+                    let rule = route.map_or(String::new(), |r| pbxgate_policies::Rule::Route(r).to_string());
+                    let out = Outgoing {
+                        peer,
+                        trusted_peer,
+                        client: client_ip,
+                        proto: conn.proto,
+                        host: &host_header,
+                        path,
+                        identity: Vec::new(),
+                        sockets: None,
+                    };
+                    let response = match state.upstream.forward(request, out, &state.spoofable).await {
+                        Ok(response) => response,
+                        Err(refusal) => respond(&refusal, browser),
+                    };
+                    access_log(
+                        state,
+                        &method,
+                        &host,
+                        path,
+                        &response,
+                        Some(started.elapsed()),
+                        "allow",
+                        &rule,
+                        "-",
+                        client_ip,
+                    );
+                    return Ok(response);
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable: refusing (fail closed)");
                 let response = respond(&Refusal::Unavailable, browser);
@@ -106,13 +168,33 @@ pub(crate) async fn handle(
                 return Ok(response);
             }
         }
-    } else {
-        Identity::default()
-    };
+    }
     let who = identity.principal.as_ref();
-    let user_name = who.map_or("-", |p| p.user.as_str());
-    let principal = who
-        .map(|p| Principal { name: &p.user, step_up_until: p.record.step_up_until_ms.map(|ms| ms / 1000) });
+    if who.is_some_and(|p| p.record.must_register_passkey) {
+        let response =
+            with_cookies(passkey_required(browser, path, request.uri().query()), identity.set_cookies);
+        access_log(
+            state,
+            &method,
+            &host,
+            path,
+            &response,
+            None,
+            "deny",
+            "passkey_required",
+            who.map_or("-", |p| &p.user),
+            client_ip,
+        );
+        return Ok(response);
+    }
+    let user_name = who.map_or(basic_user.as_deref().unwrap_or("-"), |p| p.user.as_str());
+    let principal = match (who, &basic_user) {
+        (Some(p), _) => {
+            Some(Principal { name: &p.user, step_up_until: p.record.step_up_until_ms.map(|ms| ms / 1000) })
+        }
+        (None, Some(user)) => Some(Principal { name: user, step_up_until: None }),
+        (None, None) => None,
+    };
 
     // 5. decide
     let decision = decide(&policy, &facts, principal.as_ref(), unix_now());
@@ -138,8 +220,8 @@ pub(crate) async fn handle(
     }
 
     // 6. proxy, with the identity the upstream may trust
-    let upstream_identity = match (who, decision.user) {
-        (Some(_), Some(user)) => identity_headers(state, user),
+    let upstream_identity = match (principal.is_some(), decision.user) {
+        (true, Some(user)) => identity_headers(state, user),
         _ => Vec::new(),
     };
     let out = Outgoing {
@@ -174,6 +256,41 @@ pub(crate) async fn handle(
         client_ip,
     );
     Ok(response)
+}
+
+/// Wrong Basic credentials: 401 with a challenge (429 while regulated).
+fn basic_refused(regulated: bool) -> Response<Body> {
+    if regulated {
+        return crate::error::json(
+            StatusCode::TOO_MANY_REQUESTS,
+            "{\"error\":\"too_many_attempts\",\"message\":\"Too many attempts. Please wait a few minutes.\"}",
+        );
+    }
+    let mut response = crate::error::json(StatusCode::UNAUTHORIZED, "{\"error\":\"bad_credentials\"}");
+    response
+        .headers_mut()
+        .insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"pbxgate\""));
+    response
+}
+
+/// A person who must create a passkey first reaches nothing else.
+fn passkey_required(browser: bool, path: &str, query: Option<&str>) -> Response<Body> {
+    if browser {
+        let rd = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
+        let mut response = empty(StatusCode::FOUND);
+        let target = format!("/.pbxgate/passkey-offer?rd={}", crate::error::encode_rd(&rd));
+        if let Ok(v) = HeaderValue::from_str(&target) {
+            response.headers_mut().insert(LOCATION, v);
+        }
+        return response;
+    }
+    crate::error::json(
+        StatusCode::FORBIDDEN,
+        "{\"error\":\"passkey_required\",\"message\":\"Create a passkey at /.pbxgate/passkey-offer first.\"}",
+    )
 }
 
 fn with_cookies(mut response: Response<Body>, cookies: Vec<HeaderValue>) -> Response<Body> {

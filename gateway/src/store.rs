@@ -73,6 +73,9 @@ pub struct Session {
     pub ip: String,
     #[serde(default)]
     pub method: String,
+    /// Must register a passkey before reaching anything else.
+    #[serde(default)]
+    pub must_register_passkey: bool,
 }
 
 impl Session {
@@ -280,6 +283,7 @@ impl Store {
             step_up_until_ms: None,
             ip: ip.to_string(),
             method: method.to_string(),
+            must_register_passkey: false,
         };
         self.write_session(&hash, &session, now, Durability::Durable).await?;
         self.kv.set_add(&self.user_key("us", user), hash.as_str()).await?;
@@ -323,6 +327,21 @@ impl Store {
             session.authenticated_ms = now;
         }
         session.last_seen_ms = now;
+        self.write_session(hash, &session, now, Durability::Durable).await?;
+        Ok(true)
+    }
+
+    /// Changes a live session's record; false when it is gone.
+    pub async fn update_session(
+        &self,
+        hash: &SecretHash,
+        now: u64,
+        change: impl FnOnce(&mut Session),
+    ) -> Result<bool> {
+        let Some(mut session) = self.session(hash, now).await? else {
+            return Ok(false);
+        };
+        change(&mut session);
         self.write_session(hash, &session, now, Durability::Durable).await?;
         Ok(true)
     }

@@ -53,6 +53,8 @@ struct RawRoute {
     #[serde(default)]
     networks: Vec<String>,
     step_up: Option<String>,
+    #[serde(default)]
+    basic_credentials: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +162,9 @@ pub struct Route {
     pub networks: Vec<IpNet>,
     /// Longest unlock window a person may choose; `None`: no unlock needed.
     pub step_up: Option<std::time::Duration>,
+    /// For `access = "api"`: SHA-256 (hex) of `user:password` Basic
+    /// credentials accepted without an account (Vodia's API access list).
+    pub basic_credentials: Vec<String>,
 }
 
 impl Route {
@@ -341,7 +346,25 @@ impl Policy {
                     "only routes with access \"user\" or \"admin\" can be unlocked",
                 ));
             }
-            routes.push(Route { index: i, path, access, networks, step_up });
+            let mut basic_credentials = Vec::new();
+            for (j, c) in r.basic_credentials.iter().enumerate() {
+                let c = c.trim().trim_start_matches("sha256:").to_ascii_lowercase();
+                if c.len() != 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    errors.push(PolicyError::new(
+                        format!("{at}.basic_credentials[{j}]"),
+                        "write the SHA-256 of \"user:password\" in hex (e.g. printf %s 'user:pass' | sha256sum)",
+                    ));
+                } else {
+                    basic_credentials.push(c);
+                }
+            }
+            if !basic_credentials.is_empty() && access != Access::Api {
+                errors.push(PolicyError::new(
+                    format!("{at}.basic_credentials"),
+                    "only routes with access = \"api\" take an access list",
+                ));
+            }
+            routes.push(Route { index: i, path, access, networks, step_up, basic_credentials });
         }
         routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()).then(a.index.cmp(&b.index)));
 

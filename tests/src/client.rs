@@ -196,6 +196,19 @@ pub async fn https_request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Reply {
+    https_request_from(None, addr, method, path, headers, body).await
+}
+
+/// As [`https_request`], from a chosen local address (127.0.0.2, …), so
+/// network rules see different clients.
+pub async fn https_request_from(
+    from: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
     let mut builder = Request::builder().method(method).uri(path);
     if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
         builder = builder.header("host", "localhost");
@@ -204,7 +217,16 @@ pub async fn https_request(
         builder = builder.header(*name, *value);
     }
     let request = builder.body(Full::new(Bytes::from(body.to_string()))).expect("request");
-    let tls = tls_connect(addr, &TlsOptions::default()).await.expect("TLS connect");
+    let tcp = match from {
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind(SocketAddr::new(ip, 0)).expect("bind local address");
+            socket.connect(addr).await.expect("connect")
+        }
+        None => TcpStream::connect(addr).await.expect("connect"),
+    };
+    let name = ServerName::try_from("localhost".to_string()).expect("name");
+    let tls = connector(&TlsOptions::default()).expect("connector").connect(name, tcp).await.expect("TLS");
     send_h1(tls, request).await.expect("request")
 }
 

@@ -112,15 +112,25 @@ pub fn link_failed(product: &str) -> Response<Body> {
     render(StatusCode::BAD_REQUEST, product, "link-failed", "Link no longer valid", &body)
 }
 
-pub fn passkey_offer(product: &str, rd: &str) -> Response<Body> {
+pub fn passkey_offer(product: &str, rd: &str, required: bool) -> Response<Body> {
     let rd = escape(rd);
+    let (intro, not_now) = if required {
+        (
+            "<p>This account needs a passkey before you continue: your fingerprint, face or device PIN will be how you sign in.</p>",
+            String::new(),
+        )
+    } else {
+        (
+            "<p>Next time, sign in with your fingerprint, face or device PIN instead of waiting for an email.</p>",
+            format!("<p><a href=\"{rd}\" id=\"not-now\">Not now</a></p>"),
+        )
+    };
     let body = format!(
-        "<p>Next time, sign in with your fingerprint, face or device PIN instead of waiting for an email.</p>\
+        "{intro}\
          {status}<form id=\"register-form\" data-rd=\"{rd}\">\
          <label for=\"device\">Name this device</label>\
          <input id=\"device\" name=\"name\" maxlength=\"64\" placeholder=\"e.g. Work laptop\">\
-         <button type=\"submit\" class=\"primary\" id=\"register-button\">Create a passkey</button></form>\
-         <p><a href=\"{rd}\" id=\"not-now\">Not now</a></p>",
+         <button type=\"submit\" class=\"primary\" id=\"register-button\">Create a passkey</button></form>{not_now}",
         status = notice(None, "")
     );
     render(StatusCode::OK, product, "passkey-offer", "Create a passkey", &body)

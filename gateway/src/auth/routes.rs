@@ -37,11 +37,11 @@ pub(crate) struct Ctx<'a> {
 }
 
 /// A JSON error a script can act on and a person can read.
-fn api_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+pub(crate) fn api_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json(status, &serde_json::json!({"error": code, "message": message}).to_string())
 }
 
-fn unavailable(e: &StoreError, browser: bool) -> Response<Body> {
+pub(crate) fn unavailable(e: &StoreError, browser: bool) -> Response<Body> {
     tracing::error!(error = %e, "store unavailable: refusing sign-in (fail closed)");
     respond(&Refusal::Unavailable, browser)
 }
@@ -62,7 +62,7 @@ fn too_many(state: &State, json_api: bool) -> Response<Body> {
     }
 }
 
-fn see_other(location: &str, cookies: Vec<HeaderValue>) -> Response<Body> {
+pub(crate) fn see_other(location: &str, cookies: Vec<HeaderValue>) -> Response<Body> {
     let mut response = empty(StatusCode::SEE_OTHER);
     if let Ok(value) = HeaderValue::from_str(location) {
         response.headers_mut().insert(LOCATION, value);
@@ -80,11 +80,11 @@ fn with_cookies(mut response: Response<Body>, cookies: Vec<HeaderValue>) -> Resp
     response
 }
 
-async fn read_body(request: Request<Incoming>) -> Option<Bytes> {
+pub(crate) async fn read_body(request: Request<Incoming>) -> Option<Bytes> {
     Limited::new(request.into_body(), MAX_BODY).collect().await.ok().map(|c| c.to_bytes())
 }
 
-fn form(body: &[u8]) -> std::collections::HashMap<String, String> {
+pub(crate) fn form(body: &[u8]) -> std::collections::HashMap<String, String> {
     String::from_utf8_lossy(body)
         .split('&')
         .filter_map(|pair| {
@@ -120,6 +120,28 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
     path: &str,
 ) -> Response<Body> {
+    if path.starts_with("/.pbxgate/unlock") || path.starts_with("/.pbxgate/api/unlock/") {
+        return match *request.method() {
+            Method::POST
+                if super::checked_origin(state, request.headers(), ctx.proto, ctx.host).is_none() =>
+            {
+                api_error(StatusCode::FORBIDDEN, "bad_origin", "This request did not come from this site.")
+            }
+            Method::GET | Method::POST => super::unlock::handle(state, ctx, request, path).await,
+            _ => api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Use GET or POST."),
+        };
+    }
+    if path.starts_with("/.pbxgate/admin") || path.starts_with("/.pbxgate/api/admin/") {
+        return match *request.method() {
+            Method::POST
+                if super::checked_origin(state, request.headers(), ctx.proto, ctx.host).is_none() =>
+            {
+                api_error(StatusCode::FORBIDDEN, "bad_origin", "This request did not come from this site.")
+            }
+            Method::GET | Method::POST => super::admin::handle(state, ctx, request, path).await,
+            _ => api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Use GET or POST."),
+        };
+    }
     let method = request.method().clone();
     let api = path.starts_with("/.pbxgate/api/");
     if method == Method::POST {
@@ -171,7 +193,8 @@ pub(crate) async fn handle(
                 );
             };
             if here == "/.pbxgate/passkey-offer" {
-                return pages::passkey_offer(&product, &safe_rd(&query(&request, "rd")));
+                let required = principal.record.must_register_passkey;
+                return pages::passkey_offer(&product, &safe_rd(&query(&request, "rd")), required);
             }
             match account_view(state, &principal).await {
                 Ok(view) => pages::account(&product, &view),
@@ -303,11 +326,11 @@ struct Logout {
     everywhere: bool,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
     serde_json::from_slice(body).ok()
 }
 
-fn bad_request() -> Response<Body> {
+pub(crate) fn bad_request() -> Response<Body> {
     api_error(StatusCode::BAD_REQUEST, "bad_request", "The request could not be understood.")
 }
 
@@ -446,6 +469,10 @@ async fn post(
                 .await
             {
                 Ok(record) => {
+                    let _ = state
+                        .store
+                        .update_session(&principal.session, now_ms(), |s| s.must_register_passkey = false)
+                        .await;
                     if let Ok(mut flags) = state.store.flags(&principal.user).await {
                         if flags.onboarding_required {
                             flags.onboarding_required = false;
@@ -688,7 +715,29 @@ async fn password_login(
         _ => None,
     };
     // Always one argon2 verification, so time tells nothing about the account.
-    let verified = passwords::verify(creds.password, hash, &state.auth.dummy_hash).await;
+    let verified = passwords::verify(
+        creds.password.clone(),
+        hash,
+        &state.auth.dummy_hash,
+        &state.metrics.password_verifications,
+    )
+    .await;
+    // A one-time admin password (bootstrap) works once, for an admin, from
+    // the admin's networks, whether or not password sign-in is on.
+    let (candidate, verified, method) = if verified {
+        (candidate, true, "password")
+    } else {
+        match may_sign_in(state, &login, ctx.client_ip) {
+            Ok(admin) if admin.role == Role::Admin => {
+                match super::take_bootstrap(state, &admin.name, &creds.password).await {
+                    Ok(true) => (Some(admin), true, "one_time_password"),
+                    Ok(false) => (candidate, false, "password"),
+                    Err(e) => return unavailable(&e, !is_json),
+                }
+            }
+            _ => (candidate, false, "password"),
+        }
+    };
     let Some(user) = candidate.filter(|_| verified) else {
         let _ = regulate::count(&state.store, regulate::Kind::Failure, &login, ctx.client_ip).await;
         let known = state.policy.load().user(&login).map(|u| u.name.clone());
@@ -711,7 +760,7 @@ async fn password_login(
         };
     };
     let previous = cookies::read(headers, cookies::SESSION);
-    match establish(state, &user.name, "password", ctx.client_ip, &ctx.user_agent, previous.as_ref()).await {
+    match establish(state, &user.name, method, ctx.client_ip, &ctx.user_agent, previous.as_ref()).await {
         Ok(cookies) if is_json => {
             with_cookies(json(StatusCode::OK, &serde_json::json!({"redirect": rd}).to_string()), cookies)
         }

@@ -45,6 +45,8 @@ pub struct RawConfig {
     headers: RawHeaders,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    bootstrap: RawBootstrap,
 }
 
 fn d_public_url() -> String {
@@ -153,6 +155,8 @@ defaults!(RawHeaders {
 });
 
 defaults!(RawLog { format: String = "pretty" });
+
+defaults!(RawBootstrap { admin: String = "", one_time_password_file: String = "" });
 
 /// A string that the environment may have turned into a number.
 #[derive(Debug, Clone, Deserialize)]
@@ -448,6 +452,37 @@ impl RawConfig {
             }
         };
 
+        let b = &self.bootstrap;
+        let mut bootstrap = Bootstrap::default();
+        if let Some(file) = c.file("bootstrap.one_time_password_file", base, &b.one_time_password_file) {
+            match std::fs::read_to_string(&file) {
+                Ok(text) if !text.trim().is_empty() => {
+                    bootstrap.one_time_password = Some(text.trim().to_string());
+                    bootstrap.only_until_first_credential = true;
+                }
+                _ => c.error(
+                    "bootstrap.one_time_password_file",
+                    format!("{}: empty or unreadable", file.display()),
+                ),
+            }
+            if b.admin.trim().is_empty() {
+                c.error("bootstrap.admin", "name the admin the one-time password is for");
+            }
+        }
+        if !b.admin.trim().is_empty() {
+            bootstrap.admin = Some(b.admin.trim().to_string());
+            let is_admin = policy
+                .as_ref()
+                .and_then(|p| p.user(b.admin.trim()))
+                .is_some_and(|u| u.role == pbxgate_policies::Role::Admin);
+            if policy.is_some() && !is_admin {
+                c.error(
+                    "bootstrap.admin",
+                    format!("{:?} is not an admin in the policy file", b.admin.trim()),
+                );
+            }
+        }
+
         match (policy, public_url, c.errors.is_empty()) {
             (Some(policy), Some(public_url), true) => Ok(Config {
                 source: source.to_path_buf(),
@@ -467,6 +502,7 @@ impl RawConfig {
                 history,
                 headers,
                 log: Log { format },
+                bootstrap,
             }),
             _ => Err(ConfigErrors(c.errors)),
         }

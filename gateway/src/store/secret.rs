@@ -27,6 +27,12 @@ impl Secret {
             .then(|| Self(text.to_ascii_lowercase()))
     }
 
+    /// A secret derived from text a person chose (a one-time admin password),
+    /// so it can be stored and taken like the random ones.
+    pub fn derive(text: &str) -> Self {
+        Self(hex(ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref()))
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }

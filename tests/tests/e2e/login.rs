@@ -61,6 +61,10 @@ pub struct Rig {
 
 impl Rig {
     pub async fn start(extra: &str) -> Self {
+        Self::start_with(LOGIN_POLICY, extra).await
+    }
+
+    pub async fn start_with(policy: &str, extra: &str) -> Self {
         let upstream = Upstream::start().await;
         let smtp = SmtpServer::start();
         let port = free_port(false);
@@ -69,7 +73,7 @@ impl Rig {
              [email]\nsmtp_url = \"{}\"\nfrom = \"PBX <pbx@example.com>\"\n{extra}",
             smtp.url()
         );
-        let gw = TestGateway::start(&upstream.url(), LOGIN_POLICY, &overrides).await;
+        let gw = TestGateway::start(&upstream.url(), policy, &overrides).await;
         Self { upstream, smtp, gw, port }
     }
 
@@ -78,6 +82,16 @@ impl Rig {
     }
 
     pub async fn post(&self, path: &str, body: &str, extra: &[(&str, &str)]) -> Reply {
+        self.post_from(None, path, body, extra).await
+    }
+
+    pub async fn post_from(
+        &self,
+        from: Option<&str>,
+        path: &str,
+        body: &str,
+        extra: &[(&str, &str)],
+    ) -> Reply {
         let origin = self.origin();
         let host = format!("localhost:{}", self.port);
         let mut headers = vec![("origin", origin.as_str()), ("host", host.as_str())];
@@ -87,16 +101,32 @@ impl Rig {
             headers.push(("content-type", "application/x-www-form-urlencoded"));
         }
         headers.extend_from_slice(extra);
-        https_request(self.gw.https(), "POST", path, &headers, body).await
+        let from = from.map(|ip| ip.parse().expect("ip"));
+        pbxgate_e2e::client::https_request_from(from, self.gw.https(), "POST", path, &headers, body).await
     }
 
     pub async fn get(&self, path: &str, cookie: Option<&str>) -> Reply {
+        self.get_from(None, path, cookie, &[]).await
+    }
+
+    pub async fn get_from(
+        &self,
+        from: Option<&str>,
+        path: &str,
+        cookie: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Reply {
         let host = format!("localhost:{}", self.port);
-        let mut headers = vec![("host", host.as_str()), ("accept", "application/json")];
+        let mut headers = vec![("host", host.as_str())];
+        if !extra.iter().any(|(n, _)| n.eq_ignore_ascii_case("accept")) {
+            headers.push(("accept", "application/json"));
+        }
         if let Some(c) = cookie {
             headers.push(("cookie", c));
         }
-        https_get(self.gw.https(), path, &headers).await
+        headers.extend_from_slice(extra);
+        let from = from.map(|ip| ip.parse().expect("ip"));
+        pbxgate_e2e::client::https_request_from(from, self.gw.https(), "GET", path, &headers, "").await
     }
 
     /// Asks for a sign-in link and returns its token.

@@ -3,6 +3,7 @@
 //! End-to-end tests: one test binary (link time matters on 2 cores), real
 //! clients and servers on 127.0.0.1 ephemeral ports.
 
+mod admin;
 mod lifecycle;
 mod login;
 mod proxy;

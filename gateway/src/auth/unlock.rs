@@ -1,0 +1,260 @@
+//! Unlock windows (step-up): sections with `step_up = "<max>"` stay locked
+//! until the person re-verifies, for a window they choose up to that max. The
+//! window ends on time, or earlier when they lock again.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use webauthn_rs::prelude::PublicKeyCredential;
+
+use super::passkeys::PasskeyError;
+use super::routes::{api_error, bad_request, form, parse, see_other, unavailable, Ctx};
+use super::{identify, pages, passwords, regulate, safe_rd, Principal};
+use crate::error::{escape, json, respond, Refusal};
+use crate::store::{now_ms, Secret};
+use crate::{Body, State};
+
+/// The unlock window for the gateway's own admin pages.
+pub const ADMIN_UNLOCK_MAX: Duration = Duration::from_secs(15 * 60);
+
+const CHOICES_MIN: [u64; 8] = [5, 15, 30, 60, 120, 240, 480, 1440];
+
+/// The longest window the section behind `rd` allows.
+pub(crate) fn max_for(state: &State, rd: &str) -> Duration {
+    let path = rd.split('?').next().unwrap_or("/");
+    if path.starts_with("/.pbxgate/") {
+        return ADMIN_UNLOCK_MAX;
+    }
+    let policy = state.policy.load();
+    pbxgate_policies::normalize_path(path)
+        .ok()
+        .and_then(|p| policy.route_for(&p).and_then(|r| r.step_up))
+        .unwrap_or(ADMIN_UNLOCK_MAX)
+}
+
+fn choices(max: Duration) -> Vec<u64> {
+    let max_min = (max.as_secs() / 60).max(1);
+    let mut out: Vec<u64> = CHOICES_MIN.iter().copied().filter(|m| *m < max_min).collect();
+    out.push(max_min);
+    out
+}
+
+pub(crate) fn page(state: &State, p: &Principal, rd: &str, error: Option<&str>) -> Response<Body> {
+    let max = max_for(state, rd);
+    let now = now_ms();
+    let unlocked_until = p.record.step_up_until_ms.filter(|u| *u > now);
+    let options: String = choices(max)
+        .iter()
+        .map(|m| {
+            let label = if *m >= 60 && m % 60 == 0 {
+                format!("{} hour{}", m / 60, if *m == 60 { "" } else { "s" })
+            } else {
+                format!("{m} minutes")
+            };
+            let selected = if *m == 5 { " selected" } else { "" };
+            format!("<option value=\"{m}\"{selected}>{label}</option>")
+        })
+        .collect();
+    let password = {
+        let policy = state.policy.load();
+        policy.user(&p.user).is_some_and(|u| u.password_login)
+    };
+    let password_form = if password {
+        format!(
+            "<details class=\"password\"><summary>Unlock with your password</summary>\
+             <form method=\"post\" action=\"/.pbxgate/unlock/password\">\
+             <input type=\"hidden\" name=\"rd\" value=\"{rd}\"><input type=\"hidden\" name=\"minutes\" value=\"5\" id=\"password-minutes\">\
+             <label>Password<input type=\"password\" name=\"password\" autocomplete=\"current-password\"></label>\
+             <button type=\"submit\">Unlock</button></form></details>",
+            rd = escape(rd)
+        )
+    } else {
+        String::new()
+    };
+    let lock = match unlocked_until {
+        Some(until) => format!(
+            "<p>Unlocked until {}. <form method=\"post\" action=\"/.pbxgate/unlock/end\" class=\"inline\">\
+             <button type=\"submit\" id=\"lock-button\">Lock now</button></form></p>",
+            pages::when(Some(until))
+        ),
+        None => String::new(),
+    };
+    let notice = match error {
+        Some(e) => format!("<p class=\"notice error\" id=\"status\" role=\"status\">{}</p>", escape(e)),
+        None => "<p class=\"notice\" id=\"status\" role=\"status\" hidden></p>".into(),
+    };
+    let body = format!(
+        "<p>This section is locked. Confirm it is you to unlock it for a while.</p>{notice}{lock}\
+         <form id=\"unlock-form\" data-rd=\"{rd}\"><input type=\"hidden\" id=\"rd\" value=\"{rd}\">\
+         <label for=\"minutes\">Unlock for</label><select id=\"minutes\" name=\"minutes\">{options}</select>\
+         <button type=\"submit\" class=\"primary\" id=\"unlock-button\">Unlock with a passkey</button></form>{password_form}",
+        rd = escape(rd)
+    );
+    pages::render(StatusCode::OK, &state.product_name(), "unlock", "Unlock", &body)
+}
+
+#[derive(Deserialize)]
+struct Finish {
+    ceremony: String,
+    credential: PublicKeyCredential,
+    minutes: u64,
+    #[serde(default)]
+    rd: String,
+}
+
+/// Sets the window, clamped to what the section allows.
+async fn unlock_for(
+    state: &State,
+    p: &Principal,
+    rd: &str,
+    minutes: u64,
+    how: &str,
+    ip: IpAddr,
+) -> Result<u64, Box<Response<Body>>> {
+    let max = max_for(state, rd);
+    let window = Duration::from_secs(minutes.max(1) * 60).min(max);
+    let now = now_ms();
+    let until = now + window.as_millis() as u64;
+    match state.store.set_step_up(&p.session, Some(until), now).await {
+        Ok(true) => {
+            tracing::info!(target: "pbxgate::audit", user = %p.user, client = %ip, method = how,
+                minutes = window.as_secs() / 60, "unlocked");
+            super::record(state, &p.user, &format!("unlock:{how}"), "success", ip, "").await;
+            Ok(until)
+        }
+        Ok(false) => Err(Box::new(respond(&Refusal::LoginRequired { rd: rd.to_string() }, false))),
+        Err(e) => Err(Box::new(unavailable(&e, false))),
+    }
+}
+
+pub(crate) async fn handle(
+    state: &State,
+    ctx: &Ctx<'_>,
+    request: Request<Incoming>,
+    path: &str,
+) -> Response<Body> {
+    let principal = match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent).await {
+        Ok(i) => i.principal,
+        Err(e) => return unavailable(&e, ctx.browser),
+    };
+    let rd_query = crate::reserved::query_param(request.uri().query(), "rd").unwrap_or_default();
+    let Some(p) = principal else {
+        let rd = safe_rd(&rd_query);
+        return if ctx.browser {
+            see_other(&format!("/.pbxgate/login?rd={}", crate::error::encode_rd(&rd)), Vec::new())
+        } else {
+            respond(&Refusal::LoginRequired { rd }, false)
+        };
+    };
+    if request.method() == http::Method::GET {
+        return page(state, &p, &safe_rd(&rd_query), None);
+    }
+    let Some(body) = super::routes::read_body(request).await else {
+        return bad_request();
+    };
+    match path {
+        "/.pbxgate/api/unlock/start" => {
+            let has_keys = state.store.passkey_count(&p.user).await.unwrap_or(0) > 0;
+            if !has_keys {
+                return api_error(StatusCode::BAD_REQUEST, "no_passkey", "This account has no passkey yet.");
+            }
+            match state.auth.passkeys.start_login(&state.store, Some(&p.user)).await {
+                Ok((ceremony, mut options)) => {
+                    options["ceremony"] = ceremony.expose().into();
+                    json(StatusCode::OK, &options.to_string())
+                }
+                Err(PasskeyError::Store(e)) => unavailable(&e, false),
+                Err(_) => api_error(StatusCode::BAD_REQUEST, "passkey_failed", "Could not start."),
+            }
+        }
+        "/.pbxgate/api/unlock/finish" => {
+            let Some(finish) = parse::<Finish>(&body) else { return bad_request() };
+            let Some(ceremony) = Secret::parse(&finish.ceremony) else { return bad_request() };
+            let failed = || {
+                api_error(StatusCode::UNAUTHORIZED, "passkey_failed", "That passkey did not work. Try again.")
+            };
+            match state.auth.passkeys.finish_login(&state.store, &ceremony, &finish.credential).await {
+                Ok(signed) if signed.user == p.user => {
+                    let rd = safe_rd(&finish.rd);
+                    match unlock_for(state, &p, &rd, finish.minutes, "passkey", ctx.client_ip).await {
+                        Ok(until) => json(
+                            StatusCode::OK,
+                            &serde_json::json!({"redirect": rd, "until_ms": until}).to_string(),
+                        ),
+                        Err(r) => *r,
+                    }
+                }
+                Ok(signed) => {
+                    tracing::warn!(target: "pbxgate::audit", user = %p.user, other = %signed.user, client = %ctx.client_ip,
+                        "unlock refused: another account's passkey");
+                    failed()
+                }
+                Err(PasskeyError::Store(e)) => unavailable(&e, false),
+                Err(_) => {
+                    let _ =
+                        regulate::count(&state.store, regulate::Kind::Failure, &p.user, ctx.client_ip).await;
+                    failed()
+                }
+            }
+        }
+        "/.pbxgate/unlock/password" => {
+            let f = form(&body);
+            let rd = safe_rd(f.get("rd").map_or("/", String::as_str));
+            let minutes = f.get("minutes").and_then(|m| m.parse().ok()).unwrap_or(5);
+            let allowed = state.policy.load().user(&p.user).is_some_and(|u| u.password_login);
+            match regulate::is_locked(&state.store, regulate::Kind::Failure, &p.user, ctx.client_ip).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    return page(
+                        state,
+                        &p,
+                        &rd,
+                        Some("Too many attempts. Please wait a few minutes and try again."),
+                    )
+                }
+                Err(e) => return unavailable(&e, true),
+            }
+            let hash = if allowed { state.store.password_hash(&p.user).await.ok().flatten() } else { None };
+            let password = f.get("password").cloned().unwrap_or_default();
+            if !passwords::verify(
+                password,
+                hash,
+                &state.auth.dummy_hash,
+                &state.metrics.password_verifications,
+            )
+            .await
+            {
+                let _ = regulate::count(&state.store, regulate::Kind::Failure, &p.user, ctx.client_ip).await;
+                super::record(
+                    state,
+                    &p.user,
+                    "unlock:password",
+                    "bad_credentials",
+                    ctx.client_ip,
+                    &ctx.user_agent,
+                )
+                .await;
+                return page(state, &p, &rd, Some("That password did not work."));
+            }
+            match unlock_for(state, &p, &rd, minutes, "password", ctx.client_ip).await {
+                Ok(_) => see_other(&rd, Vec::new()),
+                Err(r) => *r,
+            }
+        }
+        "/.pbxgate/unlock/end" | "/.pbxgate/api/unlock/end" => {
+            if let Err(e) = state.store.set_step_up(&p.session, None, now_ms()).await {
+                return unavailable(&e, ctx.browser);
+            }
+            tracing::info!(target: "pbxgate::audit", user = %p.user, client = %ctx.client_ip, "locked again");
+            if path.starts_with("/.pbxgate/api/") {
+                json(StatusCode::OK, "{\"status\":\"locked\"}")
+            } else {
+                see_other("/.pbxgate/account", Vec::new())
+            }
+        }
+        _ => respond(&Refusal::NotFound, ctx.browser),
+    }
+}

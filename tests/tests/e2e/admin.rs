@@ -1,0 +1,372 @@
+//! Admin controls: per-admin networks, unlock windows, enforced passkeys, API
+//! accounts, the one-time admin password, and what admins can see and revoke.
+//! Clients come from different loopback addresses (127.0.0.2, .3) so network
+//! rules are exercised for real.
+
+use std::time::Duration;
+
+use base64::Engine;
+use pbxgate_e2e::browser::Browser;
+
+use crate::login::Rig;
+
+/// sha256("legacy:secret"), for the API access list.
+const LEGACY: &str = "3f6a0b3e2a0f4cfd1ff0e6b7a9f7f7e5b60f0d4f8bfe2a2b1b7f2f3c2e2d1c0b";
+
+fn admin_policy() -> String {
+    let legacy = sha256_hex("legacy:secret");
+    format!(
+        r#"
+domains = ["localhost"]
+
+[[route]]
+path = "/admin/"
+access = "admin"
+step_up = "15m"
+
+[[route]]
+path = "/brief/"
+access = "admin"
+step_up = "3s"
+
+[[route]]
+path = "/api/"
+access = "api"
+networks = ["10.9.9.0/24"]
+basic_credentials = ["{legacy}"]
+
+[[route]]
+path = "/provisioning/"
+access = "network"
+networks = ["127.0.0.3/32"]
+
+[[route]]
+path = "/"
+access = "user"
+
+[[user]]
+name = "100"
+email = "alice@example.com"
+role = "admin"
+networks = ["127.0.0.1/32"]
+password_login = true
+
+[[user]]
+name = "101"
+email = "bob@example.com"
+password_login = true
+
+[[user]]
+name = "103"
+email = "carol@example.com"
+role = "admin"
+require_passkey = true
+
+[[user]]
+name = "svc"
+role = "api"
+networks = ["127.0.0.2/32"]
+basic_auth = true
+"#
+    )
+}
+
+fn sha256_hex(text: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+}
+
+const PASSWORD: &str = "Correct horse 42!";
+
+async fn with_passwords(rig: &Rig) {
+    let hash = pbxgate::auth::passwords::hash(PASSWORD.into()).await.unwrap();
+    for user in ["100", "101", "svc"] {
+        rig.gw.store.set_password_hash(user, &hash).await.unwrap();
+    }
+}
+
+/// Password sign-in; returns the session cookie header.
+async fn sign_in(rig: &Rig, from: Option<&str>, user: &str) -> String {
+    let body = format!("login={user}&password=Correct+horse+42%21&rd=/");
+    let reply = rig.post_from(from, "/.pbxgate/login/password", &body, &[]).await;
+    assert_eq!(reply.status, 303, "{user}: {}", reply.text());
+    format!("__Host-pbxgate={}", reply.cookie("__Host-pbxgate").unwrap())
+}
+
+async fn unlock_with_password(rig: &Rig, cookie: &str, minutes: u64, rd: &str) {
+    let body = format!("minutes={minutes}&password=Correct+horse+42%21&rd={}", pbxgate::error::encode_rd(rd));
+    let reply = rig.post("/.pbxgate/unlock/password", &body, &[("cookie", cookie)]).await;
+    assert_eq!(reply.status, 303, "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_is_held_to_their_networks() {
+    let _ = LEGACY;
+    let rig = Rig::start_with(&admin_policy(), "").await;
+    with_passwords(&rig).await;
+    // From a refused address: the generic answer, and an audit trail.
+    let body = "login=100&password=Correct+horse+42%21&rd=/";
+    let refused = rig.post_from(Some("127.0.0.2"), "/.pbxgate/login/password", body, &[]).await;
+    assert_eq!(refused.status, 401);
+    let wrong = rig
+        .post_from(Some("127.0.0.2"), "/.pbxgate/login/password", "login=100&password=nope&rd=/", &[])
+        .await;
+    assert_eq!(refused.text(), wrong.text(), "nothing tells the network apart from a wrong password");
+    // A link requested from the right place but opened from the wrong one is refused too.
+    let token = rig.link_token("100", "alice@example.com", "/").await;
+    let opened = rig.post_from(Some("127.0.0.2"), "/.pbxgate/link", &format!("token={token}"), &[]).await;
+    assert_eq!(opened.status, 400);
+
+    // From the allowed address it works; the same session used from elsewhere is refused.
+    let cookie = sign_in(&rig, None, "100").await;
+    assert_eq!(rig.get("/home", Some(&cookie)).await.status, 200);
+    assert_eq!(
+        rig.get_from(Some("127.0.0.2"), "/home", Some(&cookie), &[]).await.status,
+        403,
+        "a session moving address"
+    );
+    unlock_with_password(&rig, &cookie, 5, "/.pbxgate/admin").await;
+    assert_eq!(rig.get("/.pbxgate/api/admin/users", Some(&cookie)).await.status, 200);
+    assert_eq!(
+        rig.get_from(Some("127.0.0.2"), "/.pbxgate/api/admin/users", Some(&cookie), &[]).await.status,
+        403
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_sections_need_an_unlock_that_ends_on_time_or_early() {
+    let rig = Rig::start_with(&admin_policy(), "").await;
+    with_passwords(&rig).await;
+    let cookie = sign_in(&rig, None, "100").await;
+    let html = [("accept", "text/html")];
+    let locked = rig.get_from(None, "/admin/settings", Some(&cookie), &html).await;
+    assert_eq!(locked.status, 302);
+    assert_eq!(locked.header("location"), Some("/.pbxgate/unlock?rd=/admin/settings"));
+    let api = rig.get("/admin/settings", Some(&cookie)).await;
+    assert_eq!(api.status, 403);
+    assert_eq!(api.json()["error"], "step_up_required");
+
+    unlock_with_password(&rig, &cookie, 5, "/admin/settings").await;
+    let open = rig.get("/admin/settings", Some(&cookie)).await;
+    assert_eq!(open.status, 200);
+    assert_eq!(open.json()["headers"]["remote-groups"][0], "admin");
+    // Lock again early.
+    assert_eq!(rig.post("/.pbxgate/api/unlock/end", "{}", &[("cookie", &cookie)]).await.status, 200);
+    assert_eq!(rig.get("/admin/settings", Some(&cookie)).await.status, 403);
+
+    // A section whose longest window is 3 s: asking for more gets 3 s.
+    unlock_with_password(&rig, &cookie, 60, "/brief/x").await;
+    assert_eq!(rig.get("/brief/x", Some(&cookie)).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(rig.get("/brief/x", Some(&cookie)).await.status, 403, "the window ended on time");
+
+    // A user is not an admin, unlocked or not.
+    let bob = sign_in(&rig, None, "101").await;
+    assert_eq!(rig.get("/admin/settings", Some(&bob)).await.status, 403);
+    assert_eq!(rig.get("/.pbxgate/api/admin/users", Some(&bob)).await.status, 403);
+    assert_eq!(
+        rig.post("/.pbxgate/api/admin/sessions/revoke", "{\"user\":\"100\"}", &[("cookie", &bob)])
+            .await
+            .status,
+        403
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlock_with_a_passkey_in_the_browser_and_the_admin_pages() {
+    let rig = Rig::start_with(&admin_policy(), "").await;
+    let origin = rig.origin();
+    let browser = Browser::start().await;
+    // Carol is an admin who must have a passkey: after her link sign-in she reaches nothing else.
+    browser.goto(&format!("{origin}/.pbxgate/login?rd=/admin/calls")).await;
+    browser.wait_for_path("/.pbxgate/login").await;
+    browser.fill("#login", "103").await;
+    browser.click("#link-button").await;
+    let link = rig.smtp.wait_for("carol@example.com", 0).link();
+    browser.goto(&link).await;
+    browser.wait_for_path("/.pbxgate/passkey-offer").await;
+    assert_eq!(browser.eval("document.getElementById('not-now') === null").await, true, "no way around it");
+    browser.goto(&format!("{origin}/other")).await;
+    browser.wait_for_path("/.pbxgate/passkey-offer").await;
+    browser.click("#register-button").await;
+    browser.wait_for_path("/other").await;
+    // Then the admin section asks for an unlock; she picks 5 minutes and uses her passkey.
+    browser.goto(&format!("{origin}/admin/calls")).await;
+    browser.wait_for_path("/.pbxgate/unlock").await;
+    let options =
+        browser.eval("Array.from(document.querySelectorAll('#minutes option')).map(o => o.value)").await;
+    assert_eq!(options, serde_json::json!(["5", "15"]), "choices up to the section's 15 minutes");
+    browser.eval("document.getElementById('minutes').value = '5', true").await;
+    browser.click("#unlock-button").await;
+    browser.wait_for_path("/admin/calls").await;
+    let echo: serde_json::Value = serde_json::from_str(&browser.text().await).unwrap();
+    assert_eq!(echo["headers"]["remote-user"][0], "103");
+
+    // The gateway's own admin pages: users, then Carol's tokens and passkeys.
+    browser.goto(&format!("{origin}/.pbxgate/admin")).await;
+    browser.wait_for_path("/.pbxgate/admin").await;
+    let text = browser.text().await;
+    assert!(text.contains("alice@example.com") && text.contains("svc"), "{text}");
+    browser.goto(&format!("{origin}/.pbxgate/admin/user?name=103")).await;
+    browser.wait_for_path("/.pbxgate/admin/user").await;
+    assert_eq!(browser.eval("document.querySelectorAll('#tokens tr').length").await, 2, "one remember token");
+    assert_eq!(browser.eval("document.querySelectorAll('#passkeys tr').length").await, 2, "one passkey");
+    browser.goto(&format!("{origin}/.pbxgate/admin/history")).await;
+    browser.wait_for_path("/.pbxgate/admin/history").await;
+    assert!(browser.text().await.contains("unlock:passkey"));
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_accounts_use_basic_only_from_their_network_and_never_the_browser_routes() {
+    let rig = Rig::start_with(&admin_policy(), "").await;
+    with_passwords(&rig).await;
+    let good = basic("svc", PASSWORD);
+    let from = |ip: &'static str| Some(ip);
+    let ok = rig.get_from(from("127.0.0.2"), "/api/calls", None, &[("authorization", &good)]).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(ok.json()["headers"]["remote-user"][0], "svc");
+    assert!(
+        ok.json()["headers"].get("authorization").is_some(),
+        "the PBX still sees the credentials it may need"
+    );
+    // Off its network.
+    assert_eq!(
+        rig.get_from(from("127.0.0.1"), "/api/calls", None, &[("authorization", &good)]).await.status,
+        403
+    );
+    // Wrong password: 401 with a challenge.
+    let wrong = rig
+        .get_from(from("127.0.0.2"), "/api/calls", None, &[("authorization", &basic("svc", "nope"))])
+        .await;
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.header("www-authenticate").is_some_and(|w| w.starts_with("Basic")));
+    // On a browser route.
+    assert_eq!(rig.get_from(from("127.0.0.2"), "/home", None, &[("authorization", &good)]).await.status, 403);
+    // The browser sign-in does not take API accounts.
+    let pw = rig
+        .post_from(
+            from("127.0.0.2"),
+            "/.pbxgate/api/password/login",
+            &format!("{{\"login\":\"svc\",\"password\":\"{PASSWORD}\"}}"),
+            &[],
+        )
+        .await;
+    assert_eq!(pw.status, 401);
+    // The legacy access list: a listed credential needs no account.
+    let legacy =
+        rig.get_from(None, "/api/calls", None, &[("authorization", &basic("legacy", "secret"))]).await;
+    assert_eq!(legacy.status, 200);
+    assert!(legacy.json()["headers"].get("remote-user").is_none(), "no identity for an access-list entry");
+
+    // 1000 requests cost one argon2 verification, not a thousand.
+    let metric = || async {
+        let text = pbxgate_e2e::client::http_get(rig.gw.addrs.admin.unwrap(), "/metrics", &[]).await.text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("pbxgate_password_verifications_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("metric")
+    };
+    let host = format!("localhost:{}", rig.port);
+    let before = metric().await;
+    let started = std::time::Instant::now();
+    let tls = pbxgate_e2e::client::tls_connect(rig.gw.https(), &Default::default()).await.unwrap();
+    let _ = tls; // one connection per request below keeps the client simple
+    for _ in 0..1000 {
+        let r = rig
+            .get_from(from("127.0.0.2"), "/api/calls", None, &[("authorization", &good), ("host", &host)])
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    let spent = metric().await - before;
+    eprintln!("1000 Basic requests in {:?}, {spent} argon2 verifications", started.elapsed());
+    assert!(spent <= 1, "argon2 ran {spent} times for 1000 requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_time_admin_password_works_once_then_a_passkey_is_required() {
+    let dir = pbxgate_e2e::TempDir::new("otp");
+    let file = dir.write("instance-id", "i-0123456789abcdef\n");
+    let extra = format!("[bootstrap]\nadmin = \"100\"\none_time_password_file = \"{}\"\n", file.display());
+    let rig = Rig::start_with(&admin_policy(), &extra).await;
+    let body = "login=100&password=i-0123456789abcdef&rd=/calls";
+    let first = rig.post("/.pbxgate/login/password", body, &[]).await;
+    assert_eq!(first.status, 303, "{}", first.text());
+    let cookie = format!("__Host-pbxgate={}", first.cookie("__Host-pbxgate").unwrap());
+    let next = rig.get_from(None, "/calls", Some(&cookie), &[("accept", "text/html")]).await;
+    assert_eq!(next.status, 302);
+    assert_eq!(next.header("location"), Some("/.pbxgate/passkey-offer?rd=/calls"), "a passkey first");
+    assert_eq!(rig.get("/calls", Some(&cookie)).await.json()["error"], "passkey_required");
+    let again = rig.post("/.pbxgate/login/password", body, &[]).await;
+    assert_eq!(again.status, 401, "used up");
+    let history = rig
+        .gw
+        .store
+        .history(Some("100"), Duration::from_secs(3600), 10, pbxgate::store::now_ms())
+        .await
+        .unwrap();
+    assert!(history.iter().any(|e| e.method == "one_time_password" && e.result == "success"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_see_tokens_and_history_and_revocation_takes_effect_at_once() {
+    let rig = Rig::start_with(&admin_policy(), "").await;
+    with_passwords(&rig).await;
+    // Bob signs in twice (two browsers) and fails once.
+    let body = "login=101&password=Correct+horse+42%21&rd=/";
+    let laptop = rig.post("/.pbxgate/login/password", body, &[]).await;
+    let remember = format!("__Host-pbxgate-remember={}", laptop.cookie("__Host-pbxgate-remember").unwrap());
+    let phone = sign_in(&rig, None, "101").await;
+    rig.post("/.pbxgate/login/password", "login=101&password=nope&rd=/", &[]).await;
+
+    let admin = sign_in(&rig, None, "100").await;
+    unlock_with_password(&rig, &admin, 5, "/.pbxgate/admin").await;
+    let users = rig.get("/.pbxgate/api/admin/users", Some(&admin)).await.json();
+    let bob = users.as_array().unwrap().iter().find(|u| u["name"] == "101").unwrap().clone();
+    assert_eq!(bob["role"], "user");
+    assert!(bob["last_login_ms"].as_u64().is_some());
+    let detail = rig.get("/.pbxgate/api/admin/user?name=101", Some(&admin)).await.json();
+    let tokens = detail["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 2);
+    assert!(tokens.iter().all(|t| t["last_ip"] == "127.0.0.1" && t["expires_ms"].as_u64().is_some()));
+
+    // Revoke the laptop's remember token: it fails on the very next request.
+    assert_eq!(rig.get("/home", Some(&remember)).await.status, 200);
+    let laptop_token = tokens.iter().find(|t| t["last_used_ms"].as_u64().is_some()).unwrap_or(&tokens[0]);
+    let id = laptop_token["id"].as_str().unwrap();
+    let mut revoked_any = false;
+    for t in tokens {
+        let r = rig
+            .post(
+                "/.pbxgate/api/admin/tokens/revoke",
+                &format!("{{\"id\":\"{}\"}}", t["id"].as_str().unwrap()),
+                &[("cookie", &admin)],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        revoked_any = true;
+    }
+    assert!(revoked_any && !id.is_empty());
+    assert_eq!(rig.get("/home", Some(&remember)).await.status, 401, "revoked at once");
+    // Sign Bob out everywhere.
+    assert_eq!(rig.get("/home", Some(&phone)).await.status, 200);
+    let r =
+        rig.post("/.pbxgate/api/admin/sessions/revoke", "{\"user\":\"101\"}", &[("cookie", &admin)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(rig.get("/home", Some(&phone)).await.status, 401);
+
+    // The history shows successes and failures with method and address.
+    let history = rig.get("/.pbxgate/api/admin/history?user=101", Some(&admin)).await.json();
+    let events = history.as_array().unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e["result"] == "success" && e["method"] == "password" && e["ip"] == "127.0.0.1"));
+    assert!(events.iter().any(|e| e["result"] == "bad_credentials"));
+    // Device routes: phones fetch provisioning files from their network, no login.
+    assert_eq!(rig.get_from(Some("127.0.0.3"), "/provisioning/0004f2.cfg", None, &[]).await.status, 200);
+    assert_eq!(rig.get_from(Some("127.0.0.2"), "/provisioning/0004f2.cfg", None, &[]).await.status, 403);
+}
