@@ -48,6 +48,31 @@ enum Command {
         #[arg(short, long, default_value = "gateway.toml", global = true)]
         config: PathBuf,
     },
+    /// Remember tokens ("stay signed in" cookies) that have been issued.
+    Tokens {
+        #[command(subcommand)]
+        action: TokensAction,
+        #[arg(short, long, default_value = "gateway.toml", global = true)]
+        config: PathBuf,
+    },
+    /// The sign-in history (successes and failures), newest first.
+    History {
+        /// Only this user's.
+        name: Option<String>,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(short, long, default_value = "gateway.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensAction {
+    /// NAME's tokens: id, created, last used, last address, browser, expiry.
+    List { name: String },
+    /// Revoke the token with this id (from `tokens list`): it stops working at once.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -58,6 +83,10 @@ enum UserAction {
     /// Set NAME's password, read from standard input (one line) or, on a
     /// terminal, from a prompt. Never pass a password as an argument.
     SetPassword { name: String },
+    /// Every account of the policy, with role, passkeys and last sign-in.
+    List,
+    /// Delete all of NAME's passkeys; NAME must create one at next sign-in.
+    ResetPasskeys { name: String },
 }
 
 fn main() -> ExitCode {
@@ -77,8 +106,142 @@ fn main() -> ExitCode {
             serve(config, admin_username.zip(password))
         }
         Command::CheckConfig { config } => check_config(config),
+        Command::User { action: UserAction::List, config } => {
+            with_store(config, |config, store| async move {
+                let now = pbxgate::store::now_ms();
+                println!("{:<16} {:<6} {:<28} {:>8}  last sign-in", "name", "role", "email", "passkeys");
+                for u in &config.policy.users {
+                    let keys = store.passkey_count(&u.name).await?;
+                    let flags = store.flags(&u.name).await?;
+                    let sessions = store.sessions_of(&u.name, now).await?.len();
+                    println!(
+                        "{:<16} {:<6} {:<28} {:>8}  {}{}",
+                        u.name,
+                        u.role.as_str(),
+                        u.email.as_deref().unwrap_or("-"),
+                        keys,
+                        pbxgate::auth::pages::when(flags.last_login_ms),
+                        if sessions > 0 { format!(" ({sessions} active sessions)") } else { String::new() }
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::User { action: UserAction::ResetPasskeys { name }, config } => {
+            with_store(config, |config, store| async move {
+                let Some(user) = config.policy.user(&name) else {
+                    eprintln!("{name}: no such user");
+                    return Ok(ExitCode::from(2));
+                };
+                let n = store.delete_passkeys_of(&user.name).await?;
+                let flags = store.flags(&user.name).await?;
+                store
+                    .set_flags(&user.name, &pbxgate::store::UserFlags { onboarding_required: true, ..flags })
+                    .await?;
+                tracing::info!(target: "pbxgate::audit", user = %user.name, deleted = n, "passkeys reset from the command line");
+                println!("deleted {n} passkeys of {}; a new one is required at next sign-in", user.name);
+                Ok(ExitCode::SUCCESS)
+            })
+        }
         Command::User { action, config } => user(action, config),
+        Command::Tokens { action: TokensAction::List { name }, config } => {
+            with_store(config, |config, store| async move {
+                let Some(user) = config.policy.user(&name) else {
+                    eprintln!("{name}: no such user");
+                    return Ok(ExitCode::from(2));
+                };
+                println!(
+                    "{:<16} {:<22} {:<22} {:<16} {:<22} browser",
+                    "id", "created", "last used", "last address", "expires"
+                );
+                for (_, t) in store.tokens_of(&user.name, pbxgate::store::now_ms()).await? {
+                    let w = pbxgate::auth::pages::when;
+                    println!(
+                        "{:<16} {:<22} {:<22} {:<16} {:<22} {}",
+                        t.id,
+                        w(Some(t.created_ms)),
+                        w(t.last_used_ms),
+                        t.last_ip,
+                        w(Some(t.expires_ms)),
+                        t.user_agent
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Tokens { action: TokensAction::Revoke { id }, config } => {
+            with_store(config, |_, store| async move {
+                match store.revoke_token(&id).await? {
+                    Some(user) => {
+                        tracing::info!(target: "pbxgate::audit", %user, token = %id, "token revoked from the command line");
+                        println!("revoked token {id} of {user}");
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    None => {
+                        eprintln!("no token {id}");
+                        Ok(ExitCode::from(3))
+                    }
+                }
+            })
+        }
+        Command::History { name, limit, config } => with_store(config, |config, store| async move {
+            let events = store
+                .history(name.as_deref(), config.history.retention, limit, pbxgate::store::now_ms())
+                .await?;
+            for e in events {
+                println!(
+                    "{}  {:<12} {:<20} {:<16} {:<16} {}",
+                    pbxgate::auth::pages::when(Some(e.time_ms)),
+                    e.user,
+                    e.method,
+                    e.result,
+                    e.ip,
+                    e.user_agent
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
     }
+}
+
+/// Loads the configuration, opens its store and runs `work` (exit 1 when the
+/// store fails, 2 for a bad configuration).
+fn with_store<F, Fut>(path: PathBuf, work: F) -> ExitCode
+where
+    F: FnOnce(std::sync::Arc<Config>, pbxgate::store::Store) -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, pbxgate::store::StoreError>>,
+{
+    let config = match load(&path) {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let base = config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+        let store = match pbxgate::store::Store::open(&config.store.url, &config.store.key_prefix, &base).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot open the store: {e}");
+                if config.store.url.starts_with("embedded://") {
+                    eprintln!("(the embedded store can be used by one process at a time: stop the gateway, or use Redis)");
+                }
+                return ExitCode::FAILURE;
+            }
+        };
+        match work(config, store).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("store error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn user(action: UserAction, path: PathBuf) -> ExitCode {
@@ -95,7 +258,10 @@ fn user(action: UserAction, path: PathBuf) -> ExitCode {
         }
     };
     let name = match &action {
-        UserAction::Invite { name } | UserAction::SetPassword { name } => name.clone(),
+        UserAction::Invite { name }
+        | UserAction::SetPassword { name }
+        | UserAction::ResetPasskeys { name } => name.clone(),
+        UserAction::List => return ExitCode::from(2),
     };
     let Some(user) = config.policy.user(&name).cloned() else {
         eprintln!("{name}: no such user in {}", config.policy_file.display());
@@ -109,7 +275,7 @@ fn user(action: UserAction, path: PathBuf) -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        UserAction::Invite { .. } => None,
+        _ => None,
     };
     runtime.block_on(async move {
         let base = config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

@@ -370,3 +370,55 @@ async fn admins_see_tokens_and_history_and_revocation_takes_effect_at_once() {
     assert_eq!(rig.get_from(Some("127.0.0.3"), "/provisioning/0004f2.cfg", None, &[]).await.status, 200);
     assert_eq!(rig.get_from(Some("127.0.0.2"), "/provisioning/0004f2.cfg", None, &[]).await.status, 403);
 }
+
+/// The command line works beside a running gateway on Redis: list, revoke, history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_lists_and_revokes_beside_a_running_gateway() {
+    use std::process::Command;
+    let redis = pbxgate_e2e::redis::RedisServer::start();
+    let rig = Rig::start_with(&admin_policy(), &format!("[store]\nurl = \"{}\"\n", redis.url())).await;
+    with_passwords(&rig).await;
+    let body = "login=101&password=Correct+horse+42%21&rd=/";
+    let reply = rig.post("/.pbxgate/login/password", body, &[]).await;
+    let remember = format!("__Host-pbxgate-remember={}", reply.cookie("__Host-pbxgate-remember").unwrap());
+    rig.post("/.pbxgate/login/password", "login=101&password=nope&rd=/", &[]).await;
+
+    let dir = pbxgate_e2e::TempDir::new("cli-redis");
+    let config = pbxgate_e2e::write_config(&dir, &rig.upstream.url(), &admin_policy());
+    let url = redis.url();
+    let cli = |args: &[&str]| {
+        let out = Command::new(pbxgate_e2e::process::binary())
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("PBXGATE_STORE__URL", &url)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, users) = cli(&["user", "list"]);
+    assert_eq!(code, Some(0), "{users}");
+    assert!(users.contains("101") && users.contains("svc") && users.contains("admin"), "{users}");
+    let (code, history) = cli(&["history", "101"]);
+    assert_eq!(code, Some(0));
+    assert!(history.contains("success") && history.contains("bad_credentials"), "{history}");
+    let (code, tokens) = cli(&["tokens", "list", "101"]);
+    assert_eq!(code, Some(0));
+    let id =
+        tokens.lines().nth(1).and_then(|l| l.split_whitespace().next()).expect("a token line").to_string();
+    assert_eq!(rig.get("/home", Some(&remember)).await.status, 200);
+    let (code, out) = cli(&["tokens", "revoke", &id]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        rig.get("/home", Some(&remember)).await.status,
+        401,
+        "revoked from the command line, refused at once"
+    );
+    let (code, _) = cli(&["tokens", "revoke", &id]);
+    assert_eq!(code, Some(3), "an unknown token is its own exit code");
+    let (code, _) = cli(&["tokens", "list", "nobody"]);
+    assert_eq!(code, Some(2));
+}
