@@ -19,6 +19,7 @@ pub mod listener;
 pub mod metrics;
 mod pipeline;
 pub mod proxy;
+mod reload;
 mod reserved;
 pub mod store;
 pub mod telemetry;
@@ -35,7 +36,6 @@ use hyper::body::Incoming;
 use pbxgate_policies::Policy;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 
 pub use config::Config;
 pub use error::Error;
@@ -47,6 +47,8 @@ pub type Body = Either<Incoming, Full<Bytes>>;
 pub(crate) struct State {
     pub config: Arc<Config>,
     pub policy: ArcSwap<Policy>,
+    /// The TLS configuration, swapped when certificates are reloaded.
+    pub tls: Option<ArcSwap<rustls::ServerConfig>>,
     pub upstream: proxy::Upstream,
     pub spoofable: proxy::Spoofable,
     pub metrics: metrics::Metrics,
@@ -135,7 +137,7 @@ impl Gateway {
     /// Checks the TLS material, builds the upstream client and binds every listener.
     pub async fn bind(config: Config) -> Result<Self, Error> {
         let tls = match config.listen.https {
-            Some(_) => Some(TlsAcceptor::from(tls::server_config(&config.tls, &config.policy)?)),
+            Some(_) => Some(tls::server_config(&config.tls, &config.policy)?),
             None => None,
         };
         let upstream = proxy::Upstream::new(&config.upstream, config.limits.max_request_body)?;
@@ -149,7 +151,7 @@ impl Gateway {
         let mut addrs = Addrs::default();
         let mut listeners = Vec::new();
         let wanted = [
-            (config.listen.https, tls.map(listener::Kind::Https)),
+            (config.listen.https, tls.as_ref().map(|_| listener::Kind::Https)),
             (config.listen.http, Some(listener::Kind::Http)),
             (config.listen.redirect_http, Some(listener::Kind::RedirectHttp)),
             (config.listen.admin, Some(listener::Kind::Admin)),
@@ -159,7 +161,7 @@ impl Gateway {
             let socket = listener::bind(addr).await?;
             let local = socket.local_addr().map_err(|source| Error::Bind { addr, source })?;
             let slot = match kind {
-                listener::Kind::Https(_) => &mut addrs.https,
+                listener::Kind::Https => &mut addrs.https,
                 listener::Kind::Http => &mut addrs.http,
                 listener::Kind::RedirectHttp => &mut addrs.redirect_http,
                 listener::Kind::Admin => &mut addrs.admin,
@@ -169,6 +171,7 @@ impl Gateway {
         }
         let state = Arc::new(State {
             policy: ArcSwap::new(config.policy.clone()),
+            tls: tls.map(ArcSwap::new),
             config: Arc::new(config),
             upstream,
             spoofable,
@@ -200,7 +203,9 @@ impl Gateway {
             }
             tasks.push(tokio::spawn(listener::serve(socket, kind, self.state.clone(), rx.clone())));
         }
+        let reloader = tokio::spawn(reload::watch(self.state.clone()));
         shutdown.await;
+        reloader.abort();
         tracing::info!("shutting down: no new connections, finishing requests in flight");
         let _ = tx.send(true);
         for task in tasks {

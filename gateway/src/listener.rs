@@ -26,7 +26,7 @@ use crate::{admin, pipeline, State};
 /// What a listener serves.
 #[derive(Clone)]
 pub(crate) enum Kind {
-    Https(TlsAcceptor),
+    Https,
     Http,
     RedirectHttp,
     Admin,
@@ -35,7 +35,7 @@ pub(crate) enum Kind {
 impl Kind {
     pub(crate) fn name(&self) -> &'static str {
         match self {
-            Self::Https(_) => "https",
+            Self::Https => "https",
             Self::Http => "http",
             Self::RedirectHttp => "redirect_http",
             Self::Admin => "admin",
@@ -93,21 +93,16 @@ pub(crate) async fn serve(
         tokio::spawn(async move {
             let _active = state.metrics.connection_opened();
             match kind {
-                Kind::Https(acceptor) => {
+                Kind::Https => {
+                    // The current certificates: a reload applies to the next handshake.
+                    let Some(tls) = &state.tls else { return };
+                    let acceptor = TlsAcceptor::from(tls.load_full());
                     let handshake =
                         tokio::time::timeout(state.config.tls.handshake_timeout, acceptor.accept(tcp));
                     match handshake.await {
                         Ok(Ok(tls)) => {
-                            serve_connection(
-                                tls,
-                                peer,
-                                "https",
-                                Kind::Https(acceptor),
-                                state.clone(),
-                                builder,
-                                watcher,
-                            )
-                            .await
+                            serve_connection(tls, peer, "https", Kind::Https, state.clone(), builder, watcher)
+                                .await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -161,7 +156,7 @@ async fn serve_connection<IO>(
             match kind {
                 Kind::Admin => Ok(admin::handle(&state, &request).await),
                 Kind::RedirectHttp => pipeline::redirect_to_https(&state, &conn, &request).await,
-                Kind::Https(_) | Kind::Http => pipeline::handle(&state, &conn, request).await,
+                Kind::Https | Kind::Http => pipeline::handle(&state, &conn, request).await,
             }
         }
     });

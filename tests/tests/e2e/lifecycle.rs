@@ -121,3 +121,67 @@ async fn example_config_runs_as_is_with_env_overrides() {
     );
     assert_eq!(pbxgate_e2e::client::http_get(admin, "/readyz", &[]).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_and_file_changes_reload_the_policy_and_a_broken_one_is_refused() {
+    use http_body_util::{BodyExt, Full};
+    let upstream = Upstream::start().await;
+    let dir = TempDir::new("reload");
+    let config = write_config(&dir, &upstream.url(), TEST_POLICY);
+    let gw = GatewayProcess::start(&config, &[]);
+    let https = gw.https.expect("https");
+    // One keep-alive connection for the whole test: reloads do not drop it.
+    let tls = tls_connect(https, &TlsOptions::default()).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let mut status_of = async |path: &str| {
+        let request = http::Request::get(path)
+            .header("host", "localhost")
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap();
+        sender.ready().await.expect("same connection still open");
+        let response = sender.send_request(request).await.expect("same connection still open");
+        let status = response.status().as_u16();
+        let _ = response.into_body().collect().await;
+        status
+    };
+    assert_eq!(status_of("/private/new").await, 401);
+
+    let with_route = TEST_POLICY.replacen(
+        "[[route]]\npath = \"/private/\"",
+        "[[route]]\npath = \"/private/new\"\naccess = \"public\"\n\n[[route]]\npath = \"/private/\"",
+        1,
+    );
+    dir.write("policy.toml", &with_route);
+    gw.signal("HUP");
+    let mut applied = false;
+    for _ in 0..30 {
+        if status_of("/private/new").await == 200 {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(applied, "the new route applies after SIGHUP");
+    assert_eq!(status_of("/private/other").await, 401);
+
+    dir.write("policy.toml", format!("{with_route}\nnot_a_key = 1\n"));
+    gw.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(status_of("/private/new").await, 200, "the old policy stays in force");
+    let log = gw.log_lines().join("\n");
+    assert!(log.contains("reload refused") && log.contains("not_a_key"), "a clear log line: {log}");
+
+    // A changed file is picked up without a signal too.
+    dir.write("policy.toml", TEST_POLICY);
+    let mut reverted = false;
+    for _ in 0..50 {
+        if status_of("/private/new").await == 401 {
+            reverted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reverted, "a change of the policy file reloads it");
+}
