@@ -422,3 +422,54 @@ async fn the_command_line_lists_and_revokes_beside_a_running_gateway() {
     let (code, _) = cli(&["tokens", "list", "nobody"]);
     assert_eq!(code, Some(2));
 }
+
+/// Two gateways on one Redis (and on a Redis Cluster) share sessions; a
+/// revocation on one is refused by the other at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_sessions_and_revocations_on_redis_and_on_a_cluster() {
+    let redis = pbxgate_e2e::redis::RedisServer::start();
+    let cluster = pbxgate_e2e::redis::RedisCluster::start();
+    for url in [redis.url(), cluster.url()] {
+        let store = format!("[store]\nurl = \"{url}\"\n");
+        let a = Rig::start_with(&admin_policy(), &store).await;
+        let b = pbxgate_e2e::TestGateway::start(&a.upstream.url(), &admin_policy(), &store).await;
+        with_passwords(&a).await;
+        let on_b = |cookie: String| {
+            let https = b.https();
+            async move {
+                let status = pbxgate_e2e::client::https_get(https, "/home", &[("cookie", &cookie), ("accept", "application/json")])
+                    .await
+                    .status
+                    .as_u16();
+                status
+            }
+        };
+        // Signed in on A, used on B.
+        let body = "login=101&password=Correct+horse+42%21&rd=/";
+        let reply = a.post("/.pbxgate/login/password", body, &[]).await;
+        let session = format!("__Host-pbxgate={}", reply.cookie("__Host-pbxgate").unwrap());
+        let remember = format!("__Host-pbxgate-remember={}", reply.cookie("__Host-pbxgate-remember").unwrap());
+        assert_eq!(on_b(session.clone()).await, 200, "{url}: a session made on A works on B");
+        // Signed out everywhere on B, refused on A within a second.
+        let host = format!("localhost:{}", b.https().port());
+        let out = pbxgate_e2e::client::https_request(
+            b.https(),
+            "POST",
+            "/.pbxgate/api/logout",
+            &[("host", &host), ("origin", &format!("https://{host}")), ("content-type", "application/json"), ("cookie", &session)],
+            "{\"everywhere\":true}",
+        )
+        .await;
+        assert_eq!(out.status, 200);
+        let started = std::time::Instant::now();
+        let mut refused = false;
+        while started.elapsed() < Duration::from_secs(1) {
+            if a.get("/home", Some(&session)).await.status == 401 && a.get("/home", Some(&remember)).await.status == 401 {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(refused, "{url}: A refuses the revoked session and token within 1 s");
+    }
+}
