@@ -83,6 +83,7 @@ pub(crate) async fn identify(
     let (secret, record) =
         state.store.create_session(&user.name, &ip, "remember", s.idle_timeout, s.max_lifetime, now).await?;
     state.store.record_token_use(&token_hash, &ip, user_agent, now).await?;
+    state.metrics.login("remember", true);
     tracing::info!(target: "pbxgate::audit", user = %user.name, client = %ip, token = token_hash.short_id(),
         "new session from remember token");
     Ok(Identity {
@@ -209,6 +210,7 @@ pub(crate) async fn record(
     ip: IpAddr,
     user_agent: &str,
 ) {
+    state.metrics.login(method, result == "success");
     let event = HistoryEvent {
         v: 1,
         id: String::new(),

@@ -4,6 +4,17 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+const METHODS: [&str; 9] = [
+    "passkey",
+    "link",
+    "invite",
+    "password",
+    "one_time_password",
+    "remember",
+    "unlock:passkey",
+    "unlock:password",
+    "other",
+];
 const DECISIONS: [&str; 7] = ["allow", "login", "step_up", "deny", "drop", "reserved", "bad_request"];
 const CLASSES: [&str; 6] = ["0xx", "1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Upper bounds of the upstream latency histogram, in seconds.
@@ -18,6 +29,9 @@ pub struct Metrics {
     connections: AtomicI64,
     /// argon2 verifications run (sign-ins, unlocks, Basic cache misses).
     pub password_verifications: AtomicU64,
+    /// Sign-ins by method, [failures, successes].
+    logins: [[AtomicU64; 2]; METHODS.len()],
+    pub links_sent: AtomicU64,
 }
 
 /// Decrements the open-connection gauge when the connection ends.
@@ -34,6 +48,11 @@ impl Metrics {
         let d = DECISIONS.iter().position(|x| *x == decision).unwrap_or(0);
         let c = usize::from(status / 100).min(CLASSES.len() - 1);
         self.requests[d][c].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn login(&self, method: &str, success: bool) {
+        let m = METHODS.iter().position(|x| *x == method).unwrap_or(METHODS.len() - 1);
+        self.logins[m][usize::from(success)].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn upstream_latency(&self, elapsed: Duration) {
@@ -96,6 +115,18 @@ impl Metrics {
         );
         let verifications = self.password_verifications.load(Ordering::Relaxed);
         let _ = writeln!(out, "pbxgate_password_verifications_total {verifications}");
+        let _ = writeln!(
+            out,
+            "# HELP pbxgate_logins_total Sign-ins by method and result.\n# TYPE pbxgate_logins_total counter"
+        );
+        for (m, method) in METHODS.iter().enumerate() {
+            for (r, result) in ["failure", "success"].iter().enumerate() {
+                let n = self.logins[m][r].load(Ordering::Relaxed);
+                let _ = writeln!(out, "pbxgate_logins_total{{method=\"{method}\",result=\"{result}\"}} {n}");
+            }
+        }
+        let _ = writeln!(out, "# HELP pbxgate_links_sent_total Sign-in and invite links emailed.\n# TYPE pbxgate_links_sent_total counter");
+        let _ = writeln!(out, "pbxgate_links_sent_total {}", self.links_sent.load(Ordering::Relaxed));
         out
     }
 }

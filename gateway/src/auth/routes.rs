@@ -637,7 +637,9 @@ pub(crate) async fn send_link(
     origin: &str,
     rd: &str,
 ) -> Result<(), String> {
-    super::mail_link(&state.store, &state.auth.mailer, &state.config, user, kind, origin, rd).await
+    super::mail_link(&state.store, &state.auth.mailer, &state.config, user, kind, origin, rd).await?;
+    state.metrics.links_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 async fn consume_link(
@@ -782,6 +784,7 @@ async fn passkey_login(
     }
     let failed = |detail: String| async move {
         tracing::info!(target: "pbxgate::audit", client = %ctx.client_ip, %detail, "passkey sign-in failed");
+        state.metrics.login("passkey", false);
         let _ = regulate::count(&state.store, regulate::Kind::Failure, "", ctx.client_ip).await;
         api_error(
             StatusCode::UNAUTHORIZED,

@@ -366,6 +366,13 @@ async fn admins_see_tokens_and_history_and_revocation_takes_effect_at_once() {
         .iter()
         .any(|e| e["result"] == "success" && e["method"] == "password" && e["ip"] == "127.0.0.1"));
     assert!(events.iter().any(|e| e["result"] == "bad_credentials"));
+    // The metrics counted the sign-ins.
+    let metrics = pbxgate_e2e::client::http_get(rig.gw.addrs.admin.unwrap(), "/metrics", &[]).await.text();
+    let count = |series: &str| -> u64 {
+        metrics.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0)
+    };
+    assert!(count("pbxgate_logins_total{method=\"password\",result=\"success\"}") >= 3, "{metrics}");
+    assert!(count("pbxgate_logins_total{method=\"password\",result=\"failure\"}") >= 1, "{metrics}");
     // Device routes: phones fetch provisioning files from their network, no login.
     assert_eq!(rig.get_from(Some("127.0.0.3"), "/provisioning/0004f2.cfg", None, &[]).await.status, 200);
     assert_eq!(rig.get_from(Some("127.0.0.2"), "/provisioning/0004f2.cfg", None, &[]).await.status, 403);
@@ -437,10 +444,14 @@ async fn two_gateways_share_sessions_and_revocations_on_redis_and_on_a_cluster()
         let on_b = |cookie: String| {
             let https = b.https();
             async move {
-                let status = pbxgate_e2e::client::https_get(https, "/home", &[("cookie", &cookie), ("accept", "application/json")])
-                    .await
-                    .status
-                    .as_u16();
+                let status = pbxgate_e2e::client::https_get(
+                    https,
+                    "/home",
+                    &[("cookie", &cookie), ("accept", "application/json")],
+                )
+                .await
+                .status
+                .as_u16();
                 status
             }
         };
@@ -448,7 +459,8 @@ async fn two_gateways_share_sessions_and_revocations_on_redis_and_on_a_cluster()
         let body = "login=101&password=Correct+horse+42%21&rd=/";
         let reply = a.post("/.pbxgate/login/password", body, &[]).await;
         let session = format!("__Host-pbxgate={}", reply.cookie("__Host-pbxgate").unwrap());
-        let remember = format!("__Host-pbxgate-remember={}", reply.cookie("__Host-pbxgate-remember").unwrap());
+        let remember =
+            format!("__Host-pbxgate-remember={}", reply.cookie("__Host-pbxgate-remember").unwrap());
         assert_eq!(on_b(session.clone()).await, 200, "{url}: a session made on A works on B");
         // Signed out everywhere on B, refused on A within a second.
         let host = format!("localhost:{}", b.https().port());
@@ -456,7 +468,12 @@ async fn two_gateways_share_sessions_and_revocations_on_redis_and_on_a_cluster()
             b.https(),
             "POST",
             "/.pbxgate/api/logout",
-            &[("host", &host), ("origin", &format!("https://{host}")), ("content-type", "application/json"), ("cookie", &session)],
+            &[
+                ("host", &host),
+                ("origin", &format!("https://{host}")),
+                ("content-type", "application/json"),
+                ("cookie", &session),
+            ],
             "{\"everywhere\":true}",
         )
         .await;
@@ -464,7 +481,9 @@ async fn two_gateways_share_sessions_and_revocations_on_redis_and_on_a_cluster()
         let started = std::time::Instant::now();
         let mut refused = false;
         while started.elapsed() < Duration::from_secs(1) {
-            if a.get("/home", Some(&session)).await.status == 401 && a.get("/home", Some(&remember)).await.status == 401 {
+            if a.get("/home", Some(&session)).await.status == 401
+                && a.get("/home", Some(&remember)).await.status == 401
+            {
                 refused = true;
                 break;
             }
