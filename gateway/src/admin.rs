@@ -14,7 +14,9 @@ pub(crate) async fn handle<B>(state: &State, request: &Request<B>) -> Response<B
         "/healthz" => json(StatusCode::OK, "{\"status\":\"ok\"}"),
         "/readyz" => reserved::readiness(state).await,
         "/metrics" => {
-            let mut response = Response::new(Either::Right(Full::new(Bytes::from(state.metrics.render()))));
+            let mut response = Response::new(Either::Right(Full::new(Bytes::from(
+                state.metrics.render_with_store(state.store.stats(), state.store.backend()),
+            ))));
             response
                 .headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

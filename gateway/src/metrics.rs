@@ -70,6 +70,37 @@ impl Metrics {
         ConnectionGuard(&self.connections)
     }
 
+    /// The store's figures follow the gateway's own.
+    pub fn render_with_store(&self, store: &crate::store::StoreStats, backend: &str) -> String {
+        let mut out = self.render();
+        let calls = store.calls.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP pbxgate_store_calls_total Store operations.\n# TYPE pbxgate_store_calls_total counter"
+        );
+        let _ = writeln!(out, "pbxgate_store_calls_total{{backend=\"{backend}\"}} {calls}");
+        let _ = writeln!(out, "# HELP pbxgate_store_errors_total Store operations that failed (unreachable, timed out).\n# TYPE pbxgate_store_errors_total counter");
+        let _ = writeln!(
+            out,
+            "pbxgate_store_errors_total{{backend=\"{backend}\"}} {}",
+            store.errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP pbxgate_store_duration_seconds Store operation latency.\n# TYPE pbxgate_store_duration_seconds histogram");
+        let mut cumulative = 0;
+        for (i, bound) in crate::store::STORE_BUCKETS.iter().enumerate() {
+            cumulative += store.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "pbxgate_store_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "pbxgate_store_duration_seconds_bucket{{le=\"+Inf\"}} {calls}");
+        let _ = writeln!(
+            out,
+            "pbxgate_store_duration_seconds_sum {}",
+            store.micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "pbxgate_store_duration_seconds_count {calls}");
+        out
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let _ =

@@ -9,6 +9,7 @@
 
 mod embedded;
 mod kv;
+mod observed;
 mod redis;
 pub mod secret;
 
@@ -19,6 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use kv::{Durability, Kv};
+pub use observed::{StoreStats, BUCKETS as STORE_BUCKETS};
 pub use secret::{Secret, SecretHash};
 
 /// Store failures. Callers fail closed: no store, no login.
@@ -209,6 +211,7 @@ pub struct Store {
     kv: Arc<dyn Kv>,
     prefix: Arc<str>,
     backend: &'static str,
+    stats: Arc<StoreStats>,
 }
 
 impl std::fmt::Debug for Store {
@@ -229,11 +232,18 @@ impl Store {
         } else {
             (Arc::new(redis::RedisKv::connect(url).await?), "redis")
         };
-        Ok(Self { kv, prefix: prefix.into(), backend })
+        let stats = Arc::new(StoreStats::default());
+        let kv = Arc::new(observed::Observed { inner: kv, stats: stats.clone() });
+        Ok(Self { kv, prefix: prefix.into(), backend, stats })
     }
 
     pub fn backend(&self) -> &'static str {
         self.backend
+    }
+
+    /// Calls, failures and latency of this store, for `/metrics`.
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
     }
 
     fn key(&self, parts: &[&str]) -> String {

@@ -440,6 +440,13 @@ async fn readyz_answers_503_while_the_store_is_unreachable() {
     assert_eq!(reply.json(), serde_json::json!({"status": "unavailable"}));
     assert_eq!(http_get(admin, "/readyz", &[]).await.status, 503);
     assert_eq!(http_get(admin, "/healthz", &[]).await.status, 200, "alive, just not ready");
+    let metrics = http_get(admin, "/metrics", &[]).await.text();
+    let errors: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pbxgate_store_errors_total{backend=\"redis\"} ")?.parse().ok())
+        .expect("store error metric");
+    assert!(errors >= 1, "store errors are counted: {metrics}");
+    assert!(metrics.contains("pbxgate_store_duration_seconds_count"));
 
     redis.start_again();
     let mut ready = false;
