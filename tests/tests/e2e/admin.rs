@@ -492,3 +492,52 @@ async fn two_gateways_share_sessions_and_revocations_on_redis_and_on_a_cluster()
         assert!(refused, "{url}: A refuses the revoked session and token within 1 s");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_turn_passkey_onboarding_on_and_reset_passkeys() {
+    let rig = Rig::start_with(&admin_policy(), "").await;
+    with_passwords(&rig).await;
+    let admin = sign_in(&rig, None, "100").await;
+    unlock_with_password(&rig, &admin, 5, "/.pbxgate/admin").await;
+    let on = rig
+        .post("/.pbxgate/api/admin/onboarding", "{\"user\":\"101\",\"required\":true}", &[("cookie", &admin)])
+        .await;
+    assert_eq!(on.status, 200, "{}", on.text());
+    // Bob's next sign-in reaches nothing but passkey creation.
+    let bob = sign_in(&rig, None, "101").await;
+    assert_eq!(rig.get("/home", Some(&bob)).await.json()["error"], "passkey_required");
+    let off = rig
+        .post(
+            "/.pbxgate/api/admin/onboarding",
+            "{\"user\":\"101\",\"required\":false}",
+            &[("cookie", &admin)],
+        )
+        .await;
+    assert_eq!(off.status, 200);
+    let bob = sign_in(&rig, None, "101").await;
+    assert_eq!(rig.get("/home", Some(&bob)).await.status, 200);
+    // Reset: passkeys gone, setup required again.
+    rig.gw
+        .store
+        .add_passkey(
+            "101",
+            &pbxgate::store::PasskeyRecord {
+                v: 1,
+                cred_id: "cred-bob".into(),
+                name: "Laptop".into(),
+                created_ms: 1,
+                last_used_ms: None,
+                passkey: serde_json::json!({}),
+            },
+        )
+        .await
+        .unwrap();
+    let reset =
+        rig.post("/.pbxgate/api/admin/passkeys/reset", "{\"user\":\"101\"}", &[("cookie", &admin)]).await;
+    assert_eq!(reset.status, 200);
+    assert_eq!(rig.gw.store.passkey_count("101").await.unwrap(), 0);
+    assert!(rig.gw.store.flags("101").await.unwrap().onboarding_required);
+    let unknown =
+        rig.post("/.pbxgate/api/admin/passkeys/reset", "{\"user\":\"nobody\"}", &[("cookie", &admin)]).await;
+    assert_eq!(unknown.status, 404);
+}

@@ -674,3 +674,49 @@ async fn cli_passwords_and_invites_and_no_secret_in_any_log_line() {
     }
     assert!(!lines.iter().any(|l| l.contains("query-not-logged")), "queries are not logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_closes_when_its_session_expires() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = Rig::start("[session]\nidle_timeout = \"1s\"\nlogin_token_ttl = \"0s\"\n").await;
+    let token = rig.link_token("100", "alice@example.com", "/").await;
+    let reply = rig.post("/.pbxgate/link", &format!("token={token}"), &[]).await;
+    let cookie = format!("__Host-pbxgate={}", reply.cookie("__Host-pbxgate").unwrap());
+    let mut ws = pbxgate_e2e::client::tls_connect(rig.gw.https(), &Default::default()).await.unwrap();
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost:{}\r\nCookie: {cookie}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        rig.port
+    );
+    ws.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 12];
+    ws.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(6), ws.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the websocket closes once its session has expired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn people_set_their_own_password_only_where_allowed() {
+    for (may_set, want) in [(false, 403), (true, 200)] {
+        let rig = Rig::start(&format!("[passwords]\nusers_may_set = {may_set}\n")).await;
+        let (_, cookies) = rig.link_login("101", "bob@example.com").await;
+        let weak =
+            rig.post("/.pbxgate/api/password/set", "{\"password\":\"abc\"}", &[("cookie", &cookies)]).await;
+        let strong = rig
+            .post(
+                "/.pbxgate/api/password/set",
+                "{\"password\":\"Correct horse 42!\"}",
+                &[("cookie", &cookies)],
+            )
+            .await;
+        assert_eq!(strong.status, want, "users_may_set = {may_set}: {}", strong.text());
+        if may_set {
+            assert_eq!(weak.status, 400, "{}", weak.text());
+            assert_eq!(weak.json()["error"], "weak_password");
+            let login = "{\"login\":\"101\",\"password\":\"Correct horse 42!\"}";
+            assert_eq!(rig.post("/.pbxgate/api/password/login", login, &[]).await.status, 200);
+        }
+    }
+}
