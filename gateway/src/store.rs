@@ -318,10 +318,15 @@ impl Store {
     }
 
     /// Reads a live session and slides its idle timeout (never past the cap).
+    /// The write is skipped while the last one is recent (a tenth of the idle
+    /// timeout, at most 15 s): a busy page does not cost a store write per click.
     pub async fn touch_session(&self, hash: &SecretHash, now: u64) -> Result<Option<Session>> {
         let Some(mut session) = self.session(hash, now).await? else {
             return Ok(None);
         };
+        if now.saturating_sub(session.last_seen_ms) < (session.idle_ms / 10).min(15_000) {
+            return Ok(Some(session));
+        }
         session.last_seen_ms = now;
         self.write_session(hash, &session, now, Durability::Lazy).await?;
         Ok(Some(session))

@@ -1,0 +1,248 @@
+"""Runs the benchmark cases, alternating and repeated, and prints medians.
+
+Every server listens on a free 127.0.0.1 port; everything stops at the end.
+"""
+import json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
+
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+BODY = "x" * 1024
+procs = []
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, **kw):
+    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
+    procs.append(p)
+    return p
+
+
+def wait_port(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    sys.exit(f"nothing listens on {port}")
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total
+
+
+def nginx_pids(master):
+    out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    return [master] + [int(p) for p in out]
+
+
+def wrk(url, conns, seconds, cookie):
+    threads = 1 if conns == 1 else 2
+    args = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", "Host: localhost"]
+    if cookie:
+        args += ["-H", f"Cookie: {cookie}"]
+    out = subprocess.run(args + [url], capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))
+    def pct(p):
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        sys.exit(f"{url}: {non2xx.group(1)} failed responses\n{out}")
+    return rps, reqs, pct(50), pct(99)
+
+
+def h2load(url, cookie):
+    args = ["h2load", "-c", "64", "-m", "1", "-D", str(SECONDS), "-H", f"cookie: {cookie}" if cookie else "x-bench: 1", url]
+    out = subprocess.run(args, capture_output=True, text=True).stdout
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    failed = re.search(r"(\d+) failed", out)
+    if not m or (failed and int(failed.group(1)) > 0):
+        sys.exit(f"h2load {url} failed:\n{out}")
+    return float(m.group(1))
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="pbxgate-bench-")
+    try:
+        run(tmp)
+    finally:
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def nginx(tmp, name, server_block, upstreams=""):
+    conf = f"""
+worker_processes 2;
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}.error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/{name}-body;
+  proxy_temp_path {tmp}/{name}-proxy;
+  fastcgi_temp_path {tmp}/{name}-fcgi;
+  uwsgi_temp_path {tmp}/{name}-uwsgi;
+  scgi_temp_path {tmp}/{name}-scgi;
+  keepalive_requests 1000000;
+  {upstreams}
+  server {{ {server_block} }}
+}}
+"""
+    path = write(f"{tmp}/{name}.conf", conf)
+    return start(["nginx", "-c", path, "-g", "daemon off;"])
+
+
+def run(tmp):
+    ports = {k: free_port() for k in ["up", "plain", "auth", "check", "ssl", "redis", "pe", "pet", "pr", "prt", "ae", "ar"]}
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", f"{tmp}/key.pem", "-out", f"{tmp}/cert.pem", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    start(["redis-server", "--port", str(ports["redis"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+    wait_port(ports["redis"])
+    subprocess.run(["redis-cli", "-p", str(ports["redis"]), "SET", "session:bench", "bench"], check=True, capture_output=True)
+
+    up = f"default_type text/plain; location / {{ return 200 '{BODY}'; }}"
+    nginx(tmp, "upstream", f"listen 127.0.0.1:{ports['up']} reuseport backlog=4096; {up}")
+    upstream = f"upstream up {{ server 127.0.0.1:{ports['up']}; keepalive 128; }}"
+    proxy = "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection '';"
+    masters = {}
+    masters["nginx-plain"] = nginx(tmp, "plain", f"listen 127.0.0.1:{ports['plain']}; location / {{ {proxy} }}", upstream)
+    start([os.path.join(RELEASE, "session-check"), f"127.0.0.1:{ports['check']}", f"redis://127.0.0.1:{ports['redis']}/0"])
+    auth_up = upstream + f" upstream check {{ server 127.0.0.1:{ports['check']}; keepalive 128; }}"
+    auth = (f"listen 127.0.0.1:{ports['auth']}; location / {{ auth_request /_auth; {proxy} }} "
+            "location = /_auth { internal; proxy_pass http://check; proxy_http_version 1.1; proxy_set_header Connection ''; "
+            "proxy_pass_request_body off; proxy_set_header Content-Length ''; }")
+    masters["nginx-auth_request"] = nginx(tmp, "auth", auth, auth_up)
+    ssl = (f"listen 127.0.0.1:{ports['ssl']} ssl http2; ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem; "
+           f"location / {{ {proxy} }}")
+    masters["nginx-ssl"] = nginx(tmp, "ssl", ssl, upstream)
+
+    write(f"{tmp}/policy.toml", 'domains = ["localhost"]\n[[route]]\npath = "/"\naccess = "user"\n'
+          '[[user]]\nname = "bench"\npassword_login = true\n')
+    pbx = os.path.join(RELEASE, "pbxgate")
+    gateways = {}
+    for name, store, http, https, admin in [("embedded", "embedded://store-e.db", "pe", "pet", "ae"),
+                                            ("redis", f"redis://127.0.0.1:{ports['redis']}/1", "pr", "prt", "ar")]:
+        conf = write(f"{tmp}/gateway-{name}.toml", f"""
+policy_file = "policy.toml"
+public_url = "https://localhost:{ports[https]}"
+[listen]
+https = "127.0.0.1:{ports[https]}"
+http = "127.0.0.1:{ports[http]}"
+admin = "127.0.0.1:{ports[admin]}"
+[tls]
+self_signed = true
+[upstream]
+url = "http://127.0.0.1:{ports['up']}"
+[store]
+url = "{store}"
+[log]
+format = "json"
+""")
+        subprocess.run([pbx, "user", "set-password", "bench", "--config", conf], input="Bench password 42!\n",
+                       text=True, check=True, capture_output=True)
+        started = time.time()
+        p = start([pbx, "serve", "--config", conf], env=dict(os.environ, RUST_LOG="warn"))
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{ports[admin]}/readyz", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.005)
+            if time.time() - started > 20:
+                sys.exit("pbxgate did not get ready")
+        ready_ms = (time.time() - started) * 1000
+        req = urllib.request.Request(f"http://127.0.0.1:{ports[http]}/.pbxgate/api/password/login",
+                                     data=b'{"login":"bench","password":"Bench password 42!"}',
+                                     headers={"Host": "localhost", "Origin": "http://localhost",
+                                              "Content-Type": "application/json"}, method="POST")
+        cookie = None
+        with urllib.request.urlopen(req) as r:
+            for k, v in r.headers.items():
+                if k.lower() == "set-cookie" and v.startswith("__Host-pbxgate="):
+                    cookie = v.split(";")[0]
+        gateways[name] = (p, cookie, ready_ms)
+
+    cases = [
+        ("direct", f"http://127.0.0.1:{ports['up']}/", None, None),
+        ("nginx-plain", f"http://127.0.0.1:{ports['plain']}/", None, masters["nginx-plain"].pid),
+        ("nginx-auth_request", f"http://127.0.0.1:{ports['auth']}/", "s=bench", masters["nginx-auth_request"].pid),
+        ("pbxgate-embedded", f"http://127.0.0.1:{ports['pe']}/", gateways["embedded"][1], gateways["embedded"][0].pid),
+        ("pbxgate-redis", f"http://127.0.0.1:{ports['pr']}/", gateways["redis"][1], gateways["redis"][0].pid),
+        ("nginx-ssl", f"https://127.0.0.1:{ports['ssl']}/", None, masters["nginx-ssl"].pid),
+        ("pbxgate-redis-tls", f"https://127.0.0.1:{ports['prt']}/", gateways["redis"][1], gateways["redis"][0].pid),
+    ]
+    results = {name: {"rps": [], "p50": [], "p99": [], "p50_1": [], "cpu_us": [], "h2": []} for name, *_ in cases}
+    for round_ in range(REPEATS):
+        for name, url, cookie, pid in cases:
+            pids = ([pid] if name.startswith("pbxgate") else nginx_pids(pid)) if pid else []
+            before = cpu_ticks(pids)
+            rps, reqs, p50, p99 = wrk(url, 64, SECONDS, cookie)
+            cpu = (cpu_ticks(pids) - before) / os.sysconf("SC_CLK_TCK")
+            _, _, p50_1, _ = wrk(url, 1, max(2, SECONDS // 2), cookie)
+            r = results[name]
+            r["rps"].append(rps); r["p50"].append(p50); r["p99"].append(p99); r["p50_1"].append(p50_1)
+            if pids:
+                r["cpu_us"].append(cpu / reqs * 1e6)
+            if url.startswith("https"):
+                r["h2"].append(h2load(url.replace("127.0.0.1", "localhost"), cookie))
+            print(f"round {round_ + 1}/{REPEATS} {name}: {rps:.0f} req/s", file=sys.stderr)
+
+    med = lambda xs: statistics.median(xs) if xs else float("nan")
+    print(f"\npbxgate benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, loopback, "
+          f"{REPEATS} alternated runs of {SECONDS}s, medians; 1 KiB responses\n")
+    print("| case | req/s @64 | p50 ms @64 | p99 ms @64 | p50 ms @1 | CPU µs/req | h2 req/s @64 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, *_ in cases:
+        r = results[name]
+        h2 = f"{med(r['h2']):.0f}" if r["h2"] else ""
+        cpu = f"{med(r['cpu_us']):.1f}" if r["cpu_us"] else ""
+        print(f"| {name} | {med(r['rps']):.0f} | {med(r['p50']):.2f} | {med(r['p99']):.2f} | {med(r['p50_1']):.3f} | {cpu} | {h2} |")
+    rps = {name: med(results[name]["rps"]) for name, *_ in cases}
+    print()
+    for gw in ["pbxgate-embedded", "pbxgate-redis"]:
+        print(f"- {gw} / nginx-plain: {rps[gw] / rps['nginx-plain']:.2f}x; / nginx-auth_request: "
+              f"{rps[gw] / rps['nginx-auth_request']:.2f}x; p99 @64 vs nginx-plain: "
+              f"{med(results[gw]['p99']) - med(results['nginx-plain']['p99']):+.2f} ms; p50 @1: "
+              f"{med(results[gw]['p50_1']) - med(results['nginx-plain']['p50_1']):+.3f} ms")
+    print(f"- pbxgate-redis-tls / nginx-ssl: {rps['pbxgate-redis-tls'] / rps['nginx-ssl']:.2f}x (h1); h2: "
+          f"{med(results['pbxgate-redis-tls']['h2']) / med(results['nginx-ssl']['h2']):.2f}x")
+    for name in ["embedded", "redis"]:
+        print(f"- start-up to ready ({name} store): {gateways[name][2]:.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

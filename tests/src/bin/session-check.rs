@@ -1,0 +1,60 @@
+//! The forward-auth pattern's session check (as Authelia or oauth2-proxy are
+//! deployed behind nginx `auth_request`), for the benchmark: 204 when the
+//! `s` cookie names a key in Redis, 401 otherwise.
+//!
+//! session-check LISTEN_ADDR REDIS_URL
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+#[tokio::main]
+async fn main() {
+    let mut args = std::env::args().skip(1);
+    let listen = args.next().expect("listen address");
+    let redis_url = args.next().expect("redis url");
+    let client = redis::Client::open(redis_url).expect("redis url");
+    let redis = client.get_multiplexed_async_connection().await.expect("redis");
+    let listener = tokio::net::TcpListener::bind(&listen).await.expect("bind");
+    loop {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let redis = redis.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<Incoming>| {
+                let mut redis = redis.clone();
+                async move {
+                    let session = request
+                        .headers()
+                        .get("cookie")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|c| c.split(';').find_map(|p| p.trim().strip_prefix("s=")))
+                        .map(str::to_string);
+                    let known = match session {
+                        Some(s) => redis::cmd("GET")
+                            .arg(format!("session:{s}"))
+                            .query_async::<Option<String>>(&mut redis)
+                            .await
+                            .ok()
+                            .flatten()
+                            .is_some(),
+                        None => false,
+                    };
+                    let mut response = Response::new(Full::new(Bytes::new()));
+                    *response.status_mut() =
+                        if known { StatusCode::NO_CONTENT } else { StatusCode::UNAUTHORIZED };
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
