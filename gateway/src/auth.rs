@@ -56,7 +56,7 @@ pub(crate) async fn identify(
     let now = now_ms();
     if let Some(secret) = cookies::read(headers, cookies::SESSION) {
         let hash = secret.hash();
-        if let Some(record) = state.store.touch_session(&hash, now).await? {
+        if let Some(record) = state.store.current_session(&hash, now).await? {
             if policy.user(&record.user).is_some() {
                 return Ok(Identity {
                     principal: Some(Principal { user: record.user.clone(), session: hash, record }),

@@ -145,6 +145,7 @@ impl Gateway {
         let base =
             config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         let store = store::Store::open(&config.store.url, &config.store.key_prefix, base).await?;
+        store.watch_revocations();
         tracing::info!(backend = store.backend(), "store opened");
         let auth = Auth::new(&config, &store).await?;
         auth::arm_bootstrap(&config, &store).await?;

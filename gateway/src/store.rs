@@ -212,6 +212,53 @@ pub struct Store {
     prefix: Arc<str>,
     backend: &'static str,
     stats: Arc<StoreStats>,
+    cache: Arc<SessionCache>,
+}
+
+/// Sessions read recently, so most requests cost no store round trip.
+/// Entries live at most [`CACHE_TTL`] (and a tenth of the idle timeout); any
+/// write or delete here evicts them, and other instances' revocations arrive
+/// through [`Store::watch_revocations`] within a second.
+#[derive(Default)]
+struct SessionCache {
+    entries: std::sync::Mutex<std::collections::HashMap<SecretHash, (Session, u64)>>,
+}
+
+const CACHE_TTL_MS: u64 = 2_000;
+const CACHE_MAX: usize = 100_000;
+const REVOCATION_POLL: Duration = Duration::from_millis(250);
+
+impl SessionCache {
+    fn get(&self, hash: &SecretHash, now: u64) -> Option<Session> {
+        let entries = self.entries.lock().ok()?;
+        let (session, fetched) = entries.get(hash)?;
+        let fresh = now.saturating_sub(*fetched) < CACHE_TTL_MS.min(session.idle_ms / 10);
+        (fresh && session.ends_ms() > now).then(|| session.clone())
+    }
+
+    fn put(&self, hash: &SecretHash, session: &Session, now: u64) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= CACHE_MAX {
+                entries.retain(|_, (_, fetched)| now.saturating_sub(*fetched) < CACHE_TTL_MS);
+                if entries.len() >= CACHE_MAX {
+                    return;
+                }
+            }
+            entries.insert(hash.clone(), (session.clone(), now));
+        }
+    }
+
+    fn evict(&self, hash: &SecretHash) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.remove(hash);
+        }
+    }
+
+    fn evict_user(&self, user: &str) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.retain(|_, (session, _)| session.user != user);
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -234,7 +281,7 @@ impl Store {
         };
         let stats = Arc::new(StoreStats::default());
         let kv = Arc::new(observed::Observed { inner: kv, stats: stats.clone() });
-        Ok(Self { kv, prefix: prefix.into(), backend, stats })
+        Ok(Self { kv, prefix: prefix.into(), backend, stats, cache: Arc::default() })
     }
 
     pub fn backend(&self) -> &'static str {
@@ -300,6 +347,46 @@ impl Store {
         Ok((secret, session))
     }
 
+    /// The session for a request: from the in-process cache when fresh,
+    /// else read (and its idle timeout slid) from the store.
+    pub async fn current_session(&self, hash: &SecretHash, now: u64) -> Result<Option<Session>> {
+        if let Some(session) = self.cache.get(hash, now) {
+            return Ok(Some(session));
+        }
+        let session = self.touch_session(hash, now).await?;
+        match &session {
+            Some(s) => self.cache.put(hash, s, now),
+            None => self.cache.evict(hash),
+        }
+        Ok(session)
+    }
+
+    /// Forgets what other instances revoked, polling the store's revocation
+    /// list until the store is dropped.
+    pub fn watch_revocations(&self) {
+        let cache = Arc::downgrade(&self.cache);
+        let store = Store { cache: Arc::new(SessionCache::default()), ..self.clone() };
+        tokio::spawn(async move {
+            let mut since = now_ms();
+            loop {
+                tokio::time::sleep(REVOCATION_POLL).await;
+                let Some(cache) = cache.upgrade() else { return };
+                let now = now_ms();
+                // Overlap a little: clocks of instances differ slightly.
+                if let Ok(revoked) = store.revoked_since(since.saturating_sub(1_000)).await {
+                    for (what, _) in revoked {
+                        match what {
+                            Revocation::Session(hash) => cache.evict(&hash),
+                            Revocation::User(user) => cache.evict_user(&user),
+                            Revocation::Token(_) => {}
+                        }
+                    }
+                    since = now;
+                }
+            }
+        });
+    }
+
     async fn write_session(
         &self,
         hash: &SecretHash,
@@ -307,6 +394,7 @@ impl Store {
         now: u64,
         d: Durability,
     ) -> Result<()> {
+        self.cache.evict(hash);
         let ttl = Duration::from_millis(session.ends_ms().saturating_sub(now).max(1));
         self.kv.set(&self.key(&["s", hash.as_str()]), &encode(session)?, Some(ttl), d).await
     }
@@ -364,6 +452,7 @@ impl Store {
     pub async fn delete_session(&self, hash: &SecretHash) -> Result<bool> {
         let key = self.key(&["s", hash.as_str()]);
         let session: Option<Session> = decode_opt(self.kv.get(&key).await?)?;
+        self.cache.evict(hash);
         let existed = self.kv.del(&[key]).await? > 0;
         if let Some(s) = session {
             self.kv.set_remove(&self.user_key("us", &s.user), &[hash.as_str().to_string()]).await?;
@@ -396,6 +485,7 @@ impl Store {
 
     /// Ends every session of a user; returns how many were live.
     pub async fn delete_sessions_of(&self, user: &str) -> Result<u64> {
+        self.cache.evict_user(user);
         let index = self.user_key("us", user);
         let members = self.kv.set_members(&index).await?;
         let keys: Vec<String> = members.iter().map(|m| self.key(&["s", m])).collect();

@@ -462,6 +462,8 @@ async fn two_gateways_share_sessions_and_revocations_on_redis_and_on_a_cluster()
         let remember =
             format!("__Host-pbxgate-remember={}", reply.cookie("__Host-pbxgate-remember").unwrap());
         assert_eq!(on_b(session.clone()).await, 200, "{url}: a session made on A works on B");
+        // A has it in its in-process cache now.
+        assert_eq!(a.get("/home", Some(&session)).await.status, 200);
         // Signed out everywhere on B, refused on A within a second.
         let host = format!("localhost:{}", b.https().port());
         let out = pbxgate_e2e::client::https_request(
