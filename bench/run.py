@@ -140,7 +140,7 @@ def run(tmp):
     proxy = "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection '';"
     masters = {}
     masters["nginx-plain"] = nginx(tmp, "plain", f"listen 127.0.0.1:{ports['plain']}; location / {{ {proxy} }}", upstream)
-    start([os.path.join(RELEASE, "session-check"), f"127.0.0.1:{ports['check']}", f"redis://127.0.0.1:{ports['redis']}/0"])
+    start([os.path.join(RELEASE, "examples", "session-check"), f"127.0.0.1:{ports['check']}", f"redis://127.0.0.1:{ports['redis']}/0"])
     auth_up = upstream + f" upstream check {{ server 127.0.0.1:{ports['check']}; keepalive 128; }}"
     auth = (f"listen 127.0.0.1:{ports['auth']}; location / {{ auth_request /_auth; {proxy} }} "
             "location = /_auth { internal; proxy_pass http://check; proxy_http_version 1.1; proxy_set_header Connection ''; "

@@ -2,7 +2,7 @@
 //! deployed behind nginx `auth_request`), for the benchmark: 204 when the
 //! `s` cookie names a key in Redis, 401 otherwise.
 //!
-//! session-check LISTEN_ADDR REDIS_URL
+//! cargo run --release --example session-check -- LISTEN_ADDR REDIS_URL
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
