@@ -720,3 +720,67 @@ async fn people_set_their_own_password_only_where_allowed() {
         }
     }
 }
+
+/// The ceremonies at the Rust level, through the JSON API, with a software
+/// authenticator: registration, sign-in, counter update, replay refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ceremonies_with_a_software_authenticator() {
+    use webauthn_authenticator_rs::softpasskey::SoftPasskey;
+    use webauthn_authenticator_rs::WebauthnAuthenticator;
+    use webauthn_rs::prelude::{CreationChallengeResponse, RequestChallengeResponse, Url};
+
+    let rig = Rig::start("").await;
+    let (_, cookies) = rig.link_login("100", "alice@example.com").await;
+    let origin = Url::parse(&rig.origin()).unwrap();
+    let mut authenticator = SoftPasskey::new(true);
+
+    let start = rig.post("/.pbxgate/api/passkey/register/start", "{}", &[("cookie", &cookies)]).await;
+    assert_eq!(start.status, 200, "{}", start.text());
+    let start = start.json();
+    assert_eq!(start["publicKey"]["authenticatorSelection"]["residentKey"], "required");
+    // The software token cannot store resident keys (the browser test covers
+    // discoverable credentials); the server's ceremony is the same either way.
+    let mut for_soft_token = start.clone();
+    for_soft_token["publicKey"]["authenticatorSelection"]["residentKey"] = "discouraged".into();
+    for_soft_token["publicKey"]["authenticatorSelection"]["requireResidentKey"] = false.into();
+    let options: CreationChallengeResponse = serde_json::from_value(for_soft_token).unwrap();
+    let credential = authenticator.do_registration(origin.clone(), options).expect("software registration");
+    let finish =
+        serde_json::json!({"ceremony": start["ceremony"], "credential": credential, "name": "Soft key"});
+    let done =
+        rig.post("/.pbxgate/api/passkey/register/finish", &finish.to_string(), &[("cookie", &cookies)]).await;
+    assert_eq!(done.status, 200, "{}", done.text());
+    // The same registration again: the ceremony is gone.
+    let again =
+        rig.post("/.pbxgate/api/passkey/register/finish", &finish.to_string(), &[("cookie", &cookies)]).await;
+    assert_eq!(again.json()["error"], "ceremony_expired");
+
+    // Name first, then the passkey.
+    for round in 0..2 {
+        let start = rig
+            .post("/.pbxgate/api/passkey/login/start", "{\"login\":\"alice@example.com\"}", &[])
+            .await
+            .json();
+        assert!(start["publicKey"]["allowCredentials"].as_array().is_some_and(|c| c.len() == 1), "{start}");
+        let options: RequestChallengeResponse = serde_json::from_value(start.clone()).unwrap();
+        let credential = authenticator.do_authentication(origin.clone(), options).expect("software sign-in");
+        let body =
+            serde_json::json!({"ceremony": start["ceremony"], "credential": credential, "rd": "/after"})
+                .to_string();
+        let signed_in = rig.post("/.pbxgate/api/passkey/login/finish", &body, &[]).await;
+        assert_eq!(signed_in.status, 200, "round {round}: {}", signed_in.text());
+        assert_eq!(signed_in.json()["redirect"], "/after");
+        let session = format!("__Host-pbxgate={}", signed_in.cookie("__Host-pbxgate").unwrap());
+        assert_eq!(rig.get("/home", Some(&session)).await.json()["headers"]["remote-user"][0], "100");
+        let replay = rig.post("/.pbxgate/api/passkey/login/finish", &body, &[]).await;
+        assert_eq!(replay.status, 401, "a replayed response finds no ceremony");
+    }
+    let records = rig.gw.store.passkeys_of("100").await.unwrap();
+    assert_eq!(records.len(), 1);
+    assert!(records[0].last_used_ms.is_some(), "last use recorded");
+    assert!(
+        records[0].passkey["cred"]["counter"].as_u64().unwrap_or(0) > 0,
+        "the counter was updated: {}",
+        records[0].passkey
+    );
+}
