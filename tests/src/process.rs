@@ -33,9 +33,15 @@ impl GatewayProcess {
     /// Starts `pbxgate serve --config <config>` with JSON logs and waits until
     /// it reports its listeners.
     pub fn start(config: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_with_args(config, env, &[])
+    }
+
+    /// As [`GatewayProcess::start`], with more `serve` arguments.
+    pub fn start_with_args(config: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
         let mut child = Command::new(binary())
             .args(["serve", "--config"])
             .arg(config)
+            .args(args)
             .env("PBXGATE_LOG__FORMAT", "json")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

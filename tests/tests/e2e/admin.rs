@@ -543,3 +543,55 @@ async fn admins_turn_passkey_onboarding_on_and_reset_passkeys() {
         rig.post("/.pbxgate/api/admin/passkeys/reset", "{\"user\":\"nobody\"}", &[("cookie", &admin)]).await;
     assert_eq!(unknown.status, 404);
 }
+
+/// `pbxgate serve --admin-username NAME --admin-password-file FILE`: a one-time
+/// password for that admin, from the command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_flags_arm_a_one_time_admin_password() {
+    let upstream = pbxgate_e2e::Upstream::start().await;
+    let dir = pbxgate_e2e::TempDir::new("otp-flags");
+    let config = pbxgate_e2e::write_config(&dir, &upstream.url(), &admin_policy());
+    let file = dir.write("otp", "Sesame open 17\n");
+    let file = file.to_str().unwrap();
+
+    // Not an admin: refused at start.
+    let out = std::process::Command::new(pbxgate_e2e::process::binary())
+        .args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--admin-username",
+            "101",
+            "--admin-password-file",
+            file,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not an admin"));
+
+    let gw = pbxgate_e2e::GatewayProcess::start_with_args(
+        &config,
+        &[],
+        &["--admin-username", "100", "--admin-password-file", file],
+    );
+    let https = gw.https.unwrap();
+    let login = || async {
+        pbxgate_e2e::client::https_request(
+            https,
+            "POST",
+            "/.pbxgate/login/password",
+            &[("origin", "https://localhost"), ("content-type", "application/x-www-form-urlencoded")],
+            "login=100&password=Sesame+open+17&rd=/admin/",
+        )
+        .await
+    };
+    let first = login().await;
+    assert_eq!(first.status, 303, "{}", first.text());
+    assert_eq!(login().await.status, 401, "once only");
+    let log = gw.log_lines().join("\n");
+    assert!(
+        log.contains("one-time admin password armed") && !log.contains("Sesame"),
+        "armed, and never logged"
+    );
+}
