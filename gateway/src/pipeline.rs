@@ -88,6 +88,8 @@ pub(crate) async fn handle(
     let needs_person = route.is_some_and(|r| !matches!(r.access, Access::Public | Access::Network));
     let mut identity = Identity::default();
     let mut basic_user = None;
+    // A credential from the route's API access list: allowed, with no identity.
+    let mut listed_grant = false;
     if needs_person {
         let looked_up = async {
             let identity = auth::identify(state, request.headers(), client_ip, &user_agent).await?;
@@ -119,36 +121,7 @@ pub(crate) async fn handle(
                     }
                     Basic::Absent => {}
                 }
-                if listed && identity.principal.is_none() && basic_user.is_none() {
-                    let rule = route.map_or(String::new(), |r| pbxgate_policies::Rule::Route(r).to_string());
-                    let out = Outgoing {
-                        peer,
-                        trusted_peer,
-                        client: client_ip,
-                        proto: conn.proto,
-                        host: &host_header,
-                        path,
-                        identity: Vec::new(),
-                        sockets: None,
-                    };
-                    let response = match state.upstream.forward(request, out, &state.spoofable).await {
-                        Ok(response) => response,
-                        Err(refusal) => respond(&refusal, browser),
-                    };
-                    access_log(
-                        state,
-                        &method,
-                        &host,
-                        path,
-                        &response,
-                        Some(started.elapsed()),
-                        "allow",
-                        &rule,
-                        "-",
-                        client_ip,
-                    );
-                    return Ok(response);
-                }
+                listed_grant = listed && identity.principal.is_none() && basic_user.is_none();
             }
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable: refusing (fail closed)");
@@ -202,7 +175,8 @@ pub(crate) async fn handle(
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     };
-    let refusal = match decision.verdict {
+    let verdict = if listed_grant { Verdict::Allow } else { decision.verdict };
+    let refusal = match verdict {
         Verdict::Allow => None,
         Verdict::Login => Some(Refusal::LoginRequired { rd: return_path() }),
         Verdict::StepUp { .. } => Some(Refusal::StepUpRequired { rd: return_path() }),
@@ -211,7 +185,7 @@ pub(crate) async fn handle(
             Some(Refusal::Forbidden)
         }
     };
-    let verdict = verdict_name(decision.verdict);
+    let verdict = verdict_name(verdict);
     let rule = decision.rule.to_string();
     if let Some(refusal) = refusal {
         let response = with_cookies(respond(&refusal, browser), identity.set_cookies);
