@@ -150,6 +150,13 @@ impl Rig {
     }
 }
 
+/// Signs out through the real page.
+async fn sign_out(browser: &Browser, origin: &str) {
+    browser.goto(&format!("{origin}/.pbxgate/logout")).await;
+    browser.click("#logout-form button.primary").await;
+    browser.wait_until("document.body.dataset.page === 'logged-out'", "signed-out page").await;
+}
+
 /// The whole journey of a person, in a real browser.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_link_login_passkey_offer_logout_and_passkey_logins() {
@@ -197,9 +204,7 @@ async fn browser_link_login_passkey_offer_logout_and_passkey_logins() {
     assert!(browser.text().await.contains("Test laptop"));
 
     // Sign out: the PBX is out of reach again.
-    browser.goto(&format!("{origin}/.pbxgate/logout")).await;
-    browser.click("#logout-form button.primary").await;
-    browser.wait_until("document.body.dataset.page === 'logged-out'", "signed-out page").await;
+    sign_out(&browser, &origin).await;
     browser.goto(&format!("{origin}/calls/today")).await;
     browser.wait_for_path("/.pbxgate/login").await;
 
@@ -210,9 +215,7 @@ async fn browser_link_login_passkey_offer_logout_and_passkey_logins() {
     assert_eq!(echo["headers"]["remote-user"][0], "100");
 
     // Sign out again; then passkey autofill (conditional UI) when the field is focused.
-    browser.goto(&format!("{origin}/.pbxgate/logout")).await;
-    browser.click("#logout-form button.primary").await;
-    browser.wait_until("document.body.dataset.page === 'logged-out'", "signed-out page").await;
+    sign_out(&browser, &origin).await;
     browser.goto(&format!("{origin}/.pbxgate/login?rd=/after/autofill")).await;
     browser.wait_for_path("/.pbxgate/login").await;
     browser.eval("document.getElementById('login').focus(), true").await;
@@ -221,9 +224,7 @@ async fn browser_link_login_passkey_offer_logout_and_passkey_logins() {
     assert_eq!(echo["headers"]["remote-user"][0], "100");
 
     // Name first, then passkey.
-    browser.goto(&format!("{origin}/.pbxgate/logout")).await;
-    browser.click("#logout-form button.primary").await;
-    browser.wait_until("document.body.dataset.page === 'logged-out'", "signed-out page").await;
+    sign_out(&browser, &origin).await;
     browser.goto(&format!("{origin}/.pbxgate/login?rd=/named")).await;
     browser.wait_for_path("/.pbxgate/login").await;
     browser.fill("#login", "100").await;
