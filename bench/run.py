@@ -2,9 +2,11 @@
 
 Every server listens on a free 127.0.0.1 port; everything stops at the end.
 """
-import json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
+import base64, json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+LOGIN_CLIENTS = 16
+SESSIONS = 10_000
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
@@ -55,7 +57,7 @@ def wrk(url, conns, seconds, cookie):
     threads = 1 if conns == 1 else 2
     args = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", "-H", "Host: localhost"]
     if cookie:
-        args += ["-H", f"Cookie: {cookie}"]
+        args += ["-H", header(cookie)]
     out = subprocess.run(args + [url], capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     reqs = int(re.search(r"(\d+) requests in", out).group(1))
@@ -69,8 +71,23 @@ def wrk(url, conns, seconds, cookie):
     return rps, reqs, pct(50), pct(99)
 
 
+def header(credential):
+    """A session cookie, or a whole header line (Basic credentials)."""
+    return credential if ":" in credential else f"Cookie: {credential}"
+
+
+def metric(admin_port, name):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics").read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def rss_mb(pid):
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
 def h2load(url, cookie):
-    args = ["h2load", "-c", "64", "-m", "1", "-D", str(SECONDS), "-H", f"cookie: {cookie}" if cookie else "x-bench: 1", url]
+    args = ["h2load", "-c", "64", "-m", "1", "-D", str(SECONDS), "-H", header(cookie) if cookie else "x-bench: 1", url]
     out = subprocess.run(args, capture_output=True, text=True).stdout
     m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     failed = re.search(r"(\d+) failed", out)
@@ -150,8 +167,11 @@ def run(tmp):
            f"location / {{ {proxy} }}")
     masters["nginx-ssl"] = nginx(tmp, "ssl", ssl, upstream)
 
-    write(f"{tmp}/policy.toml", 'domains = ["localhost"]\n[[route]]\npath = "/"\naccess = "user"\n'
-          '[[user]]\nname = "bench"\npassword_login = true\n')
+    write(f"{tmp}/policy.toml", 'domains = ["localhost"]\n'
+          '[[route]]\npath = "/api/"\naccess = "api"\n[[route]]\npath = "/"\naccess = "user"\n'
+          '[[user]]\nname = "bench"\npassword_login = true\n'
+          '[[user]]\nname = "api"\nrole = "api"\nbasic_auth = true\n'
+          + "".join(f'[[user]]\nname = "bench-{i}"\n' for i in range(LOGIN_CLIENTS)))
     pbx = os.path.join(RELEASE, "pbxgate")
     gateways = {}
     for name, store, http, https, admin in [("embedded", "embedded://store-e.db", "pe", "pet", "ae"),
@@ -172,8 +192,9 @@ url = "{store}"
 [log]
 format = "json"
 """)
-        subprocess.run([pbx, "user", "set-password", "bench", "--config", conf], input="Bench password 42!\n",
-                       text=True, check=True, capture_output=True)
+        for user in ["bench", "api"]:
+            subprocess.run([pbx, "user", "set-password", user, "--config", conf], input="Bench password 42!\n",
+                           text=True, check=True, capture_output=True)
         started = time.time()
         p = start([pbx, "serve", "--config", conf], env=dict(os.environ, RUST_LOG="warn"))
         while True:
@@ -194,17 +215,20 @@ format = "json"
             for k, v in r.headers.items():
                 if k.lower() == "set-cookie" and v.startswith("__Host-pbxgate="):
                     cookie = v.split(";")[0]
-        gateways[name] = (p, cookie, ready_ms)
+        gateways[name] = (p, cookie, ready_ms, ports[http], ports[https], ports[admin], store)
 
+    BASIC = "Authorization: Basic " + base64.b64encode(b"api:Bench password 42!").decode()
     cases = [
         ("direct", f"http://127.0.0.1:{ports['up']}/", None, None),
         ("nginx-plain", f"http://127.0.0.1:{ports['plain']}/", None, masters["nginx-plain"].pid),
         ("nginx-auth_request", f"http://127.0.0.1:{ports['auth']}/", "s=bench", masters["nginx-auth_request"].pid),
         ("pbxgate-embedded", f"http://127.0.0.1:{ports['pe']}/", gateways["embedded"][1], gateways["embedded"][0].pid),
         ("pbxgate-redis", f"http://127.0.0.1:{ports['pr']}/", gateways["redis"][1], gateways["redis"][0].pid),
+        ("pbxgate-redis-basic", f"http://127.0.0.1:{ports['pr']}/api/", BASIC, gateways["redis"][0].pid),
         ("nginx-ssl", f"https://127.0.0.1:{ports['ssl']}/", None, masters["nginx-ssl"].pid),
         ("pbxgate-redis-tls", f"https://127.0.0.1:{ports['prt']}/", gateways["redis"][1], gateways["redis"][0].pid),
     ]
+    before_basic = metric(gateways["redis"][5], "pbxgate_password_verifications_total")
     results = {name: {"rps": [], "p50": [], "p99": [], "p50_1": [], "cpu_us": [], "h2": []} for name, *_ in cases}
     for round_ in range(REPEATS):
         for name, url, cookie, pid in cases:
@@ -240,8 +264,27 @@ format = "json"
               f"{med(results[gw]['p50_1']) - med(results['nginx-plain']['p50_1']):+.3f} ms")
     print(f"- pbxgate-redis-tls / nginx-ssl: {rps['pbxgate-redis-tls'] / rps['nginx-ssl']:.2f}x (h1); h2: "
           f"{med(results['pbxgate-redis-tls']['h2']) / med(results['nginx-ssl']['h2']):.2f}x")
+    print(f"- Basic-auth API requests / cookie sessions: {rps['pbxgate-redis-basic'] / rps['pbxgate-redis']:.2f}x; "
+          f"argon2 runs during {REPEATS * 2} Basic runs: "
+          f"{metric(gateways['redis'][5], 'pbxgate_password_verifications_total') - before_basic:.0f}")
     for name in ["embedded", "redis"]:
         print(f"- start-up to ready ({name} store): {gateways[name][2]:.0f} ms")
+
+    # Passkey sign-ins through the JSON API, a software authenticator per client.
+    p, _, _, http, https, admin, store = gateways["redis"]
+    client = os.path.join(RELEASE, "examples", "bench-client")
+    out = subprocess.run([client, "passkeys", f"127.0.0.1:{http}", f"https://localhost:{https}", store,
+                          str(LOGIN_CLIENTS), str(SECONDS)], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"passkey benchmark failed:\n{out.stdout}{out.stderr}")
+    print(f"- {out.stdout.strip()} (Redis store)")
+
+    # Memory: the gateway's resident set with many live sessions in its cache.
+    before = rss_mb(p.pid)
+    out = subprocess.run([client, "sessions", f"127.0.0.1:{http}", store, str(SESSIONS)], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"session benchmark failed:\n{out.stdout}{out.stderr}")
+    print(f"- RSS with {SESSIONS} live sessions: {rss_mb(p.pid):.1f} MB (before them, after the runs above: {before:.1f} MB)")
 
 
 if __name__ == "__main__":

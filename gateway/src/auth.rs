@@ -16,6 +16,7 @@ pub mod sockets;
 pub(crate) mod unlock;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
@@ -28,7 +29,7 @@ use crate::State;
 pub struct Principal {
     pub user: String,
     pub session: SecretHash,
-    pub record: Session,
+    pub record: Arc<Session>,
 }
 
 /// The outcome of looking at a request's cookies.
@@ -87,7 +88,11 @@ pub(crate) async fn identify(
     tracing::info!(target: "pbxgate::audit", user = %user.name, client = %ip, token = token_hash.short_id(),
         "new session from remember token");
     Ok(Identity {
-        principal: Some(Principal { user: user.name.clone(), session: secret.hash(), record }),
+        principal: Some(Principal {
+            user: user.name.clone(),
+            session: secret.hash(),
+            record: Arc::new(record),
+        }),
         set_cookies: vec![cookies::set(cookies::SESSION, &secret, s.max_lifetime)],
     })
 }

@@ -113,6 +113,8 @@ pub struct Listen {
     pub admin: Option<SocketAddr>,
     /// How long in-flight requests may run on after SIGTERM.
     pub shutdown_timeout: Duration,
+    /// Threads serving connections, each with its own runtime (0 in the file: one per core).
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -24,6 +24,8 @@ pub enum Error {
     Store(#[from] crate::store::StoreError),
     #[error("sign-in: {0}")]
     Auth(String),
+    #[error("cannot start worker threads: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// Why the gateway answers a request itself instead of forwarding it.

@@ -24,6 +24,7 @@ mod reserved;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -140,7 +141,8 @@ impl Gateway {
             Some(_) => Some(tls::server_config(&config.tls, &config.policy)?),
             None => None,
         };
-        let upstream = proxy::Upstream::new(&config.upstream, config.limits.max_request_body)?;
+        let upstream =
+            proxy::Upstream::new(&config.upstream, config.limits.max_request_body, config.listen.workers)?;
         let spoofable = proxy::Spoofable::new(config.headers.all());
         let base =
             config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
@@ -197,12 +199,16 @@ impl Gateway {
     /// in-flight requests finish (up to `listen.shutdown_timeout`).
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
         let (tx, rx) = watch::channel(false);
+        let workers =
+            Arc::new(workers::Workers::start(self.state.config.listen.workers).map_err(Error::Runtime)?);
+        tracing::info!(workers = workers.count(), "serving connections");
         let mut tasks = Vec::new();
         for (socket, kind) in self.listeners {
             if let Ok(addr) = socket.local_addr() {
                 tracing::info!(%addr, listener = kind.name(), "listening");
             }
-            tasks.push(tokio::spawn(listener::serve(socket, kind, self.state.clone(), rx.clone())));
+            let workers = (!matches!(kind, listener::Kind::Admin)).then(|| workers.clone());
+            tasks.push(tokio::spawn(listener::serve(socket, kind, self.state.clone(), workers, rx.clone())));
         }
         let reloader = tokio::spawn(reload::watch(self.state.clone()));
         shutdown.await;
@@ -211,6 +217,9 @@ impl Gateway {
         let _ = tx.send(true);
         for task in tasks {
             let _ = task.await;
+        }
+        if let Some(workers) = Arc::into_inner(workers) {
+            workers.stop().await;
         }
         tracing::info!("stopped");
         Ok(())

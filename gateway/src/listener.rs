@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 
+use crate::workers::Workers;
 use crate::{admin, pipeline, State};
 
 /// What a listener serves.
@@ -49,11 +50,20 @@ pub struct Connection {
     pub peer: SocketAddr,
     /// `https` or `http`.
     pub proto: &'static str,
+    /// `peer`'s address as a header value, made once.
+    pub peer_value: http::HeaderValue,
+    /// The worker serving it (and whose upstream connections it uses).
+    pub worker: usize,
     dropped: AtomicBool,
     drop_now: Notify,
 }
 
 impl Connection {
+    fn new(peer: SocketAddr, proto: &'static str, worker: usize) -> Self {
+        let peer_value = crate::proxy::headers::ip_value(peer.ip());
+        Self { peer, proto, peer_value, worker, dropped: AtomicBool::new(false), drop_now: Notify::new() }
+    }
+
     /// Asks for this connection to be closed with no (further) response bytes.
     pub fn drop_silently(&self) {
         self.dropped.store(true, Ordering::SeqCst);
@@ -70,6 +80,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     kind: Kind,
     state: Arc<State>,
+    workers: Option<Arc<Workers>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -88,10 +99,20 @@ pub(crate) async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
+        // Moves to the worker's runtime: its reactor drives the socket from now on.
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "accepted connection unusable");
+                continue;
+            }
+        };
         let (kind, state, builder) = (kind.clone(), state.clone(), builder.clone());
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
+        let task = move |worker| async move {
+            let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else { return };
             let _active = state.metrics.connection_opened();
+            let connection = |proto| Connection::new(peer, proto, worker);
             match kind {
                 Kind::Https => {
                     // The current certificates: a reload applies to the next handshake.
@@ -101,16 +122,30 @@ pub(crate) async fn serve(
                         tokio::time::timeout(state.config.tls.handshake_timeout, acceptor.accept(tcp));
                     match handshake.await {
                         Ok(Ok(tls)) => {
-                            serve_connection(tls, peer, "https", Kind::Https, state.clone(), builder, watcher)
-                                .await
+                            serve_connection(
+                                tls,
+                                connection("https"),
+                                Kind::Https,
+                                state.clone(),
+                                builder,
+                                watcher,
+                            )
+                            .await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
-                kind => serve_connection(tcp, peer, "http", kind, state.clone(), builder, watcher).await,
+                kind => {
+                    serve_connection(tcp, connection("http"), kind, state.clone(), builder, watcher).await
+                }
             }
-        });
+        };
+        match &workers {
+            Some(workers) => workers.spawn(task),
+            // The admin listener stays on the main runtime, answering while workers are busy.
+            None => drop(tokio::spawn(task(0))),
+        }
     }
     drop(listener);
     let grace = state.config.listen.shutdown_timeout;
@@ -137,8 +172,7 @@ fn http_builder(state: &State) -> auto::Builder<TokioExecutor> {
 
 async fn serve_connection<IO>(
     io: IO,
-    peer: SocketAddr,
-    proto: &'static str,
+    connection: Connection,
     kind: Kind,
     state: Arc<State>,
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -146,8 +180,8 @@ async fn serve_connection<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let connection =
-        Arc::new(Connection { peer, proto, dropped: AtomicBool::new(false), drop_now: Notify::new() });
+    let peer = connection.peer;
+    let connection = Arc::new(connection);
     let io = Guarded { inner: Some(io), connection: connection.clone() };
     let conn = connection.clone();
     let service = service_fn(move |request: Request<Incoming>| {
@@ -163,6 +197,8 @@ async fn serve_connection<IO>(
     let serving =
         watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());
     tokio::select! {
+        // Checked in order: no random draw on every poll of a busy connection.
+        biased;
         result = serving => {
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -182,8 +218,9 @@ struct Guarded<T: AsyncWrite + Unpin + Send + 'static> {
 impl<T: AsyncWrite + Unpin + Send + 'static> Drop for Guarded<T> {
     fn drop(&mut self) {
         if self.connection.dropped.load(Ordering::SeqCst) {
-            if let Some(mut io) = self.inner.take() {
-                tokio::spawn(async move {
+            // No runtime means the worker is stopping: the socket just closes.
+            if let (Some(mut io), Ok(runtime)) = (self.inner.take(), tokio::runtime::Handle::try_current()) {
+                runtime.spawn(async move {
                     let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
                 });
             }

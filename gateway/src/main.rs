@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pbxgate::config::Config;
 
+// Every request allocates a little (buffers, headers); mimalloc's per-thread
+// free lists measure about a fifth cheaper than glibc's here (bench/).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// An authentication gateway in front of a PBX web interface.
 #[derive(Parser)]
 #[command(name = "pbxgate", version, about, long_about = None)]
@@ -383,7 +388,9 @@ fn serve(path: PathBuf, bootstrap: Option<(String, String)>) -> ExitCode {
         };
     }
     pbxgate::telemetry::init(config.log.format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Accepting, the admin listener and the store's background work; requests
+    // run on the worker threads (`listen.workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");

@@ -1,9 +1,10 @@
 //! The request's path, top to bottom: facts, screen, reserved, identity,
 //! decide, proxy, log.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderName, ACCEPT, HOST, LOCATION, SET_COOKIE, USER_AGENT};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -24,20 +25,21 @@ pub(crate) async fn handle(
     conn: &Connection,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Dropped> {
-    let started = Instant::now();
     let policy = state.policy.load_full();
 
     // 1. facts
     let peer = conn.peer.ip();
     let trusted_peer = policy.is_trusted_proxy(peer);
     let client_ip = headers::client_ip(peer, request.headers(), &policy);
-    let host_header = request_host(&request).unwrap_or_default().to_string();
-    let host = bare_host(&host_header);
+    // Cheap copies (shared buffers), so what is borrowed below outlives the request.
+    let (uri, host_value) = (request.uri().clone(), request.headers().get(HOST).cloned());
+    let host_header = uri.authority().map(|a| a.as_str()).or_else(|| host_value.as_ref()?.to_str().ok());
+    let host_header = host_header.unwrap_or_default();
+    let host = bare_host(host_header);
     let method = request.method().clone();
-    let normalized = normalize_path(request.uri().path());
+    let normalized = normalize_path(uri.path());
     let user_agent = request.headers().get(USER_AGENT).and_then(|v| v.to_str().ok());
     let browser = is_browser(&request);
-    let log_path = normalized.as_deref().unwrap_or("-").to_string();
     let facts = Facts {
         client_ip,
         host: &host,
@@ -45,42 +47,30 @@ pub(crate) async fn handle(
         path: normalized.as_deref().unwrap_or(""),
         user_agent,
     };
+    let mut log = Log { state, method: &method, host: &host, path: "-", client: client_ip, user: "-" };
 
     // 2. screen
     if let Screen::Drop(reason) = screen(&policy, &facts) {
         state.metrics.request("drop", 0);
-        tracing::info!(target: "pbxgate::access", %method, host = %host, path = %log_path, status = 0,
-            decision = "drop", rule = reason.as_str(), user = "-", client = %client_ip);
+        tracing::info!(target: "pbxgate::access", %method, host = %host, path = normalized.as_deref().unwrap_or("-"),
+            status = 0, decision = "drop", rule = reason.as_str(), user = "-", client = %client_ip);
         drop(policy);
         return Err(drop_connection(conn).await);
     }
     let path: &str = match &normalized {
         Ok(path) => path,
-        Err(e) => {
-            let response = respond(&Refusal::BadRequest, browser);
-            access_log(
-                state,
-                &method,
-                &host,
-                "-",
-                &response,
-                None,
-                "bad_request",
-                &e.to_string(),
-                "-",
-                client_ip,
-            );
-            return Ok(response);
-        }
+        Err(e) => return Ok(log.write(respond(&Refusal::BadRequest, browser), None, "bad_request", e)),
     };
-    let user_agent = user_agent.unwrap_or_default().to_string();
+    log.path = path;
+    let user_agent = user_agent.unwrap_or_default();
 
     // 3. the gateway's own endpoints
     if reserved::is_reserved(path) {
-        let ctx = Ctx { client_ip, proto: conn.proto, host: &host_header, user_agent, browser };
+        let host_header = host_header.to_string();
+        let ctx =
+            Ctx { client_ip, proto: conn.proto, host: &host_header, user_agent: user_agent.into(), browser };
         let response = reserved::handle(state, &ctx, request, path).await;
-        access_log(state, &method, &host, path, &response, None, "reserved", "reserved", "-", client_ip);
-        return Ok(response);
+        return Ok(log.write(response, None, "reserved", &"reserved"));
     }
 
     // 4. identity, where the route needs a person; no store, no entry.
@@ -92,7 +82,7 @@ pub(crate) async fn handle(
     let mut listed_grant = false;
     if needs_person {
         let looked_up = async {
-            let identity = auth::identify(state, request.headers(), client_ip, &user_agent).await?;
+            let identity = auth::identify(state, request.headers(), client_ip, user_agent).await?;
             let basic = match identity.principal {
                 Some(_) => Basic::Absent,
                 None => auth::basic::verify(state, request.headers(), client_ip).await?,
@@ -113,11 +103,7 @@ pub(crate) async fn handle(
                     _ if listed => {}
                     Basic::Refused | Basic::Regulated => {
                         let regulated = matches!(basic, Basic::Regulated);
-                        let response = basic_refused(regulated);
-                        access_log(
-                            state, &method, &host, path, &response, None, "deny", "basic", "-", client_ip,
-                        );
-                        return Ok(response);
+                        return Ok(log.write(basic_refused(regulated), None, "deny", &"basic"));
                     }
                     Basic::Absent => {}
                 }
@@ -126,41 +112,16 @@ pub(crate) async fn handle(
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable: refusing (fail closed)");
                 let response = respond(&Refusal::Unavailable, browser);
-                access_log(
-                    state,
-                    &method,
-                    &host,
-                    path,
-                    &response,
-                    None,
-                    "deny",
-                    "store_unavailable",
-                    "-",
-                    client_ip,
-                );
-                return Ok(response);
+                return Ok(log.write(response, None, "deny", &"store_unavailable"));
             }
         }
     }
     let who = identity.principal.as_ref();
+    log.user = who.map_or(basic_user.as_deref().unwrap_or("-"), |p| p.user.as_str());
     if who.is_some_and(|p| p.record.must_register_passkey) {
-        let response =
-            with_cookies(passkey_required(browser, path, request.uri().query()), identity.set_cookies);
-        access_log(
-            state,
-            &method,
-            &host,
-            path,
-            &response,
-            None,
-            "deny",
-            "passkey_required",
-            who.map_or("-", |p| &p.user),
-            client_ip,
-        );
-        return Ok(response);
+        let response = with_cookies(passkey_required(browser, path, uri.query()), identity.set_cookies);
+        return Ok(log.write(response, None, "deny", &"passkey_required"));
     }
-    let user_name = who.map_or(basic_user.as_deref().unwrap_or("-"), |p| p.user.as_str());
     let principal = match (who, &basic_user) {
         (Some(p), _) => {
             Some(Principal { name: &p.user, step_up_until: p.record.step_up_until_ms.map(|ms| ms / 1000) })
@@ -171,7 +132,7 @@ pub(crate) async fn handle(
 
     // 5. decide
     let decision = decide(&policy, &facts, principal.as_ref(), unix_now());
-    let return_path = || match request.uri().query() {
+    let return_path = || match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     };
@@ -186,11 +147,9 @@ pub(crate) async fn handle(
         }
     };
     let verdict = verdict_name(verdict);
-    let rule = decision.rule.to_string();
     if let Some(refusal) = refusal {
         let response = with_cookies(respond(&refusal, browser), identity.set_cookies);
-        access_log(state, &method, &host, path, &response, None, verdict, &rule, user_name, client_ip);
-        return Ok(response);
+        return Ok(log.write(response, None, verdict, &decision.rule));
     }
 
     // 6. proxy, with the identity the upstream may trust
@@ -199,11 +158,13 @@ pub(crate) async fn handle(
         _ => Vec::new(),
     };
     let out = Outgoing {
+        worker: conn.worker,
         peer,
+        peer_value: conn.peer_value.clone(),
         trusted_peer,
         client: client_ip,
         proto: conn.proto,
-        host: &host_header,
+        host: host_header,
         path,
         identity: upstream_identity,
         sockets: who.map(|p| (&state.auth.sockets, p.session.clone())),
@@ -213,23 +174,42 @@ pub(crate) async fn handle(
         Ok(response) => response,
         Err(refusal) => respond(&refusal, browser),
     };
-    state.metrics.upstream_latency(upstream_started.elapsed());
+    let upstream_took = upstream_started.elapsed();
+    state.metrics.upstream_latency(upstream_took);
     let response = with_cookies(response, identity.set_cookies);
 
     // 7. log
-    access_log(
-        state,
-        &method,
-        &host,
-        path,
-        &response,
-        Some(started.elapsed()),
-        verdict,
-        &rule,
-        user_name,
-        client_ip,
-    );
-    Ok(response)
+    Ok(log.write(response, Some(upstream_took), verdict, &decision.rule))
+}
+
+/// One access-log line, filled in along the request's path.
+struct Log<'a> {
+    state: &'a State,
+    method: &'a Method,
+    host: &'a str,
+    path: &'a str,
+    client: IpAddr,
+    user: &'a str,
+}
+
+impl Log<'_> {
+    /// Counts and logs the response on its way out. The rule is formatted
+    /// only when the line is written.
+    fn write(
+        &self,
+        response: Response<Body>,
+        upstream: Option<Duration>,
+        decision: &str,
+        rule: &dyn std::fmt::Display,
+    ) -> Response<Body> {
+        let status = response.status().as_u16();
+        self.state.metrics.request(decision, status);
+        let upstream_ms = upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
+        let Self { method, host, path, client, user, .. } = self;
+        tracing::info!(target: "pbxgate::access", %method, host, path, status, upstream_ms, decision,
+            %rule, user, %client);
+        response
+    }
 }
 
 /// Wrong Basic credentials: 401 with a challenge (429 while regulated).
@@ -279,13 +259,13 @@ fn with_cookies(mut response: Response<Body>, cookies: Vec<HeaderValue>) -> Resp
 fn identity_headers(state: &State, user: &User) -> Vec<(HeaderName, HeaderValue)> {
     let h = &state.config.headers;
     let mut out = Vec::with_capacity(5);
+    out.push((h.groups.clone(), HeaderValue::from_static(user.role.as_str())));
     let mut add = |name: &HeaderName, value: &str| {
         if let Ok(v) = HeaderValue::from_str(value) {
             out.push((name.clone(), v));
         }
     };
     add(&h.user, &user.name);
-    add(&h.groups, user.role.as_str());
     if let Some(email) = &user.email {
         add(&h.email, email);
     }
@@ -334,7 +314,7 @@ pub(crate) async fn redirect_to_https(
         Some(p) if p != 443 => format!(":{p}"),
         _ => String::new(),
     };
-    let host = if host.contains(':') { format!("[{host}]") } else { host };
+    let host = if host.contains(':') { Cow::Owned(format!("[{host}]")) } else { host };
     let target =
         format!("https://{host}{port}{}", request.uri().path_and_query().map_or("/", |p| p.as_str()));
     let mut response = empty(StatusCode::PERMANENT_REDIRECT);
@@ -342,25 +322,6 @@ pub(crate) async fn redirect_to_https(
         response.headers_mut().insert(LOCATION, value);
     }
     Ok(response)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn access_log(
-    state: &State,
-    method: &Method,
-    host: &str,
-    path: &str,
-    response: &Response<Body>,
-    upstream: Option<std::time::Duration>,
-    decision: &str,
-    rule: &str,
-    user: &str,
-    client: IpAddr,
-) {
-    let status = response.status().as_u16();
-    state.metrics.request(decision, status);
-    let upstream_ms = upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
-    tracing::info!(target: "pbxgate::access", %method, host, path, status, upstream_ms, decision, rule, user, %client);
 }
 
 fn verdict_name(verdict: Verdict) -> &'static str {
@@ -378,7 +339,7 @@ fn request_host<B>(request: &Request<B>) -> Option<&str> {
 }
 
 /// Lower case, without port or trailing dot; IPv6 without brackets.
-fn bare_host(host: &str) -> String {
+fn bare_host(host: &str) -> Cow<'_, str> {
     let host = host.trim();
     let name = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or_default()
@@ -386,7 +347,11 @@ fn bare_host(host: &str) -> String {
         host.rsplit_once(':')
             .map_or(host, |(name, port)| if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host })
     };
-    name.trim_end_matches('.').to_ascii_lowercase()
+    let name = name.trim_end_matches('.');
+    match name.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => Cow::Owned(name.to_ascii_lowercase()),
+        false => Cow::Borrowed(name),
+    }
 }
 
 /// A person's browser navigating: they get pages and redirects, programs get JSON.

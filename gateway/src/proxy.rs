@@ -29,10 +29,12 @@ pub use headers::Spoofable;
 
 type UpstreamBody = Limited<Incoming>;
 
-/// The PBX, as a pooled client plus where it lives.
+/// The PBX, as pooled clients (one per worker) plus where it lives.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    /// A worker's requests use its own pool: the pooled connections' tasks
+    /// then run on the same thread as the requests that use them.
+    clients: Box<[Client<HttpsConnector<HttpConnector>, UpstreamBody>]>,
     scheme: Scheme,
     authority: Authority,
     /// Path prefix of `upstream.url` without its trailing slash ("" for none).
@@ -44,7 +46,11 @@ pub struct Upstream {
 /// What the pipeline learnt about the request that forwarding needs.
 #[derive(Debug)]
 pub struct Outgoing<'a> {
+    /// The worker the request runs on (chooses the connection pool).
+    pub worker: usize,
     pub peer: IpAddr,
+    /// `peer` as a header value, made once per connection.
+    pub peer_value: HeaderValue,
     pub trusted_peer: bool,
     pub client: IpAddr,
     /// `https` or `http`: how the client reached us.
@@ -60,7 +66,7 @@ pub struct Outgoing<'a> {
 }
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig, max_body: u64) -> Result<Self, Error> {
+    pub fn new(config: &UpstreamConfig, max_body: u64, workers: usize) -> Result<Self, Error> {
         let tls = upstream_tls(config)?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -71,15 +77,17 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
+        let client = || {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(config.pool_idle_timeout)
+                .pool_max_idle_per_host(config.pool_max_idle_per_host)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(connector.clone())
+        };
         let url = &config.url;
         Ok(Self {
-            client,
+            clients: (0..workers.max(1)).map(|_| client()).collect(),
             scheme: url.scheme().cloned().unwrap_or(Scheme::HTTP),
             authority: url
                 .authority()
@@ -111,18 +119,23 @@ impl Upstream {
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
 
         let (mut parts, body) = request.into_parts();
-        parts.uri = self.upstream_uri(out.path, parts.uri.query())?;
+        parts.uri = self.upstream_uri(&parts.uri, out.path)?;
         parts.version = Version::HTTP_11;
         let headers = &mut parts.headers;
         headers::strip_hop_by_hop(headers);
         headers::strip_identity(headers, spoofable);
         headers::strip_gateway_cookies(headers);
-        headers::set_forwarded(headers, out.peer, out.trusted_peer, out.client, out.proto, out.host);
+        // HTTP/2 clients send :authority, not Host; the PBX sees the name the
+        // client used (its own Host value when it says that: no copy).
+        let host = match headers.get(HOST) {
+            Some(value) if value.as_bytes() == out.host.as_bytes() => Some(value.clone()),
+            _ => HeaderValue::from_str(out.host).ok(),
+        };
+        headers::set_forwarded(headers, &out, host.as_ref());
         for (name, value) in out.identity {
             headers.insert(name, value);
         }
-        // HTTP/2 clients send :authority, not Host; the PBX sees the name the client used.
-        if let Ok(host) = HeaderValue::from_str(out.host) {
+        if let Some(host) = host {
             headers.insert(HOST, host);
         }
         if let Some(protocol) = &upgrade {
@@ -131,12 +144,12 @@ impl Upstream {
         }
         let upstream_request = Request::from_parts(parts, Limited::new(body, self.max_body));
 
-        let mut response =
-            match tokio::time::timeout(self.timeout, self.client.request(upstream_request)).await {
-                Err(_) => return Err(Refusal::GatewayTimeout),
-                Ok(Err(e)) => return Err(classify(&e)),
-                Ok(Ok(response)) => response,
-            };
+        let client = &self.clients[out.worker % self.clients.len()];
+        let mut response = match tokio::time::timeout(self.timeout, client.request(upstream_request)).await {
+            Err(_) => return Err(Refusal::GatewayTimeout),
+            Ok(Err(e)) => return Err(classify(&e)),
+            Ok(Ok(response)) => response,
+        };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) else {
@@ -158,16 +171,25 @@ impl Upstream {
         Ok(response.map(Either::Left))
     }
 
-    fn upstream_uri(&self, path: &str, query: Option<&str>) -> Result<Uri, Refusal> {
-        let mut target =
-            String::with_capacity(self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1));
-        target.push_str(&self.base_path);
-        target.push_str(path);
-        if let Some(q) = query {
-            target.push('?');
-            target.push_str(q);
-        }
-        let path_and_query = PathAndQuery::try_from(target).map_err(|_| Refusal::BadRequest)?;
+    /// The upstream's URL for a request whose normalised path is `path`.
+    fn upstream_uri(&self, original: &Uri, path: &str) -> Result<Uri, Refusal> {
+        let path_and_query = match original.path_and_query() {
+            // Already normal and nothing to prefix: reused as it came (no copy).
+            Some(pq) if self.base_path.is_empty() && pq.path() == path => pq.clone(),
+            _ => {
+                let query = original.query();
+                let mut target = String::with_capacity(
+                    self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+                );
+                target.push_str(&self.base_path);
+                target.push_str(path);
+                if let Some(q) = query {
+                    target.push('?');
+                    target.push_str(q);
+                }
+                PathAndQuery::try_from(target).map_err(|_| Refusal::BadRequest)?
+            }
+        };
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())

@@ -1,6 +1,8 @@
 //! Path normalisation, done once per request so that the rule that decides and
 //! the upstream that routes see the same path.
 
+use std::borrow::Cow;
+
 /// Why a request path is refused outright.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -24,9 +26,14 @@ pub enum PathError {
 /// resolves `.` and `..`, and collapses repeated slashes. A trailing slash is
 /// kept. Encoded `/`, `\` and NUL, raw backslashes, control characters and
 /// fragments are refused, because upstreams disagree on what they mean.
-pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+///
+/// A path that is already normal (nearly every request's) is returned as is.
+pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
+    }
+    if is_normal(raw) {
+        return Ok(Cow::Borrowed(raw));
     }
     let decoded = decode_unreserved(raw)?;
     let mut segments: Vec<&str> = Vec::new();
@@ -52,7 +59,20 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     if trailing_slash || out.is_empty() {
         out.push('/');
     }
-    Ok(out)
+    Ok(Cow::Owned(out))
+}
+
+/// No escapes, nothing refused, no `.`/`..` segment and no empty segment
+/// (but the last, a trailing slash): the normal form of itself.
+fn is_normal(raw: &str) -> bool {
+    let plain = raw.bytes().all(|b| !matches!(b, b'%' | b'#' | b'\\' | 0..=0x1f | 0x7f));
+    let mut segments = raw.split('/').skip(1).peekable();
+    let mut tidy = true;
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        tidy &= !matches!(segment, "." | "..") && (last || !segment.is_empty());
+    }
+    plain && tidy
 }
 
 fn decode_unreserved(raw: &str) -> Result<String, PathError> {

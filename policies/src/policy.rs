@@ -300,7 +300,7 @@ impl Policy {
                 continue;
             };
             let path = match normalize_path(&r.path) {
-                Ok(p) if p == r.path => p,
+                Ok(p) if p == r.path => p.into_owned(),
                 Ok(p) => {
                     errors.push(PolicyError::new(
                         format!("{at}.path"),

@@ -313,6 +313,9 @@ proptest! {
             prop_assert!(!once.contains("//"));
             prop_assert!(!once.split('/').any(|s| s == ".." || s == "."));
             prop_assert_eq!(normalize_path(&once), Ok(once.clone()));
+            // The fast path agrees with the full one.
+            let dotted = format!("/.{once}");
+            prop_assert_eq!(normalize_path(&dotted), Ok(once.clone()));
         }
     }
 

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
@@ -25,6 +25,10 @@ const CACHE_MAX: usize = 10_000;
 pub struct BasicCache {
     key: hmac::Key,
     verified: Mutex<HashMap<Vec<u8>, (String, Instant)>>,
+    /// One verification at a time per credential: a script opening 64
+    /// connections at once (or a minute's entry running out under load) costs
+    /// one argon2 run, not 64.
+    in_flight: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Default for BasicCache {
@@ -32,6 +36,30 @@ impl Default for BasicCache {
         Self {
             key: hmac::Key::new(hmac::HMAC_SHA256, &crate::store::secret::random::<32>()),
             verified: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl BasicCache {
+    fn cached(&self, tag: &[u8], state: &State) -> Option<String> {
+        let verified = self.verified.lock().ok()?;
+        let (user, at) = verified.get(tag)?;
+        (at.elapsed() < CACHE_TTL && state.policy.load().user(user).is_some_and(|u| u.basic_auth))
+            .then(|| user.clone())
+    }
+
+    /// This credential's turn to be verified (shared by concurrent requests).
+    fn turn(&self, tag: &[u8]) -> Arc<tokio::sync::Mutex<()>> {
+        match self.in_flight.lock() {
+            Ok(mut in_flight) => in_flight.entry(tag.to_vec()).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    fn done(&self, tag: &[u8]) {
+        if let Ok(mut in_flight) = self.in_flight.lock() {
+            in_flight.remove(tag);
         }
     }
 }
@@ -75,20 +103,36 @@ pub(crate) async fn verify(
     };
     let cache = &state.auth.basic;
     let tag = hmac::sign(&cache.key, format!("{login}\0{password}").as_bytes()).as_ref().to_vec();
-    if let Ok(verified) = cache.verified.lock() {
-        if let Some((user, at)) = verified.get(&tag) {
-            if at.elapsed() < CACHE_TTL && state.policy.load().user(user).is_some_and(|u| u.basic_auth) {
-                return Ok(Basic::Verified(user.clone()));
-            }
-        }
+    if let Some(user) = cache.cached(&tag, state) {
+        return Ok(Basic::Verified(user));
     }
-    if regulate::is_locked(&state.store, regulate::Kind::Failure, &login, client_ip).await? {
+    let turn = cache.turn(&tag);
+    let _turn = turn.lock().await;
+    // Whoever went first may have verified it meanwhile.
+    if let Some(user) = cache.cached(&tag, state) {
+        return Ok(Basic::Verified(user));
+    }
+    let outcome = verify_uncached(state, &login, password, client_ip, &tag).await;
+    // Also on an error (`?` inside): the next request takes a fresh turn.
+    cache.done(&tag);
+    outcome
+}
+
+async fn verify_uncached(
+    state: &State,
+    login: &str,
+    password: String,
+    client_ip: IpAddr,
+    tag: &[u8],
+) -> Result<Basic, StoreError> {
+    let cache = &state.auth.basic;
+    if regulate::is_locked(&state.store, regulate::Kind::Failure, login, client_ip).await? {
         return Ok(Basic::Regulated);
     }
     let account = state
         .policy
         .load()
-        .user(&login)
+        .user(login)
         .filter(|u| u.role == Role::Api && u.basic_auth)
         .map(|u| u.name.clone());
     let hash = match &account {
@@ -97,7 +141,7 @@ pub(crate) async fn verify(
     };
     if !passwords::verify(password, hash, &state.auth.dummy_hash, &state.metrics.password_verifications).await
     {
-        regulate::count(&state.store, regulate::Kind::Failure, &login, client_ip).await?;
+        regulate::count(&state.store, regulate::Kind::Failure, login, client_ip).await?;
         tracing::info!(target: "pbxgate::audit", client = %client_ip, "Basic credentials refused");
         return Ok(Basic::Refused);
     }
@@ -106,7 +150,7 @@ pub(crate) async fn verify(
         if verified.len() >= CACHE_MAX {
             verified.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
         }
-        verified.insert(tag, (user.clone(), Instant::now()));
+        verified.insert(tag.to_vec(), (user.clone(), Instant::now()));
     }
     Ok(Basic::Verified(user))
 }

@@ -70,6 +70,7 @@ defaults!(RawListen {
     redirect_http: String = "",
     admin: String = "127.0.0.1:9464",
     shutdown_timeout: Text = "30s",
+    workers: usize = 0usize,
 });
 
 #[derive(Debug, Deserialize)]
@@ -277,6 +278,10 @@ impl RawConfig {
             redirect_http: c.addr("listen.redirect_http", &l.redirect_http),
             admin: c.addr("listen.admin", &l.admin),
             shutdown_timeout: c.duration("listen.shutdown_timeout", &l.shutdown_timeout),
+            workers: match l.workers {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
         };
         if listen.https.is_none() && listen.http.is_none() {
             c.error("listen", "set listen.https or listen.http (or both)");

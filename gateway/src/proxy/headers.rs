@@ -2,22 +2,32 @@
 
 use std::net::IpAddr;
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, FORWARDED, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 
 use pbxgate_policies::Policy;
 
+use super::Outgoing;
+
 /// Headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Names, folded (lower case, `_` and `.` as `-`), that a client must never
 /// send upstream: the configured identity headers plus the defaults.
@@ -62,17 +72,19 @@ fn starts_with_folded(name: &[u8], prefix: &[u8]) -> bool {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    // One pass over the names: most messages carry one of these at most.
+    let mut doomed: Vec<HeaderName> = headers.keys().filter(|n| HOP_BY_HOP.contains(n)).cloned().collect();
+    if doomed.is_empty() {
+        return;
+    }
+    let named = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok());
+    doomed.extend(named);
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -88,21 +100,22 @@ pub fn strip_identity(headers: &mut HeaderMap, spoofable: &Spoofable) {
 /// The gateway's own cookies stay with the gateway. Several `Cookie` headers
 /// (HTTP/2 splits them) become one, as HTTP/1.1 upstreams expect.
 pub fn strip_gateway_cookies(headers: &mut HeaderMap) {
-    if !headers.contains_key(COOKIE) {
+    let mut kept = String::new();
+    let mut values = 0;
+    for pair in headers.get_all(COOKIE).iter().inspect(|_| values += 1).filter_map(|v| v.to_str().ok()) {
+        for cookie in pair.split(';').map(str::trim).filter(|c| !c.is_empty() && !is_gateway_cookie(c)) {
+            if !kept.is_empty() {
+                kept.push_str("; ");
+            }
+            kept.push_str(cookie);
+        }
+    }
+    if values == 0 {
         return;
     }
-    let kept: Vec<String> = headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|c| !c.is_empty() && !is_gateway_cookie(c))
-        .map(str::to_string)
-        .collect();
     headers.remove(COOKIE);
     if !kept.is_empty() {
-        if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
+        if let Ok(value) = HeaderValue::try_from(kept) {
             headers.insert(COOKIE, value);
         }
     }
@@ -146,49 +159,42 @@ fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
 
 /// Sets `X-Forwarded-For/-Proto/-Host` and `X-Real-IP`. What a client sent is
 /// kept (and appended to) only when the peer is a trusted proxy.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    peer: IpAddr,
-    trusted_peer: bool,
-    client: IpAddr,
-    proto: &str,
-    host: &str,
-) {
-    let xff = if trusted_peer {
-        let previous: Vec<&str> =
-            headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
-        if previous.is_empty() {
-            peer.to_string()
-        } else {
-            format!("{}, {peer}", previous.join(", "))
+pub fn set_forwarded(headers: &mut HeaderMap, out: &Outgoing<'_>, host: Option<&HeaderValue>) {
+    let trusted_peer = out.trusted_peer;
+    let xff = match trusted_peer {
+        true => {
+            let previous: Vec<&str> =
+                headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+            match previous.is_empty() {
+                true => out.peer_value.clone(),
+                false => HeaderValue::from_str(&format!("{}, {}", previous.join(", "), out.peer))
+                    .unwrap_or_else(|_| out.peer_value.clone()),
+            }
         }
-    } else {
-        peer.to_string()
+        false => out.peer_value.clone(),
     };
-    let keep_proto = trusted_peer && headers.contains_key("x-forwarded-proto");
-    let keep_host = trusted_peer && headers.contains_key("x-forwarded-host");
+    let keep_proto = trusted_peer && headers.contains_key(&X_FORWARDED_PROTO);
+    let keep_host = trusted_peer && headers.contains_key(&X_FORWARDED_HOST);
     if !trusted_peer {
-        headers.remove("forwarded");
+        headers.remove(FORWARDED);
     }
-    set(headers, "x-forwarded-for", &xff);
+    headers.insert(X_FORWARDED_FOR, xff);
     if !keep_proto {
-        set(headers, "x-forwarded-proto", proto);
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(out.proto));
     }
     if !keep_host {
-        set(headers, "x-forwarded-host", host);
+        match host {
+            Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
     }
-    set(headers, "x-real-ip", &client.to_string());
+    let real_ip = if out.client == out.peer { out.peer_value.clone() } else { ip_value(out.client) };
+    headers.insert(X_REAL_IP, real_ip);
 }
 
-fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    match HeaderValue::from_str(value) {
-        Ok(v) => {
-            headers.insert(name, v);
-        }
-        Err(_) => {
-            headers.remove(name);
-        }
-    }
+/// An address as a header value (always valid text, so no error path).
+pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::try_from(ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 #[cfg(test)]
@@ -249,7 +255,19 @@ mod tests {
         assert_eq!(client_ip(ip("8.8.8.8"), &h, &policy), ip("8.8.8.8"));
         h.insert("x-forwarded-for", HeaderValue::from_static("garbage"));
         assert_eq!(client_ip(ip("10.0.0.1"), &h, &policy), ip("10.0.0.1"));
-        set_forwarded(&mut h, ip("8.8.8.8"), false, ip("8.8.8.8"), "https", "a.example");
+        let out = Outgoing {
+            worker: 0,
+            peer: ip("8.8.8.8"),
+            peer_value: ip_value(ip("8.8.8.8")),
+            trusted_peer: false,
+            client: ip("8.8.8.8"),
+            proto: "https",
+            host: "a.example",
+            path: "/",
+            identity: Vec::new(),
+            sockets: None,
+        };
+        set_forwarded(&mut h, &out, Some(&HeaderValue::from_static("a.example")));
         assert_eq!(h.get("x-forwarded-for").unwrap(), "8.8.8.8");
     }
 }

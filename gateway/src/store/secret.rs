@@ -86,12 +86,9 @@ pub fn random<const N: usize>() -> [u8; N] {
 
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    out
+    let digits: Vec<u8> =
+        bytes.iter().flat_map(|b| [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]]).collect();
+    String::from_utf8(digits).unwrap_or_default()
 }
 
 /// A random (version 4) UUID, for WebAuthn user handles.
