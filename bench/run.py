@@ -170,7 +170,7 @@ def run(tmp):
     write(f"{tmp}/policy.toml", 'domains = ["localhost"]\n'
           '[[route]]\npath = "/api/"\naccess = "api"\n[[route]]\npath = "/"\naccess = "user"\n'
           '[[user]]\nname = "bench"\npassword_login = true\n'
-          '[[user]]\nname = "api"\nrole = "api"\nbasic_auth = true\n'
+          '[[user]]\nname = "api"\nrole = "api"\nbasic_auth = true\nnetworks = ["127.0.0.1/32"]\n'
           + "".join(f'[[user]]\nname = "bench-{i}"\n' for i in range(LOGIN_CLIENTS)))
     pbx = os.path.join(RELEASE, "pbxgate")
     gateways = {}
