@@ -38,6 +38,7 @@ fn minimal_file_gets_the_vodia_defaults() {
         assert_eq!(c.public_url.origin, "https://localhost:8443");
         assert_eq!((c.tls.min_version, c.tls.max_version), (TlsVersion::V1_2, TlsVersion::V1_3));
         assert_eq!(c.headers.user.as_str(), "remote-user");
+        assert!(c.listen.workers >= 1, "0 means one per core");
         assert!(c.policy_file.ends_with("policy.toml"));
         Ok(())
     });

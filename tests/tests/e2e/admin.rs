@@ -287,6 +287,33 @@ async fn api_accounts_use_basic_only_from_their_network_and_never_the_browser_ro
     assert!(spent <= 1, "argon2 ran {spent} times for 1000 requests");
 }
 
+/// A script opening many connections at once with a credential not yet
+/// verified: one argon2 run, the others wait for it and use its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_with_one_credential_cost_one_argon2_run() {
+    let rig = Rig::start_with(&admin_policy(), "").await;
+    with_passwords(&rig).await;
+    let verifications = || async {
+        let text = pbxgate_e2e::client::http_get(rig.gw.addrs.admin.unwrap(), "/metrics", &[]).await.text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("pbxgate_password_verifications_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("metric")
+    };
+    let before = verifications().await;
+    let good = basic("svc", PASSWORD);
+    let headers = [("authorization", good.as_str())];
+    let requests = (0..32).map(|_| rig.get_from(Some("127.0.0.2"), "/api/calls", None, &headers));
+    for response in futures_util::future::join_all(requests).await {
+        assert_eq!(response.status, 200, "{}", response.text());
+    }
+    assert_eq!(verifications().await - before, 1, "32 requests at once, one verification");
+    // A wrong password is never taken from the cache of a right one.
+    let wrong =
+        rig.get_from(Some("127.0.0.2"), "/api/calls", None, &[("authorization", &basic("svc", "no"))]).await;
+    assert_eq!(wrong.status, 401);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_one_time_admin_password_works_once_then_a_passkey_is_required() {
     let dir = pbxgate_e2e::TempDir::new("otp");
