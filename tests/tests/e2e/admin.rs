@@ -82,6 +82,15 @@ fn basic(user: &str, password: &str) -> String {
 
 const PASSWORD: &str = "Correct horse 42!";
 
+/// argon2 verifications so far, from the gateway's metrics.
+async fn argon2_runs(rig: &Rig) -> u64 {
+    let text = pbxgate_e2e::client::http_get(rig.gw.addrs.admin.unwrap(), "/metrics", &[]).await.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("pbxgate_password_verifications_total "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("metric")
+}
+
 async fn with_passwords(rig: &Rig) {
     let hash = pbxgate::auth::passwords::hash(PASSWORD.into()).await.unwrap();
     for user in ["100", "101", "svc"] {
@@ -264,15 +273,8 @@ async fn api_accounts_use_basic_only_from_their_network_and_never_the_browser_ro
     assert!(legacy.json()["headers"].get("remote-user").is_none(), "no identity for an access-list entry");
 
     // 1000 requests cost one argon2 verification, not a thousand.
-    let metric = || async {
-        let text = pbxgate_e2e::client::http_get(rig.gw.addrs.admin.unwrap(), "/metrics", &[]).await.text();
-        text.lines()
-            .find_map(|l| l.strip_prefix("pbxgate_password_verifications_total "))
-            .and_then(|v| v.parse::<u64>().ok())
-            .expect("metric")
-    };
     let host = format!("localhost:{}", rig.port);
-    let before = metric().await;
+    let before = argon2_runs(&rig).await;
     let started = std::time::Instant::now();
     let tls = pbxgate_e2e::client::tls_connect(rig.gw.https(), &Default::default()).await.unwrap();
     let _ = tls; // one connection per request below keeps the client simple
@@ -282,7 +284,7 @@ async fn api_accounts_use_basic_only_from_their_network_and_never_the_browser_ro
             .await;
         assert_eq!(r.status, 200);
     }
-    let spent = metric().await - before;
+    let spent = argon2_runs(&rig).await - before;
     eprintln!("1000 Basic requests in {:?}, {spent} argon2 verifications", started.elapsed());
     assert!(spent <= 1, "argon2 ran {spent} times for 1000 requests");
 }
@@ -293,21 +295,14 @@ async fn api_accounts_use_basic_only_from_their_network_and_never_the_browser_ro
 async fn concurrent_first_requests_with_one_credential_cost_one_argon2_run() {
     let rig = Rig::start_with(&admin_policy(), "").await;
     with_passwords(&rig).await;
-    let verifications = || async {
-        let text = pbxgate_e2e::client::http_get(rig.gw.addrs.admin.unwrap(), "/metrics", &[]).await.text();
-        text.lines()
-            .find_map(|l| l.strip_prefix("pbxgate_password_verifications_total "))
-            .and_then(|v| v.parse::<u64>().ok())
-            .expect("metric")
-    };
-    let before = verifications().await;
+    let before = argon2_runs(&rig).await;
     let good = basic("svc", PASSWORD);
     let headers = [("authorization", good.as_str())];
     let requests = (0..32).map(|_| rig.get_from(Some("127.0.0.2"), "/api/calls", None, &headers));
     for response in futures_util::future::join_all(requests).await {
         assert_eq!(response.status, 200, "{}", response.text());
     }
-    assert_eq!(verifications().await - before, 1, "32 requests at once, one verification");
+    assert_eq!(argon2_runs(&rig).await - before, 1, "32 requests at once, one verification");
     // A wrong password is never taken from the cache of a right one.
     let wrong =
         rig.get_from(Some("127.0.0.2"), "/api/calls", None, &[("authorization", &basic("svc", "no"))]).await;
