@@ -33,7 +33,6 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use pbxgate_policies::Policy;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -42,7 +41,7 @@ pub use config::Config;
 pub use error::Error;
 
 /// Every response body: streamed from the upstream, or small and our own.
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<proxy::Pooled, Full<Bytes>>;
 
 /// What every request shares, built once at start-up.
 pub(crate) struct State {

@@ -1,21 +1,19 @@
-//! Forwarding to the PBX: a pooled keep-alive client, bodies streamed both
+//! Forwarding to the PBX: pooled keep-alive connections, bodies streamed both
 //! ways, websocket upgrades spliced through.
 
 pub mod headers;
+mod pool;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -26,17 +24,15 @@ use crate::error::{Error, Refusal};
 use crate::Body;
 
 pub use headers::Spoofable;
+pub use pool::Pooled;
+use pool::{Connector, Failure, Pool};
 
-type UpstreamBody = Limited<Incoming>;
-
-/// The PBX, as pooled clients (one per worker) plus where it lives.
-#[derive(Clone)]
+/// The PBX: where it lives and a pool of connections to it per worker.
 pub struct Upstream {
     /// A worker's requests use its own pool: the pooled connections' tasks
     /// then run on the same thread as the requests that use them.
-    clients: Box<[Client<HttpsConnector<HttpConnector>, UpstreamBody>]>,
-    scheme: Scheme,
-    authority: Authority,
+    pools: Box<[Arc<Pool>]>,
+    connector: Connector,
     /// Path prefix of `upstream.url` without its trailing slash ("" for none).
     base_path: String,
     timeout: Duration,
@@ -67,32 +63,17 @@ pub struct Outgoing<'a> {
 
 impl Upstream {
     pub fn new(config: &UpstreamConfig, max_body: u64, workers: usize) -> Result<Self, Error> {
-        let tls = upstream_tls(config)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = || {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(config.pool_idle_timeout)
-                .pool_max_idle_per_host(config.pool_max_idle_per_host)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .build(connector.clone())
-        };
         let url = &config.url;
+        let https = url.scheme_str() == Some("https");
+        let host = url.host().ok_or_else(|| Error::Upstream("upstream.url has no host".into()))?;
+        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = https.then(|| upstream_tls(config)).transpose()?.map(Arc::new);
+        let connector =
+            Connector::new(host, port, tls).map_err(Error::Upstream)?.with_timeout(config.connect_timeout);
+        let pool = || Pool::new(config.pool_max_idle_per_host, config.pool_idle_timeout);
         Ok(Self {
-            clients: (0..workers.max(1)).map(|_| client()).collect(),
-            scheme: url.scheme().cloned().unwrap_or(Scheme::HTTP),
-            authority: url
-                .authority()
-                .cloned()
-                .ok_or_else(|| Error::Upstream("upstream.url has no host".into()))?,
+            pools: (0..workers.max(1)).map(|_| pool()).collect(),
+            connector,
             base_path: url.path().trim_end_matches('/').to_string(),
             timeout: config.timeout,
             max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
@@ -144,11 +125,12 @@ impl Upstream {
         }
         let upstream_request = Request::from_parts(parts, Limited::new(body, self.max_body));
 
-        let client = &self.clients[out.worker % self.clients.len()];
-        let mut response = match tokio::time::timeout(self.timeout, client.request(upstream_request)).await {
+        let pool = &self.pools[out.worker % self.pools.len()];
+        let sent = tokio::time::timeout(self.timeout, pool.send(&self.connector, upstream_request));
+        let (mut response, connection) = match sent.await {
             Err(_) => return Err(Refusal::GatewayTimeout),
-            Ok(Err(e)) => return Err(classify(&e)),
-            Ok(Ok(response)) => response,
+            Ok(Err(failure)) => return Err(classify(failure)),
+            Ok(Ok(sent)) => sent,
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -157,6 +139,8 @@ impl Upstream {
                 return Err(Refusal::BadGateway);
             };
             let upstream_upgrade = hyper::upgrade::on(&mut response);
+            // The connection now belongs to the websocket: not back to the pool.
+            drop(connection);
             let task = tokio::spawn(splice(client_upgrade, upstream_upgrade));
             if let Some((sockets, session)) = out.sockets {
                 sockets.register(session, task.abort_handle());
@@ -165,13 +149,14 @@ impl Upstream {
             headers::strip_hop_by_hop(headers);
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(UPGRADE, protocol);
-        } else {
-            headers::strip_hop_by_hop(response.headers_mut());
+            return Ok(response.map(|body| Either::Left(Pooled::new(body, None))));
         }
-        Ok(response.map(Either::Left))
+        headers::strip_hop_by_hop(response.headers_mut());
+        Ok(response.map(|body| Either::Left(Pooled::new(body, Some((connection, pool.clone()))))))
     }
 
-    /// The upstream's URL for a request whose normalised path is `path`.
+    /// The request target sent upstream (origin form) for a request whose
+    /// normalised path is `path`.
     fn upstream_uri(&self, original: &Uri, path: &str) -> Result<Uri, Refusal> {
         let path_and_query = match original.path_and_query() {
             // Already normal and nothing to prefix: reused as it came (no copy).
@@ -190,12 +175,7 @@ impl Upstream {
                 PathAndQuery::try_from(target).map_err(|_| Refusal::BadRequest)?
             }
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| Refusal::BadRequest)
+        Ok(Uri::from(path_and_query))
     }
 }
 
@@ -227,18 +207,19 @@ async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     }
 }
 
-fn classify(error: &hyper_util::client::legacy::Error) -> Refusal {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if e.is::<LengthLimitError>() {
-            return Refusal::PayloadTooLarge;
+fn classify(failure: Failure) -> Refusal {
+    match failure {
+        Failure::Connect(error) => tracing::warn!(%error, "upstream unreachable"),
+        Failure::Exchange(error) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+            while let Some(e) = source {
+                if e.is::<LengthLimitError>() {
+                    return Refusal::PayloadTooLarge;
+                }
+                source = e.source();
+            }
+            tracing::warn!(%error, "upstream request failed");
         }
-        source = e.source();
-    }
-    if error.is_connect() {
-        tracing::warn!(error = %error, "upstream unreachable");
-    } else {
-        tracing::warn!(error = %error, "upstream request failed");
     }
     Refusal::BadGateway
 }
@@ -247,24 +228,31 @@ fn upstream_tls(config: &UpstreamConfig) -> Result<ClientConfig, Error> {
     let builder = ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Upstream(e.to_string()))?;
-    if config.insecure_skip_verify {
+    let mut tls = if config.insecure_skip_verify {
         tracing::warn!("upstream.insecure_skip_verify is on: the upstream's certificate is NOT checked");
-        return Ok(builder
+        builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(crate::tls::provider())))
-            .with_no_client_auth());
-    }
+            .with_no_client_auth()
+    } else {
+        builder.with_root_certificates(upstream_roots(config)?).with_no_client_auth()
+    };
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+fn upstream_roots(config: &UpstreamConfig) -> Result<RootCertStore, Error> {
     let mut roots = RootCertStore::empty();
     if let Some(ca_file) = &config.ca_file {
         let certs = CertificateDer::pem_file_iter(ca_file)
             .and_then(|c| c.collect::<Result<Vec<_>, _>>())
             .map_err(|e| Error::Upstream(format!("{}: {e}", ca_file.display())))?;
         roots.add_parsable_certificates(certs);
-    } else if config.url.scheme_str() == Some("https") {
+    } else {
         let found = rustls_native_certs::load_native_certs();
         roots.add_parsable_certificates(found.certs);
     }
-    Ok(builder.with_root_certificates(roots).with_no_client_auth())
+    Ok(roots)
 }
 
 /// For a PBX with a self-signed certificate, when the operator opts in.

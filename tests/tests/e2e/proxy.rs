@@ -1,3 +1,5 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -5,7 +7,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use pbxgate_e2e::client::{get, http_get, https_get, send_h1, tls_connect, TlsOptions};
-use pbxgate_e2e::{write_config, GatewayProcess, TempDir, TestGateway, Upstream, TEST_POLICY};
+use pbxgate_e2e::{certificate, write_config, GatewayProcess, TempDir, TestGateway, Upstream, TEST_POLICY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -254,4 +256,143 @@ async fn hundred_megabytes_stream_with_bounded_memory() {
     let grew = peak.saturating_sub(before);
     eprintln!("gateway peak RSS {} MiB before, {} MiB after 2 x 100 MiB", before >> 20, peak >> 20);
     assert!(grew < 40 * 1024 * 1024, "gateway peak RSS grew by {} MiB for a 100 MiB transfer", grew >> 20);
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let upstream = Upstream::start().await;
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "[listen]\nworkers = 1\n").await;
+    for _ in 0..10 {
+        assert_eq!(http_get(gw.http(), "/x", &[]).await.status, 200);
+    }
+    // A streamed (chunked) body read to its end hands the connection back too.
+    let reply = http_get(gw.http(), "/download?bytes=300000", &[]).await;
+    assert_eq!(reply.body.len(), 300_000);
+    assert_eq!(http_get(gw.http(), "/x", &[]).await.status, 200);
+    assert_eq!(upstream.connections(), 1, "one request after another: one upstream connection");
+
+    // A response the client walks away from mid-body: its connection is not reused.
+    let tcp = tokio::net::TcpStream::connect(gw.http()).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.expect("h1");
+    let conn = tokio::spawn(conn);
+    let response = sender.send_request(get("/download?bytes=50000000", &[])).await.expect("download");
+    let mut body = response.into_body();
+    body.frame().await.expect("a first frame").expect("frame");
+    drop((body, sender));
+    conn.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(http_get(gw.http(), "/x", &[]).await.status, 200);
+    assert_eq!(upstream.connections(), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_that_hangs_up_idle_connections_costs_no_request() {
+    let pbx = BareUpstream::start(true).await;
+    let gw = TestGateway::start(&pbx.url(), TEST_POLICY, "[listen]\nworkers = 1\n").await;
+    for i in 0..10 {
+        let reply = http_get(gw.http(), "/x", &[]).await;
+        assert_eq!((reply.status.as_u16(), reply.text()), (200, "ok".into()), "request {i}");
+        if i % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(pbx.accepted.load(Ordering::SeqCst), 10, "each hung-up connection was replaced");
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_close_after_the_idle_timeout() {
+    let pbx = BareUpstream::start(false).await;
+    let overrides = "[listen]\nworkers = 1\n[upstream]\npool_idle_timeout = \"300ms\"\n";
+    let gw = TestGateway::start(&pbx.url(), TEST_POLICY, overrides).await;
+    assert_eq!(http_get(gw.http(), "/x", &[]).await.status, 200);
+    assert_eq!(http_get(gw.http(), "/x", &[]).await.status, 200);
+    assert_eq!(pbx.accepted.load(Ordering::SeqCst), 1);
+    let started = Instant::now();
+    while pbx.closed_by_gateway.load(Ordering::SeqCst) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(3), "the idle connection is still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(200), "closed before it was idle for long");
+}
+
+#[tokio::test]
+async fn https_upstream_is_verified_against_its_ca() {
+    let (cert, key, _) = certificate(&["127.0.0.1"]);
+    let upstream = Upstream::start_tls(&cert, &key).await;
+    let dir = TempDir::new("pbx-ca");
+    let ca = dir.write("pbx.pem", &cert);
+    let trusted = format!("[listen]\nworkers = 1\n[upstream]\nca_file = \"{}\"\n", ca.display());
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, &trusted).await;
+    for _ in 0..3 {
+        let reply = https_get(gw.https(), "/over-tls?x=1", &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["path"], "/over-tls?x=1");
+    }
+    assert_eq!(upstream.connections(), 1, "TLS connections to the PBX are kept alive too");
+
+    // Not signed by anything the gateway trusts: refused, never forwarded.
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "").await;
+    assert_eq!(https_get(gw.https(), "/x", &[]).await.status, 502);
+    // Unless the operator says the PBX's self-signed certificate is fine.
+    let gw =
+        TestGateway::start(&upstream.url(), TEST_POLICY, "[upstream]\ninsecure_skip_verify = true\n").await;
+    assert_eq!(https_get(gw.https(), "/x", &[]).await.status, 200);
+}
+
+/// A bare HTTP/1.1 upstream answering "ok" to every request, counting the
+/// connections it accepted and those the gateway closed. With `hang_up`, it
+/// closes each connection right after answering without saying so, as a PBX
+/// with a very short keep-alive does.
+struct BareUpstream {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    closed_by_gateway: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BareUpstream {
+    async fn start(hang_up: bool) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (accepted, closed_by_gateway) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (counted, closed) = (accepted.clone(), closed_by_gateway.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => {
+                                closed.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+                        }
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            pending.drain(..end + 4);
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if tcp.write_all(answer).await.is_err() || hang_up {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, accepted, closed_by_gateway, task }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for BareUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
