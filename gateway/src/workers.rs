@@ -32,13 +32,15 @@ impl Workers {
             workers.stops.push(stop);
             let thread =
                 std::thread::Builder::new().name(format!("pbxgate-worker-{index}")).spawn(move || {
+                    crate::telemetry::buffer_access_log_here();
                     // Serves whatever is spawned onto it until told to stop.
                     runtime.block_on(async {
                         tokio::select! {
                             _ = stopped => {}
-                            _ = keep_a_timer_near() => {}
+                            _ = tick() => {}
                         }
                     });
+                    crate::telemetry::flush_access_log();
                 })?;
             workers.threads.push(thread);
         }
@@ -73,14 +75,17 @@ impl Workers {
     }
 }
 
-/// Every request arms timers (header read, upstream timeout) tens of seconds
-/// out. Tokio wakes its own parked driver (an eventfd write and one more
-/// epoll_wait) whenever a new timer is due before every existing one; a timer
-/// that is always less than a second away means that never happens on the
-/// request path. Costs two wake-ups a second.
-async fn keep_a_timer_near() {
+/// Twice a second: writes out the worker's buffered access-log lines.
+///
+/// It also keeps a timer near. Every request arms timers (header read,
+/// upstream timeout) tens of seconds out. Tokio wakes its own parked driver
+/// (an eventfd write and one more epoll_wait) whenever a new timer is due
+/// before every existing one; a timer always less than a second away means
+/// that never happens on the request path.
+async fn tick() {
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     loop {
         tick.tick().await;
+        crate::telemetry::flush_access_log();
     }
 }

@@ -90,6 +90,19 @@ impl GatewayProcess {
         self.log.lock().expect("log lock").clone()
     }
 
+    /// Waits (up to 5 s) for a log line that `wanted` accepts: access lines
+    /// are written in batches, at the latest half a second after the request.
+    pub fn wait_for_log(&self, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(line) = self.log_lines().into_iter().find(|l| wanted(l)) {
+                return line;
+            }
+            assert!(Instant::now() < deadline, "no such log line in:\n{}", self.log_lines().join("\n"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn signal(&self, signal: &str) {
         let status =
             Command::new("kill").args(["-s", signal, &self.child.id().to_string()]).status().expect("kill");
