@@ -220,24 +220,11 @@ where
         Ok(c) => std::sync::Arc::new(c),
         Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(runtime) = current_thread_runtime() else { return ExitCode::FAILURE };
     runtime.block_on(async move {
-        let base = config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-        let store = match pbxgate::store::Store::open(&config.store.url, &config.store.key_prefix, &base).await {
+        let store = match open_store(&config).await {
             Ok(s) => s,
-            Err(e) => {
-                eprintln!("cannot open the store: {e}");
-                if config.store.url.starts_with("embedded://") {
-                    eprintln!("(the embedded store can be used by one process at a time: stop the gateway, or use Redis)");
-                }
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
         };
         match work(config, store).await {
             Ok(code) => code,
@@ -249,19 +236,37 @@ where
     })
 }
 
+/// The store a CLI command works on, next to the configuration file.
+async fn open_store(config: &Config) -> Result<pbxgate::store::Store, ExitCode> {
+    let base = config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    pbxgate::store::Store::open(&config.store.url, &config.store.key_prefix, base).await.map_err(|e| {
+        eprintln!("cannot open the store: {e}");
+        if config.store.url.starts_with("embedded://") {
+            eprintln!(
+                "(the embedded store can be used by one process at a time: stop the gateway, or use Redis)"
+            );
+        }
+        ExitCode::FAILURE
+    })
+}
+
+/// A single-threaded runtime: enough for a CLI command, and for `serve`'s
+/// main thread (requests run on the worker threads).
+fn current_thread_runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("cannot start the async runtime: {e}"))
+        .ok()
+}
+
 fn user(action: UserAction, path: PathBuf) -> ExitCode {
     let config = match load(&path) {
         Ok(c) => c,
         Err(code) => return code,
     };
     pbxgate::telemetry::init(config.log.format);
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(runtime) = current_thread_runtime() else { return ExitCode::FAILURE };
     let name = match &action {
         UserAction::Invite { name }
         | UserAction::SetPassword { name }
@@ -283,16 +288,9 @@ fn user(action: UserAction, path: PathBuf) -> ExitCode {
         _ => None,
     };
     runtime.block_on(async move {
-        let base = config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let store = match pbxgate::store::Store::open(&config.store.url, &config.store.key_prefix, base).await {
+        let store = match open_store(&config).await {
             Ok(s) => s,
-            Err(e) => {
-                eprintln!("cannot open the store: {e}");
-                if config.store.url.starts_with("embedded://") {
-                    eprintln!("(the embedded store can be used by one process at a time: stop the gateway, or use Redis)");
-                }
-                return ExitCode::FAILURE;
-            }
+            Err(code) => return code,
         };
         match password {
             Some(password) => {
@@ -390,13 +388,7 @@ fn serve(path: PathBuf, bootstrap: Option<(String, String)>) -> ExitCode {
     pbxgate::telemetry::init(config.log.format);
     // Accepting, the admin listener and the store's background work; requests
     // run on the worker threads (`listen.workers`).
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let Some(runtime) = current_thread_runtime() else { return ExitCode::FAILURE };
     match runtime.block_on(pbxgate::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
