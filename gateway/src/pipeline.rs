@@ -69,7 +69,9 @@ pub(crate) async fn handle(
         let host_header = host_header.to_string();
         let ctx =
             Ctx { client_ip, proto: conn.proto, host: &host_header, user_agent: user_agent.into(), browser };
-        let response = reserved::handle(state, &ctx, request, path).await;
+        // Boxed: sign-in is rare next to proxying, and its large future would
+        // otherwise be part of (and copied with) every request's.
+        let response = Box::pin(reserved::handle(state, &ctx, request, path)).await;
         return Ok(log.write(response, None, "reserved", &"reserved"));
     }
 
