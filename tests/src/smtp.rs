@@ -60,7 +60,10 @@ impl SmtpServer {
         let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path().join("mail").join("new"))
             .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
             .unwrap_or_default();
-        files.sort();
+        // Maildir names are "<secs>.M<usec>P<pid>Q<n>.<host>" with unpadded
+        // microseconds: by name, two messages in one second can sort out of
+        // order. Q<n> counts the server's deliveries: arrival order.
+        files.sort_by_key(|f| (delivery_number(f), f.clone()));
         files
     }
 
@@ -84,6 +87,12 @@ impl SmtpServer {
     pub fn count(&self) -> usize {
         self.new_messages().len()
     }
+}
+
+/// The `Q<n>` delivery counter in a Maildir file name.
+fn delivery_number(file: &std::path::Path) -> u64 {
+    let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    name.split_once('Q').and_then(|(_, rest)| rest.split('.').next()?.parse().ok()).unwrap_or(u64::MAX)
 }
 
 impl Drop for SmtpServer {
