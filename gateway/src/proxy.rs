@@ -123,7 +123,7 @@ impl Upstream {
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(UPGRADE, protocol.clone());
         }
-        let upstream_request = Request::from_parts(parts, Limited::new(body, self.max_body));
+        let upstream_request = Request::from_parts(parts, Either::Left(Limited::new(body, self.max_body)));
 
         let pool = &self.pools[out.worker % self.pools.len()];
         let sent = tokio::time::timeout(self.timeout, pool.send(&self.connector, upstream_request));

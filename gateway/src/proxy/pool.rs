@@ -13,8 +13,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::Limited;
+use http::{Method, Request, Response};
+use http_body_util::{Either, Empty, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -23,8 +23,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// What a request sends upstream: the client's body, capped.
-pub type UpstreamBody = Limited<Incoming>;
+/// What a request sends upstream: the client's body, capped; or nothing, for
+/// a bodiless request sent again.
+pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
+
+/// A connection unused for this long may be one the PBX is closing just as
+/// we write to it: a request that is safe to repeat is kept until it answers.
+const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 type Sender = SendRequest<UpstreamBody>;
 
@@ -145,19 +150,26 @@ impl Pool {
     }
 
     /// Sends `request` on an idle connection, or a new one. A request that a
-    /// pooled connection could not take (the PBX had closed it) is sent again
-    /// on the next; one that was already on its way is not.
+    /// pooled connection could not take (the PBX had closed it) goes on the
+    /// next. One already written when the PBX closed the connection goes again
+    /// only if it is safe to repeat (`GET`, `HEAD`, `OPTIONS` without a body)
+    /// and the connection had been idle a while, as Go's HTTP client does.
     pub async fn send(
         self: &Arc<Self>,
         connector: &Connector,
         mut request: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Sender), Failure> {
-        while let Some(mut sender) = self.take() {
+        while let Some((mut sender, idle_for)) = self.take() {
+            let replay = if idle_for >= REPLAY_AFTER_IDLE { replayable(&request) } else { None };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok((response, sender)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => request = unsent,
-                    None => return Err(Failure::Exchange(e.into_error())),
+                Err(mut e) => match (e.take_message(), replay) {
+                    (Some(unsent), _) => request = unsent,
+                    (None, Some(copy)) if closed_under_us(e.error()) => {
+                        tracing::debug!(error = %e.error(), "idle upstream connection closed as it was used: sending again");
+                        request = copy;
+                    }
+                    (None, _) => return Err(Failure::Exchange(e.into_error())),
                 },
             }
         }
@@ -168,11 +180,13 @@ impl Pool {
         Ok((response, sender))
     }
 
-    fn take(&self) -> Option<Sender> {
+    /// The most recently used live connection, and how long it was idle.
+    fn take(&self) -> Option<(Sender, Duration)> {
         let mut slots = self.slots();
         while let Some(Idle { sender, since }) = slots.idle.pop_back() {
-            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
-                return Some(sender);
+            let idle_for = since.elapsed();
+            if !sender.is_closed() && idle_for < self.idle_timeout {
+                return Some((sender, idle_for));
             }
         }
         None
@@ -213,6 +227,30 @@ impl Pool {
         });
         true
     }
+}
+
+/// A copy of `request` to send again, when it has no body and repeating it
+/// is harmless.
+fn replayable(request: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    let safe = matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe || !request.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(Either::Right(Empty::new()));
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    Some(copy)
+}
+
+/// The connection ended before any answer: the PBX closed it as we wrote.
+fn closed_under_us(error: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    let reset = std::error::Error::source(error)
+        .and_then(|e| e.downcast_ref::<std::io::Error>())
+        .is_some_and(|e| matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe));
+    error.is_incomplete_message() || reset
 }
 
 /// A response body from the PBX that hands its connection back to the pool

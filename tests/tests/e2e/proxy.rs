@@ -288,7 +288,7 @@ async fn upstream_connections_are_kept_alive_and_reused() {
 
 #[tokio::test]
 async fn an_upstream_that_hangs_up_idle_connections_costs_no_request() {
-    let pbx = BareUpstream::start(true).await;
+    let pbx = BareUpstream::start(Mode::HangUp).await;
     let gw = TestGateway::start(&pbx.url(), TEST_POLICY, "[listen]\nworkers = 1\n").await;
     for i in 0..10 {
         let reply = http_get(gw.http(), "/x", &[]).await;
@@ -302,7 +302,7 @@ async fn an_upstream_that_hangs_up_idle_connections_costs_no_request() {
 
 #[tokio::test]
 async fn idle_upstream_connections_close_after_the_idle_timeout() {
-    let pbx = BareUpstream::start(false).await;
+    let pbx = BareUpstream::start(Mode::KeepAlive).await;
     let overrides = "[listen]\nworkers = 1\n[upstream]\npool_idle_timeout = \"300ms\"\n";
     let gw = TestGateway::start(&pbx.url(), TEST_POLICY, overrides).await;
     assert_eq!(http_get(gw.http(), "/x", &[]).await.status, 200);
@@ -314,6 +314,28 @@ async fn idle_upstream_connections_close_after_the_idle_timeout() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(started.elapsed() >= Duration::from_millis(200), "closed before it was idle for long");
+}
+
+#[tokio::test]
+async fn a_safe_request_the_upstream_drops_on_an_idle_connection_is_sent_again() {
+    let pbx = BareUpstream::start(Mode::CloseOnSecond).await;
+    let gw = TestGateway::start(&pbx.url(), TEST_POLICY, "[listen]\nworkers = 1\n").await;
+    assert_eq!(http_get(gw.http(), "/a", &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The PBX reads this GET on the pooled connection and closes it unanswered.
+    let reply = http_get(gw.http(), "/b", &[]).await;
+    assert_eq!((reply.status.as_u16(), reply.text()), (200, "ok".into()));
+    assert_eq!(pbx.requests(), ["GET /a", "GET /b", "GET /b"], "sent again on a new connection");
+    assert_eq!(pbx.accepted.load(Ordering::SeqCst), 2);
+
+    // A request with a body is not repeated: the PBX may have acted on it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let tcp = tokio::net::TcpStream::connect(gw.http()).await.expect("connect");
+    let post =
+        Request::post("/c").header("host", "localhost").body(Full::new(Bytes::from("x"))).expect("request");
+    let reply = send_h1(tcp, post).await.expect("reply");
+    assert_eq!(reply.status, 502);
+    assert_eq!(pbx.requests().iter().filter(|r| *r == "POST /c").count(), 1);
 }
 
 #[tokio::test]
@@ -340,30 +362,44 @@ async fn https_upstream_is_verified_against_its_ca() {
     assert_eq!(https_get(gw.https(), "/x", &[]).await.status, 200);
 }
 
-/// A bare HTTP/1.1 upstream answering "ok" to every request, counting the
-/// connections it accepted and those the gateway closed. With `hang_up`, it
-/// closes each connection right after answering without saying so, as a PBX
-/// with a very short keep-alive does.
+/// How [`BareUpstream`] treats its connections.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Answers every request and keeps the connection open.
+    KeepAlive,
+    /// Closes each connection right after answering, without saying so, as a
+    /// PBX with a very short keep-alive does.
+    HangUp,
+    /// Answers the first request on a connection; reads the next and closes
+    /// the connection without answering it (its close crossed our request).
+    CloseOnSecond,
+}
+
+/// A bare HTTP/1.1 upstream answering "ok", counting the connections it
+/// accepted and those the gateway closed, and noting each request line.
 struct BareUpstream {
     addr: std::net::SocketAddr,
     accepted: Arc<AtomicUsize>,
     closed_by_gateway: Arc<AtomicUsize>,
+    requests: Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl BareUpstream {
-    async fn start(hang_up: bool) -> Self {
+    async fn start(mode: Mode) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (accepted, closed_by_gateway) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (counted, closed) = (accepted.clone(), closed_by_gateway.clone());
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (counted, closed, noted) = (accepted.clone(), closed_by_gateway.clone(), requests.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
-                let closed = closed.clone();
+                let (closed, noted) = (closed.clone(), noted.clone());
                 tokio::spawn(async move {
                     let mut pending = Vec::new();
                     let mut chunk = [0u8; 4096];
+                    let mut answered = 0;
                     loop {
                         match tcp.read(&mut chunk).await {
                             Ok(0) | Err(_) => {
@@ -373,21 +409,32 @@ impl BareUpstream {
                             Ok(n) => pending.extend_from_slice(&chunk[..n]),
                         }
                         while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+                            let line = head.split(" HTTP/").next().unwrap_or_default().to_string();
+                            noted.lock().expect("requests").push(line);
                             pending.drain(..end + 4);
-                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if tcp.write_all(answer).await.is_err() || hang_up {
+                            if mode == Mode::CloseOnSecond && answered == 1 {
                                 return;
                             }
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if tcp.write_all(answer).await.is_err() || mode == Mode::HangUp {
+                                return;
+                            }
+                            answered += 1;
                         }
                     }
                 });
             }
         });
-        Self { addr, accepted, closed_by_gateway, task }
+        Self { addr, accepted, closed_by_gateway, requests, task }
     }
 
     fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().expect("requests").clone()
     }
 }
 
