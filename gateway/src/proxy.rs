@@ -68,8 +68,7 @@ impl Upstream {
         let host = url.host().ok_or_else(|| Error::Upstream("upstream.url has no host".into()))?;
         let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tls = https.then(|| upstream_tls(config)).transpose()?.map(Arc::new);
-        let connector =
-            Connector::new(host, port, tls).map_err(Error::Upstream)?.with_timeout(config.connect_timeout);
+        let connector = Connector::new(host, port, tls, config.connect_timeout).map_err(Error::Upstream)?;
         let pool = || Pool::new(config.pool_max_idle_per_host, config.pool_idle_timeout);
         Ok(Self {
             pools: (0..workers.max(1)).map(|_| pool()).collect(),

@@ -29,7 +29,7 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(Stderr)
+        .with_writer(LogWriter)
         .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
@@ -57,7 +57,8 @@ pub(crate) fn flush_access_log() {
     });
 }
 
-struct Stderr;
+/// Stderr, with access lines buffered on worker threads.
+struct LogWriter;
 
 /// Appends one formatted event (the formatter writes each in one call).
 struct Buffered;
@@ -80,7 +81,7 @@ impl Write for Buffered {
     }
 }
 
-impl<'a> MakeWriter<'a> for Stderr {
+impl<'a> MakeWriter<'a> for LogWriter {
     type Writer = EitherWriter<Buffered, std::io::Stderr>;
 
     fn make_writer(&'a self) -> Self::Writer {

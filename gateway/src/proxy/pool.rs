@@ -52,7 +52,12 @@ pub enum Failure {
 }
 
 impl Connector {
-    pub fn new(host: &str, port: u16, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Self, String> {
+    pub fn new(
+        host: &str,
+        port: u16,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         // An IPv6 literal comes in brackets from the URL.
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let tls = match tls {
@@ -62,12 +67,7 @@ impl Connector {
             }
             None => None,
         };
-        Ok(Self { host, port, tls, timeout: Duration::from_secs(5) })
-    }
-
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
+        Ok(Self { host, port, tls, timeout })
     }
 
     async fn connect(&self) -> Result<Sender, Failure> {

@@ -271,7 +271,8 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     assert_eq!(http_get(gw.http(), "/x", &[]).await.status, 200);
     assert_eq!(upstream.connections(), 1, "one request after another: one upstream connection");
 
-    // A response the client walks away from mid-body: its connection is not reused.
+    // A response the client walks away from mid-body: its connection is dropped
+    // (not handed back), and the next request gets a fresh one.
     let tcp = tokio::net::TcpStream::connect(gw.http()).await.expect("connect");
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.expect("h1");
