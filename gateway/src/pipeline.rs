@@ -6,10 +6,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::header::{HeaderName, ACCEPT, HOST, LOCATION, SET_COOKIE, USER_AGENT};
+use http::header::{ACCEPT, HOST, LOCATION, SET_COOKIE, USER_AGENT};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use pbxgate_policies::{decide, normalize_path, screen, Access, Facts, Principal, Screen, User, Verdict};
+use pbxgate_policies::{decide, normalize_path, screen, Access, Facts, Principal, Screen, Verdict};
 
 use crate::auth::basic::Basic;
 use crate::auth::routes::Ctx;
@@ -17,6 +17,7 @@ use crate::auth::{self, Identity};
 use crate::error::{empty, respond, Refusal};
 use crate::listener::{Connection, Dropped};
 use crate::proxy::{headers, Outgoing};
+use crate::telemetry::{self, AccessLine};
 use crate::{reserved, Body, State};
 
 /// Handles one request on the https or http listener.
@@ -52,14 +53,17 @@ pub(crate) async fn handle(
     // 2. screen
     if let Screen::Drop(reason) = screen(&policy, &facts) {
         state.metrics.request("drop", 0);
-        tracing::info!(target: "pbxgate::access", %method, host = %host, path = normalized.as_deref().unwrap_or("-"),
-            status = 0, decision = "drop", rule = reason.as_str(), user = "-", client = %client_ip);
+        let path = normalized.as_deref().unwrap_or("-");
+        log.path = path;
+        log.line(0, None, "drop", reason.as_str());
         drop(policy);
         return Err(drop_connection(conn).await);
     }
     let path: &str = match &normalized {
         Ok(path) => path,
-        Err(e) => return Ok(log.write(respond(&Refusal::BadRequest, browser), None, "bad_request", e)),
+        Err(e) => {
+            return Ok(log.write(respond(&Refusal::BadRequest, browser), None, "bad_request", &e.to_string()))
+        }
     };
     log.path = path;
     let user_agent = user_agent.unwrap_or_default();
@@ -72,7 +76,7 @@ pub(crate) async fn handle(
         // Boxed: sign-in is rare next to proxying, and its large future would
         // otherwise be part of (and copied with) every request's.
         let response = Box::pin(reserved::handle(state, &ctx, request, path)).await;
-        return Ok(log.write(response, None, "reserved", &"reserved"));
+        return Ok(log.write(response, None, "reserved", "reserved"));
     }
 
     // 4. identity, where the route needs a person; no store, no entry.
@@ -105,7 +109,7 @@ pub(crate) async fn handle(
                     _ if listed => {}
                     Basic::Refused | Basic::Regulated => {
                         let regulated = matches!(basic, Basic::Regulated);
-                        return Ok(log.write(basic_refused(regulated), None, "deny", &"basic"));
+                        return Ok(log.write(basic_refused(regulated), None, "deny", "basic"));
                     }
                     Basic::Absent => {}
                 }
@@ -114,7 +118,7 @@ pub(crate) async fn handle(
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable: refusing (fail closed)");
                 let response = respond(&Refusal::Unavailable, browser);
-                return Ok(log.write(response, None, "deny", &"store_unavailable"));
+                return Ok(log.write(response, None, "deny", "store_unavailable"));
             }
         }
     }
@@ -122,7 +126,7 @@ pub(crate) async fn handle(
     log.user = who.map_or(basic_user.as_deref().unwrap_or("-"), |p| p.user.as_str());
     if who.is_some_and(|p| p.record.must_register_passkey) {
         let response = with_cookies(passkey_required(browser, path, uri.query()), identity.set_cookies);
-        return Ok(log.write(response, None, "deny", &"passkey_required"));
+        return Ok(log.write(response, None, "deny", "passkey_required"));
     }
     let principal = match (who, &basic_user) {
         (Some(p), _) => {
@@ -133,7 +137,8 @@ pub(crate) async fn handle(
     };
 
     // 5. decide
-    let decision = decide(&policy, &facts, principal.as_ref(), unix_now());
+    let now_secs = unix_now();
+    let decision = decide(&policy, &facts, principal.as_ref(), now_secs);
     let return_path = || match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
@@ -151,13 +156,19 @@ pub(crate) async fn handle(
     let verdict = verdict_name(verdict);
     if let Some(refusal) = refusal {
         let response = with_cookies(respond(&refusal, browser), identity.set_cookies);
-        return Ok(log.write(response, None, verdict, &decision.rule));
+        return Ok(log.write(response, None, verdict, decision.rule.name()));
     }
 
     // 6. proxy, with the identity the upstream may trust
     let upstream_identity = match (principal.is_some(), decision.user) {
-        (true, Some(user)) => identity_headers(state, user),
-        _ => Vec::new(),
+        (true, Some(user)) => Some(state.identities.for_user(
+            &policy,
+            user,
+            &state.config.headers,
+            state.auth.signer.as_ref(),
+            now_secs,
+        )),
+        _ => None,
     };
     let out = Outgoing {
         worker: conn.worker,
@@ -181,7 +192,7 @@ pub(crate) async fn handle(
     let response = with_cookies(response, identity.set_cookies);
 
     // 7. log
-    Ok(log.write(response, Some(upstream_took), verdict, &decision.rule))
+    Ok(log.write(response, Some(upstream_took), verdict, decision.rule.name()))
 }
 
 /// One access-log line, filled in along the request's path.
@@ -195,22 +206,33 @@ struct Log<'a> {
 }
 
 impl Log<'_> {
-    /// Counts and logs the response on its way out. The rule is formatted
-    /// only when the line is written.
+    /// Counts and logs the response on its way out.
     fn write(
         &self,
         response: Response<Body>,
         upstream: Option<Duration>,
         decision: &str,
-        rule: &dyn std::fmt::Display,
+        rule: &str,
     ) -> Response<Body> {
         let status = response.status().as_u16();
         self.state.metrics.request(decision, status);
-        let upstream_ms = upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0);
-        let Self { method, host, path, client, user, .. } = self;
-        tracing::info!(target: "pbxgate::access", %method, host, path, status, upstream_ms, decision,
-            %rule, user, %client);
+        self.line(status, upstream, decision, rule);
         response
+    }
+
+    fn line(&self, status: u16, upstream: Option<Duration>, decision: &str, rule: &str) {
+        let Self { method, host, path, client, user, .. } = *self;
+        telemetry::log_access(&AccessLine {
+            method: method.as_str(),
+            host,
+            path,
+            status,
+            upstream,
+            decision,
+            rule,
+            user,
+            client,
+        });
     }
 }
 
@@ -254,35 +276,6 @@ fn with_cookies(mut response: Response<Body>, cookies: Vec<HeaderValue>) -> Resp
         response.headers_mut().append(SET_COOKIE, cookie);
     }
     response
-}
-
-/// `Remote-User` and friends (names from `[headers]`), plus the signed
-/// assertion when configured.
-fn identity_headers(state: &State, user: &User) -> Vec<(HeaderName, HeaderValue)> {
-    let h = &state.config.headers;
-    let mut out = Vec::with_capacity(5);
-    out.push((h.groups.clone(), HeaderValue::from_static(user.role.as_str())));
-    let mut add = |name: &HeaderName, value: &str| {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            out.push((name.clone(), v));
-        }
-    };
-    add(&h.user, &user.name);
-    if let Some(email) = &user.email {
-        add(&h.email, email);
-    }
-    if let Some(name) = &user.display_name {
-        add(&h.name, name);
-    }
-    if let (Some(header), Some(signer)) = (&h.assertion, &state.auth.signer) {
-        let role = user.role.as_str();
-        if let Some(jwt) =
-            signer.sign(&user.name, user.email.as_deref(), user.display_name.as_deref(), role, unix_now())
-        {
-            add(header, &jwt);
-        }
-    }
-    out
 }
 
 /// Closes the connection under this request. The request never answers:

@@ -2,6 +2,7 @@
 //! ways, websocket upgrades spliced through.
 
 pub mod headers;
+mod identity;
 mod pool;
 
 use std::net::IpAddr;
@@ -24,6 +25,7 @@ use crate::error::{Error, Refusal};
 use crate::Body;
 
 pub use headers::Spoofable;
+pub use identity::{Identities, UpstreamIdentity};
 pub use pool::Pooled;
 use pool::{Connector, Failure, Pool};
 
@@ -56,7 +58,7 @@ pub struct Outgoing<'a> {
     /// The normalised path: the upstream routes what the policy decided on.
     pub path: &'a str,
     /// Identity headers to send (after every client-sent copy is removed).
-    pub identity: Vec<(http::HeaderName, HeaderValue)>,
+    pub identity: Option<UpstreamIdentity>,
     /// Where to register an upgraded connection, so it closes with its session.
     pub sockets: Option<(&'a crate::auth::sockets::Sockets, crate::store::SecretHash)>,
 }
@@ -112,8 +114,8 @@ impl Upstream {
             _ => HeaderValue::from_str(out.host).ok(),
         };
         headers::set_forwarded(headers, &out, host.as_ref());
-        for (name, value) in out.identity {
-            headers.insert(name, value);
+        if let Some(identity) = out.identity {
+            identity.apply(headers);
         }
         if let Some(host) = host {
             headers.insert(HOST, host);

@@ -2,21 +2,22 @@
 //! (one line per request), `pbxgate::audit` (security events), `pbxgate` (the rest).
 //! `RUST_LOG` filters as usual (default `info`).
 //!
-//! Access lines written on a worker thread are gathered in that thread's
-//! buffer and written together (as nginx's `access_log ... buffer= flush=`
-//! does): when it holds 32 KiB, or at the latest half a second later from the
-//! worker's tick, and when the worker stops. Everything else goes straight out.
+//! Access lines ([`log_access`]) are formatted by hand and, on a worker
+//! thread, gathered in that thread's buffer and written together (as nginx's
+//! `access_log ... buffer= flush=` does): when it holds 32 KiB, or at the
+//! latest half a second later from the worker's tick, and when the worker
+//! stops. Everything else goes straight out.
 
 use std::cell::{Cell, RefCell};
 use std::io::{IsTerminal, Write};
 
-use tracing::Metadata;
-use tracing_subscriber::fmt::writer::{EitherWriter, MakeWriter};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-const ACCESS: &str = "pbxgate::access";
+mod access;
+pub(crate) use access::{log as log_access, AccessLine};
+
 const FLUSH_AT: usize = 32 * 1024;
 
 thread_local! {
@@ -29,14 +30,16 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(LogWriter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
     // Already initialised (tests, or a second call): keep the first.
-    let _ = result;
+    if result.is_ok() {
+        access::set_json(matches!(format, LogFormat::Json));
+    }
 }
 
 /// From now on this thread buffers its access lines; it must call
@@ -57,42 +60,21 @@ pub(crate) fn flush_access_log() {
     });
 }
 
-/// Stderr, with access lines buffered on worker threads.
-struct LogWriter;
-
-/// Appends one formatted event (the formatter writes each in one call).
-struct Buffered;
-
-impl Write for Buffered {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+/// Hands `format` the buffer an access line goes to: the worker's batch, or
+/// on other threads a line of its own, written at once.
+fn write_access(format: impl FnOnce(&mut Vec<u8>)) {
+    if BUFFERING.with(Cell::get) {
         let full = BUFFER.with(|buffer| {
             let mut buffer = buffer.borrow_mut();
-            buffer.extend_from_slice(bytes);
+            format(&mut buffer);
             buffer.len() >= FLUSH_AT
         });
         if full {
             flush_access_log();
         }
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for LogWriter {
-    type Writer = EitherWriter<Buffered, std::io::Stderr>;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        EitherWriter::B(std::io::stderr())
-    }
-
-    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Self::Writer {
-        if meta.target() == ACCESS && BUFFERING.with(Cell::get) {
-            EitherWriter::A(Buffered)
-        } else {
-            EitherWriter::B(std::io::stderr())
-        }
+    } else {
+        let mut line = Vec::with_capacity(256);
+        format(&mut line);
+        let _ = std::io::stderr().write_all(&line);
     }
 }

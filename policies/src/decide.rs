@@ -57,12 +57,19 @@ pub enum Rule<'p> {
     NoRoute,
 }
 
+impl<'p> Rule<'p> {
+    /// `route[0] user /` or `no_route`, as logs name it.
+    pub fn name(&self) -> &'p str {
+        match self {
+            Self::Route(r) => &r.label,
+            Self::NoRoute => "no_route",
+        }
+    }
+}
+
 impl fmt::Display for Rule<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Route(r) => write!(f, "route[{}] {} {}", r.index, r.access.as_str(), r.path),
-            Self::NoRoute => f.write_str("no_route"),
-        }
+        f.write_str(self.name())
     }
 }
 

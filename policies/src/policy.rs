@@ -165,6 +165,8 @@ pub struct Route {
     /// For `access = "api"`: SHA-256 (hex) of `user:password` Basic
     /// credentials accepted without an account (Vodia's API access list).
     pub basic_credentials: Vec<String>,
+    /// How logs name it (`route[0] user /`), made once at load.
+    pub label: String,
 }
 
 impl Route {
@@ -364,7 +366,8 @@ impl Policy {
                     "only routes with access = \"api\" take an access list",
                 ));
             }
-            routes.push(Route { index: i, path, access, networks, step_up, basic_credentials });
+            let label = format!("route[{i}] {} {path}", access.as_str());
+            routes.push(Route { index: i, path, access, networks, step_up, basic_credentials, label });
         }
         routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()).then(a.index.cmp(&b.index)));
 

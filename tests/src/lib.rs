@@ -123,7 +123,7 @@ pub struct TestGateway {
     pub store: pbxgate::store::Store,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), pbxgate::Error>>>,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl TestGateway {
@@ -145,11 +145,16 @@ impl TestGateway {
         let task = tokio::spawn(gateway.serve(async move {
             let _ = rx.await;
         }));
-        Self { addrs, store, shutdown: Some(tx), task: Some(task), _dir: dir }
+        Self { addrs, store, shutdown: Some(tx), task: Some(task), dir }
     }
 
     pub fn https(&self) -> std::net::SocketAddr {
         self.addrs.https.expect("https listener")
+    }
+
+    /// Replaces the policy file; the gateway notices within its poll (2 s).
+    pub fn write_policy(&self, policy: &str) {
+        self.dir.write("policy.toml", policy);
     }
 
     pub fn http(&self) -> std::net::SocketAddr {

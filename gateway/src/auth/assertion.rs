@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::store::{secret, Store, StoreError};
 
-const LIFETIME_SECS: u64 = 60;
+pub(crate) const LIFETIME_SECS: u64 = 60;
 
 pub struct Signer {
     key: EncodingKey,

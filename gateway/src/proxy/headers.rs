@@ -289,7 +289,7 @@ mod tests {
             proto: "https",
             host: "a.example",
             path: "/",
-            identity: Vec::new(),
+            identity: None,
             sockets: None,
         };
         set_forwarded(&mut h, &out, Some(&HeaderValue::from_static("a.example")));

@@ -527,6 +527,53 @@ async fn the_upstream_gets_a_signed_assertion_it_can_verify() {
     assert!(forged["headers"].get("x-pbxgate-assertion").is_none(), "{forged}");
 }
 
+/// Identity headers are made once per user and policy, and the assertion is
+/// reused for half its life: a reload must still change what the PBX sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_headers_follow_a_policy_reload() {
+    use base64::Engine as _;
+    let rig = Rig::start("[headers]\nassertion = \"X-Pbxgate-Assertion\"\n").await;
+    let (_, cookies) = rig.link_login("100", "alice@example.com").await;
+    let header =
+        |echo: &serde_json::Value, name: &str| echo["headers"][name][0].as_str().unwrap_or("").to_string();
+    let claims = |jwt: &str| {
+        let payload = jwt.split('.').nth(1).unwrap_or_default();
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("JWT payload");
+        serde_json::from_slice::<serde_json::Value>(&bytes).expect("JWT claims")
+    };
+    let first = rig.get("/home", Some(&cookies)).await.json();
+    let second = rig.get("/home", Some(&cookies)).await.json();
+    assert_eq!(header(&first, "remote-email"), "alice@example.com");
+    assert_eq!(header(&first, "remote-name"), "Alice");
+    let jwt = header(&first, "x-pbxgate-assertion");
+    assert_eq!(claims(&jwt)["email"], "alice@example.com");
+    assert_eq!(header(&second, "x-pbxgate-assertion"), jwt, "reused within its half-life");
+
+    let changed = LOGIN_POLICY.replacen("alice@example.com", "alice@pbx.example.org", 1).replacen(
+        "display_name = \"Alice\"",
+        "display_name = \"Alice Smith\"",
+        1,
+    );
+    rig.gw.write_policy(&changed);
+    let mut echo = serde_json::Value::Null;
+    for _ in 0..60 {
+        echo = rig.get("/home", Some(&cookies)).await.json();
+        if header(&echo, "remote-email") == "alice@pbx.example.org" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        header(&echo, "remote-email"),
+        "alice@pbx.example.org",
+        "the reload reaches the headers: {echo}"
+    );
+    assert_eq!(header(&echo, "remote-name"), "Alice Smith");
+    assert_eq!(header(&echo, "remote-user"), "100");
+    let fresh = header(&echo, "x-pbxgate-assertion");
+    assert_eq!(claims(&fresh)["email"], "alice@pbx.example.org", "a new assertion for the new policy");
+}
+
 /// The first run of a newcomer: plain http://localhost (a secure context, so
 /// passkeys and Secure cookies work without a trusted certificate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,128 @@
+//! The identity the PBX may trust, as header values made once per user when
+//! a policy is first used, not on every request. The signed assertion, when
+//! configured, is reused for half of its minute: signing is the slowest thing
+//! a request could otherwise do.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwapOption;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use pbxgate_policies::{Policy, User};
+
+use crate::auth::assertion::{Signer, LIFETIME_SECS};
+use crate::config::IdentityHeaders;
+
+/// Per policy: each user's identity headers.
+#[derive(Default)]
+pub struct Identities {
+    current: ArcSwapOption<ForPolicy>,
+}
+
+struct ForPolicy {
+    /// The policy these were made from; a reload makes them anew.
+    policy: Arc<Policy>,
+    users: HashMap<String, UserHeaders>,
+}
+
+struct UserHeaders {
+    fixed: Arc<[(HeaderName, HeaderValue)]>,
+    /// The last assertion and when it was signed (Unix seconds).
+    assertion: Mutex<Option<(u64, HeaderValue)>>,
+}
+
+/// What one request sends upstream, after every client-sent copy is removed.
+#[derive(Debug)]
+pub struct UpstreamIdentity {
+    fixed: Arc<[(HeaderName, HeaderValue)]>,
+    assertion: Option<(HeaderName, HeaderValue)>,
+}
+
+impl UpstreamIdentity {
+    pub fn apply(self, headers: &mut HeaderMap) {
+        for (name, value) in self.fixed.iter() {
+            headers.insert(name.clone(), value.clone());
+        }
+        if let Some((name, value)) = self.assertion {
+            headers.insert(name, value);
+        }
+    }
+}
+
+impl Identities {
+    /// `Remote-User` and friends (names from `[headers]`) for `user` of
+    /// `policy`, plus the signed assertion when configured.
+    pub fn for_user(
+        &self,
+        policy: &Arc<Policy>,
+        user: &User,
+        names: &IdentityHeaders,
+        signer: Option<&Signer>,
+        now_secs: u64,
+    ) -> UpstreamIdentity {
+        let mut current = self.current.load();
+        if !current.as_ref().is_some_and(|c| Arc::ptr_eq(&c.policy, policy)) {
+            self.current.store(Some(Arc::new(ForPolicy::new(policy, names))));
+            current = self.current.load();
+        }
+        let Some(headers) = current.as_ref().and_then(|c| c.users.get(&user.name)) else {
+            // Only while another thread swaps in a newer policy's headers.
+            return UpstreamIdentity { fixed: fixed_headers(user, names).into(), assertion: None };
+        };
+        let assertion = match (&names.assertion, signer) {
+            (Some(name), Some(signer)) => {
+                headers.assertion(user, signer, now_secs).map(|v| (name.clone(), v))
+            }
+            _ => None,
+        };
+        UpstreamIdentity { fixed: headers.fixed.clone(), assertion }
+    }
+}
+
+impl ForPolicy {
+    fn new(policy: &Arc<Policy>, names: &IdentityHeaders) -> Self {
+        let users = policy
+            .users
+            .iter()
+            .map(|user| {
+                let headers =
+                    UserHeaders { fixed: fixed_headers(user, names).into(), assertion: Mutex::new(None) };
+                (user.name.clone(), headers)
+            })
+            .collect();
+        Self { policy: policy.clone(), users }
+    }
+}
+
+impl UserHeaders {
+    fn assertion(&self, user: &User, signer: &Signer, now_secs: u64) -> Option<HeaderValue> {
+        let mut last = self.assertion.lock().ok()?;
+        if let Some((signed, value)) = last.as_ref() {
+            if now_secs.saturating_sub(*signed) < LIFETIME_SECS / 2 {
+                return Some(value.clone());
+            }
+        }
+        let role = user.role.as_str();
+        let jwt =
+            signer.sign(&user.name, user.email.as_deref(), user.display_name.as_deref(), role, now_secs)?;
+        let value = HeaderValue::from_str(&jwt).ok()?;
+        *last = Some((now_secs, value.clone()));
+        Some(value)
+    }
+}
+
+/// Values a header cannot carry (not visible ASCII) are left out.
+fn fixed_headers(user: &User, names: &IdentityHeaders) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = vec![(names.groups.clone(), HeaderValue::from_static(user.role.as_str()))];
+    let values = [
+        (&names.user, Some(&user.name)),
+        (&names.email, user.email.as_ref()),
+        (&names.name, user.display_name.as_ref()),
+    ];
+    for (name, value) in values {
+        if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+            out.push((name.clone(), value));
+        }
+    }
+    out
+}
