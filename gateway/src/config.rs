@@ -115,6 +115,8 @@ pub struct Listen {
     pub shutdown_timeout: Duration,
     /// Threads serving connections, each with its own runtime (0 in the file: one per core).
     pub workers: usize,
+    /// Worker threads under Linux's `SCHED_BATCH` (`listen.worker_scheduling = "batch"`).
+    pub batch_scheduling: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -200,8 +200,10 @@ impl Gateway {
     /// in-flight requests finish (up to `listen.shutdown_timeout`).
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
         let (tx, rx) = watch::channel(false);
-        let workers =
-            Arc::new(workers::Workers::start(self.state.config.listen.workers).map_err(Error::Runtime)?);
+        let listen = &self.state.config.listen;
+        let workers = Arc::new(
+            workers::Workers::start(listen.workers, listen.batch_scheduling).map_err(Error::Runtime)?,
+        );
         tracing::info!(workers = workers.count(), "serving connections");
         let mut tasks = Vec::new();
         for (socket, kind) in self.listeners {

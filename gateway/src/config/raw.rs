@@ -71,6 +71,7 @@ defaults!(RawListen {
     admin: String = "127.0.0.1:9464",
     shutdown_timeout: Text = "30s",
     workers: usize = 0usize,
+    worker_scheduling: String = "batch",
 });
 
 #[derive(Debug, Deserialize)]
@@ -281,6 +282,14 @@ impl RawConfig {
             workers: match l.workers {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,
+            },
+            batch_scheduling: match l.worker_scheduling.as_str() {
+                "batch" => true,
+                "normal" => false,
+                other => {
+                    c.error("listen.worker_scheduling", format!("{other:?}: use batch or normal"));
+                    false
+                }
             },
         };
         if listen.https.is_none() && listen.http.is_none() {

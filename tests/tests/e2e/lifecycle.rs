@@ -185,3 +185,48 @@ async fn sighup_and_file_changes_reload_the_policy_and_a_broken_one_is_refused()
     }
     assert!(reverted, "a change of the policy file reloads it");
 }
+
+/// Worker threads run under `SCHED_BATCH` (fewer preemptions under load)
+/// unless `listen.worker_scheduling = "normal"`; other threads are untouched.
+#[test]
+fn worker_threads_run_under_sched_batch_unless_configured_normal() {
+    let dir = TempDir::new("sched");
+    let config = write_config(&dir, "http://127.0.0.1:9", TEST_POLICY);
+    // (thread name, scheduling policy) from /proc: policy is stat field 41.
+    let threads = |gw: &GatewayProcess| -> Vec<(String, String)> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", gw.child.id())).expect("proc tasks");
+        tasks
+            .filter_map(|task| {
+                let path = task.ok()?.path();
+                let name = std::fs::read_to_string(path.join("comm")).ok()?.trim().to_string();
+                let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                let policy = stat.rsplit_once(')')?.1.split_whitespace().nth(38)?.to_string();
+                Some((name, policy))
+            })
+            .collect()
+    };
+    let settled = |gw: &GatewayProcess, want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let all = threads(gw);
+            let workers: Vec<_> = all.iter().filter(|(name, _)| name.starts_with("pbxgate-worker")).collect();
+            if (!workers.is_empty() && workers.iter().all(|(_, p)| p == want)) || Instant::now() > deadline {
+                return all;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    let gw = GatewayProcess::start(&config, &[("PBXGATE_LISTEN__WORKERS", "2")]);
+    let all = settled(&gw, "3");
+    let workers: Vec<_> = all.iter().filter(|(name, _)| name.starts_with("pbxgate-worker")).collect();
+    assert_eq!(workers.len(), 2, "{all:?}");
+    assert!(workers.iter().all(|(_, policy)| policy == "3"), "SCHED_BATCH is 3: {all:?}");
+    assert!(all.iter().any(|(name, policy)| !name.starts_with("pbxgate-worker") && policy == "0"), "{all:?}");
+    drop(gw);
+
+    let normal = [("PBXGATE_LISTEN__WORKERS", "2"), ("PBXGATE_LISTEN__WORKER_SCHEDULING", "normal")];
+    let gw = GatewayProcess::start(&config, &normal);
+    let all = settled(&gw, "0");
+    assert!(all.iter().all(|(_, policy)| policy == "0"), "SCHED_OTHER is 0: {all:?}");
+}
