@@ -18,7 +18,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::workers::Workers;
@@ -55,19 +55,18 @@ pub struct Connection {
     /// The worker serving it (and whose upstream connections it uses).
     pub worker: usize,
     dropped: AtomicBool,
-    drop_now: Notify,
 }
 
 impl Connection {
     fn new(peer: SocketAddr, proto: &'static str, worker: usize) -> Self {
         let peer_value = crate::proxy::headers::ip_value(peer.ip());
-        Self { peer, proto, peer_value, worker, dropped: AtomicBool::new(false), drop_now: Notify::new() }
+        Self { peer, proto, peer_value, worker, dropped: AtomicBool::new(false) }
     }
 
-    /// Asks for this connection to be closed with no (further) response bytes.
+    /// Asks for this connection to be closed with no (further) response
+    /// bytes: its socket refuses reads and writes from now on.
     pub fn drop_silently(&self) {
         self.dropped.store(true, Ordering::SeqCst);
-        self.drop_now.notify_one();
     }
 }
 
@@ -194,17 +193,9 @@ async fn serve_connection<IO>(
             }
         }
     });
-    let serving =
-        watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned());
-    tokio::select! {
-        // Checked in order: no random draw on every poll of a busy connection.
-        biased;
-        result = serving => {
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        }
-        _ = connection.drop_now.notified() => {}
+    let serving = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+    if let Err(e) = watcher.watch(serving).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
@@ -238,6 +229,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Guarded<T
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.connection.dropped.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(gone()));
+        }
         match self.inner.as_mut() {
             Some(io) => Pin::new(io).poll_read(cx, buf),
             None => Poll::Ready(Err(gone())),

@@ -57,7 +57,7 @@ pub(crate) async fn handle(
         log.path = path;
         log.line(0, None, "drop", reason.as_str());
         drop(policy);
-        return Err(drop_connection(conn).await);
+        return Err(drop_connection(conn));
     }
     let path: &str = match &normalized {
         Ok(path) => path,
@@ -278,11 +278,11 @@ fn with_cookies(mut response: Response<Body>, cookies: Vec<HeaderValue>) -> Resp
     response
 }
 
-/// Closes the connection under this request. The request never answers:
-/// hyper would otherwise write an error (HTTP/2 RST_STREAM) first.
-async fn drop_connection(conn: &Connection) -> Dropped {
+/// Closes the connection under this request without a response byte: from
+/// now on its socket refuses writes, so the error hyper then meets (it would
+/// answer HTTP/2 with RST_STREAM) ends the connection instead.
+fn drop_connection(conn: &Connection) -> Dropped {
     conn.drop_silently();
-    std::future::pending::<()>().await;
     Dropped
 }
 
@@ -303,7 +303,7 @@ pub(crate) async fn redirect_to_https(
     };
     if let Screen::Drop(_) = screen(&policy, &facts) {
         drop(policy);
-        return Err(drop_connection(conn).await);
+        return Err(drop_connection(conn));
     }
     let port = match state.config.public_url.port {
         Some(p) if p != 443 => format!(":{p}"),

@@ -78,3 +78,23 @@ async fn redirect_listener_sends_known_hosts_to_https() {
     let tcp = TcpStream::connect(addr).await.expect("connect");
     assert!(raw_exchange(tcp, &request("evil.example", "Mozilla/5.0")).await.is_empty());
 }
+
+/// Over HTTP/2 a screened request gets no response either: not a reset
+/// stream (hyper's answer to a failed request), the connection just closes.
+#[tokio::test]
+async fn a_scanner_over_http2_gets_a_closed_connection_not_a_reset() {
+    use pbxgate_e2e::client::{get, send_h2};
+    let upstream = Upstream::start().await;
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "").await;
+    let h2 = TlsOptions { alpn: &[b"h2"], ..TlsOptions::default() };
+
+    let tls = tls_connect(gw.https(), &h2).await.expect("TLS connect");
+    let request = get("https://localhost/", &[("user-agent", "Mozilla/5.0")]);
+    assert_eq!(send_h2(tls, request).await.expect("a normal client is answered").status, 200);
+
+    let tls = tls_connect(gw.https(), &h2).await.expect("TLS connect");
+    let request = get("https://localhost/", &[("user-agent", "friendly-scanner")]);
+    let sent = tokio::time::timeout(Duration::from_secs(5), send_h2(tls, request)).await;
+    let error = sent.expect("closed, not left hanging").expect_err("no response");
+    assert!(!format!("{error:?}").contains("Reset"), "the stream must not be reset: {error:?}");
+}
