@@ -463,7 +463,14 @@ impl Policy {
 
     /// The user whose name or email is `login` (case-insensitive).
     pub fn user(&self, login: &str) -> Option<&User> {
-        self.by_login.get(&login.trim().to_lowercase()).map(|&i| &self.users[i])
+        let login = login.trim();
+        // Names and addresses are usually lower case already: no copy for them.
+        let index = if login.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()) {
+            self.by_login.get(login)
+        } else {
+            self.by_login.get(&login.to_lowercase())
+        };
+        index.map(|&i| &self.users[i])
     }
 
     /// The most specific route for a normalised path.
