@@ -139,7 +139,13 @@ async fn verify_uncached(
         Some(user) => state.store.password_hash(user).await?,
         None => None,
     };
-    if !passwords::verify(password, hash, &state.auth.dummy_hash, &state.metrics.password_verifications).await
+    if !passwords::verify(
+        password,
+        hash,
+        state.auth.dummy_hash().await,
+        &state.metrics.password_verifications,
+    )
+    .await
     {
         regulate::count(&state.store, regulate::Kind::Failure, login, client_ip).await?;
         tracing::info!(target: "pbxgate::audit", client = %client_ip, "Basic credentials refused");

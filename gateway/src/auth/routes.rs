@@ -720,7 +720,7 @@ async fn password_login(
     let verified = passwords::verify(
         creds.password.clone(),
         hash,
-        &state.auth.dummy_hash,
+        state.auth.dummy_hash().await,
         &state.metrics.password_verifications,
     )
     .await;

@@ -222,7 +222,7 @@ pub(crate) async fn handle(
             if !passwords::verify(
                 password,
                 hash,
-                &state.auth.dummy_hash,
+                state.auth.dummy_hash().await,
                 &state.metrics.password_verifications,
             )
             .await
