@@ -42,53 +42,68 @@ pub(crate) fn log(line: &AccessLine<'_>) {
     }
 }
 
+/// How a field's value is written.
+enum Value<'a> {
+    /// Quoted in both formats.
+    Text(&'a str),
+    /// Quoted in JSON only (as the pretty formatter writes `Display` fields).
+    Word(&'a str),
+    Number(u64),
+    Millis(Option<Duration>),
+    Ip(IpAddr),
+}
+
 fn format(l: &AccessLine<'_>, json: bool, out: &mut Vec<u8>) {
+    let fields = [
+        ("method", Value::Word(l.method)),
+        ("host", Value::Text(l.host)),
+        ("path", Value::Text(l.path)),
+        ("status", Value::Number(l.status.into())),
+        ("upstream_ms", Value::Millis(l.upstream)),
+        ("decision", Value::Text(l.decision)),
+        ("rule", Value::Word(l.rule)),
+        ("user", Value::Text(l.user)),
+        ("client", Value::Ip(l.client)),
+    ];
     if json {
         // As the JSON formatter writes events (flattened).
         out.extend_from_slice(b"{\"timestamp\":\"");
         timestamp(out);
-        out.extend_from_slice(b"\",\"level\":\"INFO\",\"method\":");
-        quoted(l.method, out);
-        out.extend_from_slice(b",\"host\":");
-        quoted(l.host, out);
-        out.extend_from_slice(b",\"path\":");
-        quoted(l.path, out);
-        out.extend_from_slice(b",\"status\":");
-        number(l.status.into(), out);
-        out.extend_from_slice(b",\"upstream_ms\":");
-        upstream_ms(l.upstream, out);
-        out.extend_from_slice(b",\"decision\":");
-        quoted(l.decision, out);
-        out.extend_from_slice(b",\"rule\":");
-        quoted(l.rule, out);
-        out.extend_from_slice(b",\"user\":");
-        quoted(l.user, out);
-        out.extend_from_slice(b",\"client\":\"");
-        ip(l.client, out);
-        out.extend_from_slice(b"\",\"target\":\"pbxgate::access\"}\n");
+        out.extend_from_slice(b"\",\"level\":\"INFO\"");
     } else {
         // As the compact formatter writes events, without colours.
         timestamp(out);
-        out.extend_from_slice(b"  INFO pbxgate::access: method=");
-        out.extend_from_slice(l.method.as_bytes());
-        out.extend_from_slice(b" host=");
-        quoted(l.host, out);
-        out.extend_from_slice(b" path=");
-        quoted(l.path, out);
-        out.extend_from_slice(b" status=");
-        number(l.status.into(), out);
-        out.extend_from_slice(b" upstream_ms=");
-        upstream_ms(l.upstream, out);
-        out.extend_from_slice(b" decision=");
-        quoted(l.decision, out);
-        out.extend_from_slice(b" rule=");
-        out.extend_from_slice(l.rule.as_bytes());
-        out.extend_from_slice(b" user=");
-        quoted(l.user, out);
-        out.extend_from_slice(b" client=");
-        ip(l.client, out);
-        out.push(b'\n');
+        out.extend_from_slice(b"  INFO pbxgate::access:");
     }
+    for (name, value) in fields {
+        if json {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b"\":");
+        } else {
+            out.push(b' ');
+            out.extend_from_slice(name.as_bytes());
+            out.push(b'=');
+        }
+        match value {
+            Value::Text(text) => quoted(text, out),
+            Value::Word(word) if json => quoted(word, out),
+            Value::Word(word) => out.extend_from_slice(word.as_bytes()),
+            Value::Number(n) => number(n, out),
+            Value::Millis(upstream) => upstream_ms(upstream, out),
+            Value::Ip(client) => {
+                // An address needs no escaping.
+                if json {
+                    out.push(b'"');
+                }
+                ip(client, out);
+                if json {
+                    out.push(b'"');
+                }
+            }
+        }
+    }
+    out.extend_from_slice(if json { b",\"target\":\"pbxgate::access\"}\n" } else { b"\n" });
 }
 
 fn number(n: u64, out: &mut Vec<u8>) {
