@@ -123,9 +123,7 @@ impl Auth {
             basic: auth::basic::BasicCache::default(),
         })
     }
-}
 
-impl Auth {
     /// The hash [`auth::passwords::verify`] burns time on for unknown accounts.
     pub async fn dummy_hash(&self) -> &str {
         self.dummy_hash.get_or_init(make_dummy_hash).await
