@@ -139,14 +139,7 @@ async fn verify_uncached(
         Some(user) => state.store.password_hash(user).await?,
         None => None,
     };
-    if !passwords::verify(
-        password,
-        hash,
-        state.auth.dummy_hash().await,
-        &state.metrics.password_verifications,
-    )
-    .await
-    {
+    if !passwords::check(state, password, hash).await {
         regulate::count(&state.store, regulate::Kind::Failure, login, client_ip).await?;
         tracing::info!(target: "pbxgate::audit", client = %client_ip, "Basic credentials refused");
         return Ok(Basic::Refused);

@@ -57,6 +57,11 @@ pub async fn hash(password: String) -> Result<String, String> {
     .map_err(|e| e.to_string())?
 }
 
+/// [`verify`] with the gateway's dummy hash and argon2 counter.
+pub(crate) async fn check(state: &crate::State, password: String, hash: Option<String>) -> bool {
+    verify(password, hash, state.auth.dummy_hash().await, &state.metrics.password_verifications).await
+}
+
 /// Verifies on a blocking thread. With no hash to check against, verifies
 /// against `dummy` and fails, so that takes as long as a real check.
 /// `counter` counts argon2 runs (a metric: the Basic cache keeps it flat).

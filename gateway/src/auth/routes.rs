@@ -717,13 +717,7 @@ async fn password_login(
         _ => None,
     };
     // Always one argon2 verification, so time tells nothing about the account.
-    let verified = passwords::verify(
-        creds.password.clone(),
-        hash,
-        state.auth.dummy_hash().await,
-        &state.metrics.password_verifications,
-    )
-    .await;
+    let verified = passwords::check(state, creds.password.clone(), hash).await;
     // A one-time admin password (bootstrap) works once, for an admin, from
     // the admin's networks, whether or not password sign-in is on.
     let (candidate, verified, method) = if verified {

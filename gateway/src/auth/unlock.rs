@@ -219,14 +219,7 @@ pub(crate) async fn handle(
             }
             let hash = if allowed { state.store.password_hash(&p.user).await.ok().flatten() } else { None };
             let password = f.get("password").cloned().unwrap_or_default();
-            if !passwords::verify(
-                password,
-                hash,
-                state.auth.dummy_hash().await,
-                &state.metrics.password_verifications,
-            )
-            .await
-            {
+            if !passwords::check(state, password, hash).await {
                 let _ = regulate::count(&state.store, regulate::Kind::Failure, &p.user, ctx.client_ip).await;
                 super::record(
                     state,
