@@ -50,6 +50,11 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A session's key lives until the session ends.
+fn session_ttl(session: &Session, now: u64) -> Duration {
+    Duration::from_millis(session.ends_ms().saturating_sub(now).max(1))
+}
+
 const VERSION: u32 = 1;
 
 fn version() -> u32 {
@@ -216,12 +221,36 @@ pub struct Store {
 }
 
 /// Sessions read recently, so most requests cost no store round trip.
-/// Entries live at most [`CACHE_TTL`] (and a tenth of the idle timeout); any
-/// write or delete here evicts them, and other instances' revocations arrive
-/// through [`Store::watch_revocations`] within a second.
+/// Entries live at most [`CACHE_TTL_MS`] (and a tenth of the idle timeout);
+/// any write or delete here evicts them, and other instances' revocations
+/// arrive through [`Store::watch_revocations`] within a second. Half-way
+/// through an entry's life one request starts reading it again in the
+/// background: the many requests of a busy session never all miss together.
 #[derive(Default)]
 struct SessionCache {
-    entries: std::sync::Mutex<std::collections::HashMap<SecretHash, (Arc<Session>, u64), Prehashed>>,
+    entries: std::sync::Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: std::collections::HashMap<SecretHash, Cached, Prehashed>,
+    /// Counts evictions: a read from the store that began before one must
+    /// not put back what was evicted while it was under way.
+    evictions: u64,
+}
+
+struct Cached {
+    session: Arc<Session>,
+    fetched: u64,
+    refreshing: bool,
+}
+
+/// What the cache holds for a session.
+enum Lookup {
+    Fresh(Arc<Session>),
+    /// Still good, and due to be read again: the caller is the one to do it.
+    Refresh(Arc<Session>),
+    Miss,
 }
 
 /// The cache's keys are SHA-256 digests already: hashing them again (SipHash
@@ -259,34 +288,54 @@ const CACHE_MAX: usize = 100_000;
 const REVOCATION_POLL: Duration = Duration::from_millis(250);
 
 impl SessionCache {
-    fn get(&self, hash: &SecretHash, now: u64) -> Option<Arc<Session>> {
-        let entries = self.entries.lock().ok()?;
-        let (session, fetched) = entries.get(hash)?;
-        let fresh = now.saturating_sub(*fetched) < CACHE_TTL_MS.min(session.idle_ms / 10);
-        (fresh && session.ends_ms() > now).then(|| session.clone())
+    fn get(&self, hash: &SecretHash, now: u64) -> Lookup {
+        let Ok(mut entries) = self.entries.lock() else { return Lookup::Miss };
+        let Some(cached) = entries.map.get_mut(hash) else { return Lookup::Miss };
+        let life = CACHE_TTL_MS.min(cached.session.idle_ms / 10);
+        let age = now.saturating_sub(cached.fetched);
+        if age >= life || cached.session.ends_ms() <= now {
+            return Lookup::Miss;
+        }
+        if age >= life / 2 && !cached.refreshing {
+            cached.refreshing = true;
+            return Lookup::Refresh(cached.session.clone());
+        }
+        Lookup::Fresh(cached.session.clone())
     }
 
-    fn put(&self, hash: &SecretHash, session: &Arc<Session>, now: u64) {
-        if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() >= CACHE_MAX {
-                entries.retain(|_, (_, fetched)| now.saturating_sub(*fetched) < CACHE_TTL_MS);
-                if entries.len() >= CACHE_MAX {
-                    return;
-                }
-            }
-            entries.insert(hash.clone(), (session.clone(), now));
+    /// Where evictions stand before a read from the store, for [`Self::put`].
+    fn evictions(&self) -> u64 {
+        self.entries.lock().map_or(u64::MAX, |entries| entries.evictions)
+    }
+
+    /// Caches `session` as read from the store, unless something was evicted
+    /// since the read began (`evictions`): it may have been this session.
+    fn put(&self, hash: &SecretHash, session: &Arc<Session>, now: u64, evictions: u64) {
+        let Ok(mut entries) = self.entries.lock() else { return };
+        if entries.evictions != evictions {
+            return;
         }
+        if entries.map.len() >= CACHE_MAX {
+            entries.map.retain(|_, cached| now.saturating_sub(cached.fetched) < CACHE_TTL_MS);
+            if entries.map.len() >= CACHE_MAX {
+                return;
+            }
+        }
+        let cached = Cached { session: session.clone(), fetched: now, refreshing: false };
+        entries.map.insert(hash.clone(), cached);
     }
 
     fn evict(&self, hash: &SecretHash) {
         if let Ok(mut entries) = self.entries.lock() {
-            entries.remove(hash);
+            entries.evictions += 1;
+            entries.map.remove(hash);
         }
     }
 
     fn evict_user(&self, user: &str) {
         if let Ok(mut entries) = self.entries.lock() {
-            entries.retain(|_, (session, _)| session.user != user);
+            entries.evictions += 1;
+            entries.map.retain(|_, cached| cached.session.user != user);
         }
     }
 }
@@ -336,6 +385,10 @@ impl Store {
         key
     }
 
+    fn session_key(&self, hash: &SecretHash) -> String {
+        self.key(&["s", hash.as_str()])
+    }
+
     /// Per-user keys share a Redis Cluster hash tag, so they live on one node.
     fn user_key(&self, kind: &str, user: &str) -> String {
         self.key(&[kind, &format!("{{{user}}}")])
@@ -372,20 +425,39 @@ impl Store {
             method: method.to_string(),
             must_register_passkey: false,
         };
-        self.write_session(&hash, &session, now, Durability::Durable).await?;
+        let key = self.session_key(&hash);
+        self.kv.set(&key, &encode(&session)?, Some(session_ttl(&session, now)), Durability::Durable).await?;
         self.kv.set_add(&self.user_key("us", user), hash.as_str()).await?;
         Ok((secret, session))
     }
 
     /// The session for a request: from the in-process cache when fresh,
-    /// else read (and its idle timeout slid) from the store.
+    /// else read (and its idle timeout slid) from the store. A cached session
+    /// half-way through its time in the cache is read again in the
+    /// background while this request goes on with it.
     pub async fn current_session(&self, hash: &SecretHash, now: u64) -> Result<Option<Arc<Session>>> {
-        if let Some(session) = self.cache.get(hash, now) {
-            return Ok(Some(session));
+        match self.cache.get(hash, now) {
+            Lookup::Fresh(session) => Ok(Some(session)),
+            Lookup::Refresh(session) => {
+                let (store, hash) = (self.clone(), hash.clone());
+                tokio::spawn(async move {
+                    // On failure the entry runs out, and the next request
+                    // meets the store's error itself (and fails closed).
+                    if let Err(error) = store.read_session_into_cache(&hash, now_ms()).await {
+                        tracing::debug!(%error, "session refresh failed");
+                    }
+                });
+                Ok(Some(session))
+            }
+            Lookup::Miss => self.read_session_into_cache(hash, now).await,
         }
+    }
+
+    async fn read_session_into_cache(&self, hash: &SecretHash, now: u64) -> Result<Option<Arc<Session>>> {
+        let evictions = self.cache.evictions();
         let session = self.touch_session(hash, now).await?.map(Arc::new);
         match &session {
-            Some(s) => self.cache.put(hash, s, now),
+            Some(s) => self.cache.put(hash, s, now, evictions),
             None => self.cache.evict(hash),
         }
         Ok(session)
@@ -417,70 +489,90 @@ impl Store {
         });
     }
 
-    async fn write_session(
+    /// Writes `session` over the record read as `stored`, only if that is
+    /// still what the store holds: a sign-out or another change made in
+    /// between wins (false), and nothing signed out comes back.
+    async fn rewrite_session(
         &self,
         hash: &SecretHash,
+        stored: &[u8],
         session: &Session,
         now: u64,
         d: Durability,
-    ) -> Result<()> {
-        self.cache.evict(hash);
-        let ttl = Duration::from_millis(session.ends_ms().saturating_sub(now).max(1));
-        self.kv.set(&self.key(&["s", hash.as_str()]), &encode(session)?, Some(ttl), d).await
+    ) -> Result<bool> {
+        let key = self.session_key(hash);
+        self.kv.set_if_unchanged(&key, stored, &encode(session)?, session_ttl(session, now), d).await
     }
 
     /// Reads a session without touching it.
     pub async fn session(&self, hash: &SecretHash, now: u64) -> Result<Option<Session>> {
-        let session: Option<Session> = decode_opt(self.kv.get(&self.key(&["s", hash.as_str()])).await?)?;
-        Ok(session.filter(|s| s.ends_ms() > now))
+        Ok(self.session_as_stored(hash, now).await?.map(|(session, _)| session))
+    }
+
+    /// A live session and its bytes as stored (what a rewrite compares with).
+    async fn session_as_stored(&self, hash: &SecretHash, now: u64) -> Result<Option<(Session, Vec<u8>)>> {
+        let Some(stored) = self.kv.get(&self.session_key(hash)).await? else { return Ok(None) };
+        let session: Session = decode(&stored)?;
+        Ok((session.ends_ms() > now).then_some((session, stored)))
     }
 
     /// Reads a live session and slides its idle timeout (never past the cap).
     /// The write is skipped while the last one is recent (a tenth of the idle
     /// timeout, at most 15 s): a busy page does not cost a store write per click.
     pub async fn touch_session(&self, hash: &SecretHash, now: u64) -> Result<Option<Session>> {
-        let Some(mut session) = self.session(hash, now).await? else {
+        let Some((mut session, stored)) = self.session_as_stored(hash, now).await? else {
             return Ok(None);
         };
         if now.saturating_sub(session.last_seen_ms) < (session.idle_ms / 10).min(15_000) {
             return Ok(Some(session));
         }
         session.last_seen_ms = now;
-        self.write_session(hash, &session, now, Durability::Lazy).await?;
-        Ok(Some(session))
+        // Not evicted from the cache: only the time seen changes, and the
+        // caller caches what was written. Changed meanwhile: what is there now.
+        match self.rewrite_session(hash, &stored, &session, now, Durability::Lazy).await? {
+            true => Ok(Some(session)),
+            false => self.session(hash, now).await,
+        }
     }
 
     /// Records a fresh proof of identity and an unlock window (or ends it with `None`).
     pub async fn set_step_up(&self, hash: &SecretHash, until_ms: Option<u64>, now: u64) -> Result<bool> {
-        let Some(mut session) = self.session(hash, now).await? else {
-            return Ok(false);
-        };
-        session.step_up_until_ms = until_ms;
-        if until_ms.is_some() {
-            session.authenticated_ms = now;
-        }
-        session.last_seen_ms = now;
-        self.write_session(hash, &session, now, Durability::Durable).await?;
-        Ok(true)
+        self.update_session(hash, now, |session| {
+            session.step_up_until_ms = until_ms;
+            if until_ms.is_some() {
+                session.authenticated_ms = now;
+            }
+            session.last_seen_ms = now;
+        })
+        .await
     }
 
-    /// Changes a live session's record; false when it is gone.
+    /// Changes a live session's record; false when it is gone. The change is
+    /// made again on what the store holds if that changed in between (a
+    /// request sliding the idle timeout), so neither write is lost.
     pub async fn update_session(
         &self,
         hash: &SecretHash,
         now: u64,
-        change: impl FnOnce(&mut Session),
+        change: impl Fn(&mut Session),
     ) -> Result<bool> {
-        let Some(mut session) = self.session(hash, now).await? else {
-            return Ok(false);
-        };
-        change(&mut session);
-        self.write_session(hash, &session, now, Durability::Durable).await?;
-        Ok(true)
+        for _ in 0..5 {
+            let Some((mut session, stored)) = self.session_as_stored(hash, now).await? else {
+                return Ok(false);
+            };
+            change(&mut session);
+            let written = self.rewrite_session(hash, &stored, &session, now, Durability::Durable).await;
+            // After the write: a read under way puts nothing back, the next one sees the change.
+            self.cache.evict(hash);
+            if written? {
+                return Ok(true);
+            }
+        }
+        Err(StoreError::Unavailable("session changed under every attempt to change it".into()))
     }
 
     pub async fn delete_session(&self, hash: &SecretHash) -> Result<bool> {
-        let key = self.key(&["s", hash.as_str()]);
+        let key = self.session_key(hash);
         let session: Option<Session> = decode_opt(self.kv.get(&key).await?)?;
         self.cache.evict(hash);
         let existed = self.kv.del(&[key]).await? > 0;
@@ -883,4 +975,57 @@ fn decode_opt<T: DeserializeOwned>(bytes: Option<Vec<u8>>) -> Result<Option<T>> 
 
 fn truncate(text: &str, max_chars: usize) -> String {
     text.chars().take(max_chars).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(now: u64) -> Arc<Session> {
+        Arc::new(Session {
+            v: VERSION,
+            user: "alice".into(),
+            created_ms: now,
+            last_seen_ms: now,
+            idle_ms: 3_600_000,
+            expires_ms: now + 43_200_000,
+            authenticated_ms: now,
+            step_up_until_ms: None,
+            ip: "192.0.2.1".into(),
+            method: "passkey".into(),
+            must_register_passkey: false,
+        })
+    }
+
+    #[test]
+    fn one_request_refreshes_a_cached_session_half_way_through_its_life() {
+        let (cache, hash, now) = (SessionCache::default(), Secret::generate().hash(), 1_000_000);
+        cache.put(&hash, &session(now), now, cache.evictions());
+        assert!(matches!(cache.get(&hash, now + CACHE_TTL_MS / 2 - 1), Lookup::Fresh(_)));
+        assert!(matches!(cache.get(&hash, now + CACHE_TTL_MS / 2), Lookup::Refresh(_)), "the first one");
+        for _ in 0..3 {
+            assert!(matches!(cache.get(&hash, now + CACHE_TTL_MS / 2 + 1), Lookup::Fresh(_)), "only one");
+        }
+        assert!(matches!(cache.get(&hash, now + CACHE_TTL_MS), Lookup::Miss), "never past its life");
+        // The refresh lands: a new life, refreshed again half-way through it.
+        let later = now + CACHE_TTL_MS / 2 + 5;
+        cache.put(&hash, &session(now), later, cache.evictions());
+        assert!(matches!(cache.get(&hash, now + CACHE_TTL_MS), Lookup::Fresh(_)));
+        assert!(matches!(cache.get(&hash, later + CACHE_TTL_MS / 2), Lookup::Refresh(_)));
+    }
+
+    #[test]
+    fn a_read_under_way_during_an_eviction_puts_nothing_back() {
+        let (cache, hash, now) = (SessionCache::default(), Secret::generate().hash(), 1_000_000);
+        let before_read = cache.evictions();
+        cache.evict(&hash); // signed out while the store was being read
+        cache.put(&hash, &session(now), now, before_read);
+        assert!(matches!(cache.get(&hash, now), Lookup::Miss));
+        let before_read = cache.evictions();
+        cache.evict_user("alice");
+        cache.put(&hash, &session(now), now, before_read);
+        assert!(matches!(cache.get(&hash, now), Lookup::Miss));
+        cache.put(&hash, &session(now), now, cache.evictions());
+        assert!(matches!(cache.get(&hash, now), Lookup::Fresh(_)));
+    }
 }

@@ -178,6 +178,27 @@ impl Kv for EmbeddedKv {
         .await
     }
 
+    async fn set_if_unchanged(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Duration,
+        durability: Durability,
+    ) -> Result<bool> {
+        let (key, expected) = (key.to_string(), expected.to_vec());
+        let stored = frame(value, expiry_of(Some(ttl)));
+        self.write(durability, move |txn| {
+            let mut table = txn.open_table(STRINGS)?;
+            if get_live(&table, &key, now_ms())?.as_deref() != Some(expected.as_slice()) {
+                return Ok(false);
+            }
+            table.insert(key.as_str(), stored.as_slice())?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn take(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let key = key.to_string();
         self.write(Durability::Durable, move |txn| {

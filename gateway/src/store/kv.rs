@@ -26,6 +26,16 @@ pub trait Kv: Send + Sync {
         -> Result<()>;
     /// Sets only if absent; true when this call created the key.
     async fn set_nx(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<bool>;
+    /// Compare-and-set: writes `value` only while the key still holds
+    /// `expected`; false when it changed or is gone (then nothing is written).
+    async fn set_if_unchanged(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Duration,
+        durability: Durability,
+    ) -> Result<bool>;
     /// Gets and deletes in one atomic step: of many concurrent takers, one gets it.
     async fn take(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Deletes keys; returns how many existed.

@@ -65,6 +65,16 @@ impl Kv for Observed {
     async fn set_nx(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<bool> {
         observed!(self, self.inner.set_nx(key, value, ttl))
     }
+    async fn set_if_unchanged(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Duration,
+        durability: Durability,
+    ) -> Result<bool> {
+        observed!(self, self.inner.set_if_unchanged(key, expected, value, ttl, durability))
+    }
     async fn take(&self, key: &str) -> Result<Option<Vec<u8>>> {
         observed!(self, self.inner.take(key))
     }

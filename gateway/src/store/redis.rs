@@ -166,6 +166,22 @@ impl Kv for RedisKv {
         Ok(self.run::<Option<String>>(&cmd).await?.is_some())
     }
 
+    async fn set_if_unchanged(
+        &self,
+        key: &str,
+        expected: &[u8],
+        value: &[u8],
+        ttl: Duration,
+        _: Durability,
+    ) -> Result<bool> {
+        // One key, so a cluster runs it on the key's node.
+        const SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+            redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end return 0";
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SCRIPT).arg(1).arg(key).arg(expected).arg(value).arg(millis(ttl).max(1));
+        Ok(self.run::<i64>(&cmd).await? == 1)
+    }
+
     async fn take(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.run(redis::cmd("GETDEL").arg(key)).await
     }

@@ -574,6 +574,39 @@ async fn identity_headers_follow_a_policy_reload() {
     assert_eq!(claims(&fresh)["email"], "alice@pbx.example.org", "a new assertion for the new policy");
 }
 
+/// A busy session costs about one store read a second however many of its
+/// requests arrive together: half-way through its cache entry's life one
+/// request has it read again in the background, so the entry never runs out
+/// under a burst that would then all go to the store at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_session_is_read_from_the_store_about_once_a_second() {
+    let redis = pbxgate_e2e::redis::RedisServer::start();
+    let rig = Rig::start(&format!("[store]\nurl = \"{}\"\n", redis.url())).await;
+    let (_, cookies) = rig.link_login("100", "alice@example.com").await;
+    // Session reads are GETs (the revocation poll reads a sorted set).
+    let gets = || {
+        let stats = redis.cli(&["INFO", "commandstats"]).expect("redis-cli INFO");
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_get:calls=")?.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(rig.get("/home", Some(&cookies)).await.status, 200);
+    let before = gets();
+    let started = std::time::Instant::now();
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_millis(3_500) {
+        let burst = (0..32).map(|_| rig.get("/home", Some(&cookies)));
+        for reply in futures_util::future::join_all(burst).await {
+            assert_eq!(reply.status, 200);
+            requests += 1;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reads = gets() - before;
+    assert!((2..=6).contains(&reads), "{reads} session reads for {requests} requests in 3.5 s");
+}
+
 /// The first run of a newcomer: plain http://localhost (a secure context, so
 /// passkeys and Secure cookies work without a trusted certificate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

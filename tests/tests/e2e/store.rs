@@ -315,6 +315,41 @@ async fn redis_cluster_passes_the_whole_suite() {
 
 // ---- persistence, outages, secrets at rest --------------------------------
 
+/// A session signed out while another request was changing it (between
+/// that change's read and its write) stays signed out: the write does not
+/// bring it back.
+async fn a_signed_out_session_stays_out_under_a_concurrent_change(s: &Store) {
+    let (secret, _) =
+        s.create_session("alice", "10.0.0.1", "link", ms(60_000), ms(600_000), now_ms()).await.unwrap();
+    let hash = secret.hash();
+    let changed = s
+        .update_session(&hash, now_ms(), |session| {
+            // Signed out right here, after the change read the session.
+            let deleted = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(s.delete_session(&hash))
+            });
+            assert!(deleted.unwrap(), "signed out");
+            session.step_up_until_ms = Some(now_ms() + 60_000);
+        })
+        .await
+        .unwrap();
+    assert!(!changed, "the change finds the session gone");
+    assert!(s.session(&hash, now_ms()).await.unwrap().is_none(), "still signed out");
+    assert!(s.current_session(&hash, now_ms()).await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_signed_out_session_stays_out_under_a_concurrent_change() {
+    let b = Backend::embedded().await;
+    a_signed_out_session_stays_out_under_a_concurrent_change(&b.store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_signed_out_session_stays_out_under_a_concurrent_change() {
+    let b = Backend::redis().await;
+    a_signed_out_session_stays_out_under_a_concurrent_change(&b.store).await;
+}
+
 #[tokio::test]
 async fn embedded_store_keeps_credentials_across_reopen() {
     let b = Backend::embedded().await;
