@@ -229,7 +229,13 @@ pub struct Store {
 #[derive(Default)]
 struct SessionCache {
     entries: std::sync::Mutex<Entries>,
+    /// Reads from the store under way, one per session: a page's burst of
+    /// requests after a pause shares one read (and its outcome, an error too)
+    /// instead of each going to the store.
+    reading: std::sync::Mutex<std::collections::HashMap<SecretHash, Arc<SharedRead>, Prehashed>>,
 }
+
+type SharedRead = tokio::sync::OnceCell<Result<Option<Arc<Session>>>>;
 
 #[derive(Default)]
 struct Entries {
@@ -301,6 +307,20 @@ impl SessionCache {
             return Lookup::Refresh(cached.session.clone());
         }
         Lookup::Fresh(cached.session.clone())
+    }
+
+    /// The read under way for this session, or a new one to start.
+    fn read_for(&self, hash: &SecretHash) -> Arc<SharedRead> {
+        match self.reading.lock() {
+            Ok(mut reading) => reading.entry(hash.clone()).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    fn read_done(&self, hash: &SecretHash) {
+        if let Ok(mut reading) = self.reading.lock() {
+            reading.remove(hash);
+        }
     }
 
     /// Where evictions stand before a read from the store, for [`Self::put`].
@@ -449,7 +469,18 @@ impl Store {
                 });
                 Ok(Some(session))
             }
-            Lookup::Miss => self.read_session_into_cache(hash, now).await,
+            Lookup::Miss => {
+                let read = self.cache.read_for(hash);
+                let outcome = read
+                    .get_or_init(|| async {
+                        let outcome = self.read_session_into_cache(hash, now).await;
+                        // Requests from now on read afresh (those waiting share this).
+                        self.cache.read_done(hash);
+                        outcome
+                    })
+                    .await;
+                outcome.clone()
+            }
         }
     }
 
