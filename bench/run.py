@@ -256,13 +256,20 @@ format = "json"
         cpu = f"{med(r['cpu_us']):.1f}" if r["cpu_us"] else ""
         print(f"| {name} | {med(r['rps']):.0f} | {med(r['p50']):.2f} | {med(r['p99']):.2f} | {med(r['p50_1']):.3f} | {cpu} | {h2} |")
     rps = {name: med(results[name]["rps"]) for name, *_ in cases}
+
+    def rounds(a, b):
+        """Each round's own ratio: the cases of a round ran back to back."""
+        return ", ".join(f"{x / y:.2f}" for x, y in zip(results[a]["rps"], results[b]["rps"]))
+
     print()
     for gw in ["pbxgate-embedded", "pbxgate-redis"]:
-        print(f"- {gw} / nginx-plain: {rps[gw] / rps['nginx-plain']:.2f}x; / nginx-auth_request: "
-              f"{rps[gw] / rps['nginx-auth_request']:.2f}x; p99 @64 vs nginx-plain: "
+        print(f"- {gw} / nginx-plain: {rps[gw] / rps['nginx-plain']:.2f}x (rounds {rounds(gw, 'nginx-plain')}); "
+              f"/ nginx-auth_request: {rps[gw] / rps['nginx-auth_request']:.2f}x "
+              f"(rounds {rounds(gw, 'nginx-auth_request')}); p99 @64 vs nginx-plain: "
               f"{med(results[gw]['p99']) - med(results['nginx-plain']['p99']):+.2f} ms; p50 @1: "
               f"{med(results[gw]['p50_1']) - med(results['nginx-plain']['p50_1']):+.3f} ms")
-    print(f"- pbxgate-redis-tls / nginx-ssl: {rps['pbxgate-redis-tls'] / rps['nginx-ssl']:.2f}x (h1); h2: "
+    print(f"- pbxgate-redis-tls / nginx-ssl: {rps['pbxgate-redis-tls'] / rps['nginx-ssl']:.2f}x (h1, rounds "
+          f"{rounds('pbxgate-redis-tls', 'nginx-ssl')}); h2: "
           f"{med(results['pbxgate-redis-tls']['h2']) / med(results['nginx-ssl']['h2']):.2f}x")
     print(f"- Basic-auth API requests / cookie sessions: {rps['pbxgate-redis-basic'] / rps['pbxgate-redis']:.2f}x; "
           f"argon2 runs during {REPEATS * 2} Basic runs: "
