@@ -605,8 +605,10 @@ impl Store {
     pub async fn delete_session(&self, hash: &SecretHash) -> Result<bool> {
         let key = self.session_key(hash);
         let session: Option<Session> = decode_opt(self.kv.get(&key).await?)?;
+        let deleted = self.kv.del(&[key]).await;
+        // After the delete: a read under way meanwhile puts nothing back.
         self.cache.evict(hash);
-        let existed = self.kv.del(&[key]).await? > 0;
+        let existed = deleted? > 0;
         if let Some(s) = session {
             self.kv.set_remove(&self.user_key("us", &s.user), &[hash.as_str().to_string()]).await?;
         }
@@ -638,11 +640,13 @@ impl Store {
 
     /// Ends every session of a user; returns how many were live.
     pub async fn delete_sessions_of(&self, user: &str) -> Result<u64> {
-        self.cache.evict_user(user);
         let index = self.user_key("us", user);
         let members = self.kv.set_members(&index).await?;
         let keys: Vec<String> = members.iter().map(|m| self.key(&["s", m])).collect();
-        let n = if keys.is_empty() { 0 } else { self.kv.del(&keys).await? };
+        let deleted = if keys.is_empty() { Ok(0) } else { self.kv.del(&keys).await };
+        // After the delete: a read under way meanwhile puts nothing back.
+        self.cache.evict_user(user);
+        let n = deleted?;
         self.kv.del(&[index]).await?;
         self.revoke(Revocation::User(user.to_string())).await?;
         Ok(n)
