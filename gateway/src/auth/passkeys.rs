@@ -12,7 +12,7 @@ use webauthn_rs::prelude::{
     RegisterPublicKeyCredential, Url, Uuid, Webauthn, WebauthnBuilder,
 };
 
-use crate::config::Config;
+use crate::config::{Config, UserVerification};
 use crate::store::{now_ms, AddPasskeyError, OneTime, PasskeyRecord, Secret, Store, StoreError};
 
 pub const CEREMONY_TTL: Duration = Duration::from_secs(60);
@@ -71,6 +71,14 @@ impl Passkeys {
             builder = builder.append_allowed_origin(&url);
         }
         let webauthn = builder.build().map_err(|e| format!("webauthn: {e}"))?;
+        if config.webauthn.user_verification != UserVerification::Required {
+            // webauthn-rs's passkey ceremonies always require it: say so
+            // rather than let the setting look honoured.
+            tracing::warn!(
+                setting = ?config.webauthn.user_verification,
+                "webauthn.user_verification: passkeys always verify the person (fingerprint, face, PIN); treated as required"
+            );
+        }
         Ok(Self { webauthn, max_per_user: config.webauthn.max_passkeys_per_user as u64 })
     }
 

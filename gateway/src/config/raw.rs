@@ -136,7 +136,7 @@ defaults!(RawWebauthn {
     rp_id: String = "",
     rp_name: String = "PBX",
     origins: Vec<String> = Vec::<String>::new(),
-    user_verification: String = "preferred",
+    user_verification: String = "required",
     max_passkeys_per_user: usize = 20usize,
 });
 

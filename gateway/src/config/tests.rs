@@ -33,6 +33,7 @@ fn minimal_file_gets_the_vodia_defaults() {
         assert_eq!(c.history.retention, Duration::from_secs(14 * 86_400));
         assert_eq!(c.webauthn.max_passkeys_per_user, 20);
         assert_eq!(c.webauthn.rp_id, "localhost");
+        assert_eq!(c.webauthn.user_verification, UserVerification::Required, "what passkeys do");
         assert_eq!(c.passwords.strength, PasswordStrength::Medium);
         assert!(!c.passwords.allow_empty && !c.passwords.users_may_set);
         assert_eq!(c.public_url.origin, "https://localhost:8443");
