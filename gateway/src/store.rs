@@ -405,8 +405,9 @@ impl Store {
         key
     }
 
-    fn session_key(&self, hash: &SecretHash) -> String {
-        self.key(&["s", hash.as_str()])
+    /// `hash`: a session's [`SecretHash`], hex (as the per-user index holds them).
+    fn session_key(&self, hash: &str) -> String {
+        self.key(&["s", hash])
     }
 
     /// Per-user keys share a Redis Cluster hash tag, so they live on one node.
@@ -445,7 +446,7 @@ impl Store {
             method: method.to_string(),
             must_register_passkey: false,
         };
-        let key = self.session_key(&hash);
+        let key = self.session_key(hash.as_str());
         self.kv.set(&key, &encode(&session)?, Some(session_ttl(&session, now)), Durability::Durable).await?;
         self.kv.set_add(&self.user_key("us", user), hash.as_str()).await?;
         Ok((secret, session))
@@ -531,7 +532,7 @@ impl Store {
         now: u64,
         d: Durability,
     ) -> Result<bool> {
-        let key = self.session_key(hash);
+        let key = self.session_key(hash.as_str());
         self.kv.set_if_unchanged(&key, stored, &encode(session)?, session_ttl(session, now), d).await
     }
 
@@ -542,7 +543,7 @@ impl Store {
 
     /// A live session and its bytes as stored (what a rewrite compares with).
     async fn session_as_stored(&self, hash: &SecretHash, now: u64) -> Result<Option<(Session, Vec<u8>)>> {
-        let Some(stored) = self.kv.get(&self.session_key(hash)).await? else { return Ok(None) };
+        let Some(stored) = self.kv.get(&self.session_key(hash.as_str())).await? else { return Ok(None) };
         let session: Session = decode(&stored)?;
         Ok((session.ends_ms() > now).then_some((session, stored)))
     }
@@ -603,7 +604,7 @@ impl Store {
     }
 
     pub async fn delete_session(&self, hash: &SecretHash) -> Result<bool> {
-        let key = self.session_key(hash);
+        let key = self.session_key(hash.as_str());
         let session: Option<Session> = decode_opt(self.kv.get(&key).await?)?;
         let deleted = self.kv.del(&[key]).await;
         // After the delete: a read under way meanwhile puts nothing back.
@@ -642,7 +643,7 @@ impl Store {
     pub async fn delete_sessions_of(&self, user: &str) -> Result<u64> {
         let index = self.user_key("us", user);
         let members = self.kv.set_members(&index).await?;
-        let keys: Vec<String> = members.iter().map(|m| self.key(&["s", m])).collect();
+        let keys: Vec<String> = members.iter().map(|m| self.session_key(m)).collect();
         let deleted = if keys.is_empty() { Ok(0) } else { self.kv.del(&keys).await };
         // After the delete: a read under way meanwhile puts nothing back.
         self.cache.evict_user(user);
