@@ -338,6 +338,50 @@ async fn a_signed_out_session_stays_out_under_a_concurrent_change(s: &Store) {
     assert!(s.current_session(&hash, now_ms()).await.unwrap().is_none());
 }
 
+/// Two changes to one session that overlap (the second written between the
+/// first one's read and its write): the first is made again on what the
+/// store then holds, so neither is lost.
+async fn overlapping_changes_to_a_session_both_land(s: &Store) {
+    let (secret, _) =
+        s.create_session("alice", "10.0.0.1", "link", ms(60_000), ms(600_000), now_ms()).await.unwrap();
+    let hash = secret.hash();
+    let until = now_ms() + 60_000;
+    let attempts = std::sync::atomic::AtomicUsize::new(0);
+    let changed = s
+        .update_session(&hash, now_ms(), |session| {
+            if attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                // Another request changes the session right here.
+                let other = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current()
+                        .block_on(s.update_session(&hash, now_ms(), |s| s.must_register_passkey = true))
+                });
+                assert!(other.unwrap());
+            }
+            session.step_up_until_ms = Some(until);
+        })
+        .await
+        .unwrap();
+    assert!(changed);
+    assert_eq!(attempts.into_inner(), 2, "made again after the other change");
+    let stored = s.session(&hash, now_ms()).await.unwrap().expect("live");
+    assert!(stored.must_register_passkey, "the other change kept");
+    assert_eq!(stored.step_up_until_ms, Some(until), "this change made");
+    let cached = s.current_session(&hash, now_ms()).await.unwrap().expect("live");
+    assert!(cached.must_register_passkey && cached.step_up_until_ms == Some(until));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_overlapping_changes_to_a_session_both_land() {
+    let b = Backend::embedded().await;
+    overlapping_changes_to_a_session_both_land(&b.store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_overlapping_changes_to_a_session_both_land() {
+    let b = Backend::redis().await;
+    overlapping_changes_to_a_session_both_land(&b.store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_signed_out_session_stays_out_under_a_concurrent_change() {
     let b = Backend::embedded().await;
