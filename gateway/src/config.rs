@@ -113,6 +113,10 @@ pub struct Listen {
     pub admin: Option<SocketAddr>,
     /// How long in-flight requests may run on after SIGTERM.
     pub shutdown_timeout: Duration,
+    /// How long a client has to send a request's headers, counted from the
+    /// end of its previous response (or the connection's start): slow or idle
+    /// HTTP/1 connections close after it.
+    pub header_read_timeout: Duration,
     /// Threads serving connections, each with its own runtime (0 in the file: one per core).
     pub workers: usize,
     /// Worker threads under Linux's `SCHED_BATCH` (`listen.worker_scheduling = "batch"`).

@@ -13,7 +13,7 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::Request;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::timer::Timer;
 use crate::workers::Workers;
 use crate::{admin, pipeline, State};
 
@@ -158,12 +159,12 @@ fn http_builder(state: &State) -> auto::Builder<TokioExecutor> {
     let max_header = state.config.limits.max_header_bytes;
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .timer(Timer)
+        .header_read_timeout(state.config.listen.header_read_timeout)
         .max_buf_size(max_header.max(8192));
     builder
         .http2()
-        .timer(TokioTimer::new())
+        .timer(Timer)
         .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
         .keep_alive_interval(Duration::from_secs(30));
     builder

@@ -127,11 +127,11 @@ impl Upstream {
         let upstream_request = Request::from_parts(parts, Either::Left(Limited::new(body, self.max_body)));
 
         let pool = &self.pools[out.worker % self.pools.len()];
-        let sent = tokio::time::timeout(self.timeout, pool.send(&self.connector, upstream_request));
+        let sent = crate::timer::timeout(self.timeout, pool.send(&self.connector, upstream_request));
         let (mut response, connection) = match sent.await {
-            Err(_) => return Err(Refusal::GatewayTimeout),
-            Ok(Err(failure)) => return Err(classify(failure)),
-            Ok(Ok(sent)) => sent,
+            None => return Err(Refusal::GatewayTimeout),
+            Some(Err(failure)) => return Err(classify(failure)),
+            Some(Ok(sent)) => sent,
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {

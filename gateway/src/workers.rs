@@ -7,10 +7,15 @@
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+use tokio::time::MissedTickBehavior;
+
+use crate::timer::{Wheel, TICK};
 
 pub(crate) struct Workers {
     handles: Vec<Handle>,
@@ -37,11 +42,12 @@ impl Workers {
                         batch_scheduling();
                     }
                     crate::telemetry::buffer_access_log_here();
+                    let deadlines = Wheel::install();
                     // Serves whatever is spawned onto it until told to stop.
                     runtime.block_on(async {
                         tokio::select! {
                             _ = stopped => {}
-                            _ = tick() => {}
+                            _ = tick(deadlines) => {}
                         }
                     });
                     crate::telemetry::flush_access_log();
@@ -111,17 +117,24 @@ fn batch_scheduling() {
 #[cfg(not(target_os = "linux"))]
 fn batch_scheduling() {}
 
-/// Twice a second: writes out the worker's buffered access-log lines.
+/// Every [`TICK`]: fires the worker's due deadlines ([`crate::timer`]);
+/// twice a second: writes out its buffered access-log lines.
 ///
-/// It also keeps a timer near. Every request arms timers (header read,
-/// upstream timeout) tens of seconds out. Tokio wakes its own parked driver
-/// (an eventfd write and one more epoll_wait) whenever a new timer is due
-/// before every existing one; a timer always less than a second away means
-/// that never happens on the request path.
-async fn tick() {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+/// It also keeps a tokio timer near. Tokio wakes its own parked driver (an
+/// eventfd write and one more epoll_wait) whenever a new timer is due before
+/// every existing one; with a timer always less than a tick away, the tokio
+/// timers still armed per connection (the TLS handshake's) never do that.
+async fn tick(deadlines: Arc<Wheel>) {
+    const FLUSH_EVERY: u64 = (500 / TICK.as_millis()) as u64; // ticks: half a second
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
     loop {
         tick.tick().await;
-        crate::telemetry::flush_access_log();
+        deadlines.advance(Instant::now());
+        ticks += 1;
+        if ticks % FLUSH_EVERY == 0 {
+            crate::telemetry::flush_access_log();
+        }
     }
 }

@@ -70,6 +70,7 @@ defaults!(RawListen {
     redirect_http: String = "",
     admin: String = "127.0.0.1:9464",
     shutdown_timeout: Text = "30s",
+    header_read_timeout: Text = "30s",
     workers: usize = 0usize,
     worker_scheduling: String = "batch",
 });
@@ -279,6 +280,7 @@ impl RawConfig {
             redirect_http: c.addr("listen.redirect_http", &l.redirect_http),
             admin: c.addr("listen.admin", &l.admin),
             shutdown_timeout: c.duration("listen.shutdown_timeout", &l.shutdown_timeout),
+            header_read_timeout: c.positive_duration("listen.header_read_timeout", &l.header_read_timeout),
             workers: match l.workers {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,

@@ -98,3 +98,70 @@ async fn a_scanner_over_http2_gets_a_closed_connection_not_a_reset() {
     let error = sent.expect("closed, not left hanging").expect_err("no response");
     assert!(!format!("{error:?}").contains("Reset"), "the stream must not be reset: {error:?}");
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body; returns its head.
+async fn read_response(stream: &mut TcpStream) -> String {
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&received[..end]).to_string();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .expect("content-length");
+            if received.len() >= end + 4 + length {
+                return head;
+            }
+        }
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "closed mid-response");
+        received.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn clients_slow_to_send_a_request_are_disconnected_after_the_header_read_timeout() {
+    let upstream = Upstream::start().await;
+    let gw =
+        TestGateway::start(&upstream.url(), TEST_POLICY, "[listen]\nheader_read_timeout = \"600ms\"\n").await;
+    let started = std::time::Instant::now();
+    // Half a request head and then nothing, as slowloris does.
+    let slow = TcpStream::connect(gw.http()).await.expect("connect");
+    let slowloris = tokio::spawn(async move {
+        let got = raw_exchange(slow, "GET / HTTP/1.1\r\nHost: loca").await;
+        (got, started.elapsed())
+    });
+    // An idle connection after one answered request.
+    let mut idle = TcpStream::connect(gw.http()).await.expect("connect");
+    let request = "GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    idle.write_all(request.as_bytes()).await.expect("write");
+    assert!(read_response(&mut idle).await.starts_with("HTTP/1.1 200"));
+    let answered = std::time::Instant::now();
+    let idle = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok_and(|r| r.is_ok()), "the idle connection was not closed");
+        answered.elapsed()
+    });
+    // A connection asking every 200 ms stays open for longer than the timeout:
+    // the time counts from its last answer.
+    let mut busy = TcpStream::connect(gw.http()).await.expect("connect");
+    for _ in 0..8 {
+        busy.write_all(request.as_bytes()).await.expect("write");
+        assert!(read_response(&mut busy).await.starts_with("HTTP/1.1 200"), "the busy connection was closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(started.elapsed() > Duration::from_millis(1500));
+
+    let (got, slow_for) = slowloris.await.expect("slowloris task");
+    assert!(!String::from_utf8_lossy(&got).contains("200"), "{:?}", String::from_utf8_lossy(&got));
+    assert!(slow_for >= Duration::from_millis(600), "closed after {slow_for:?}, before the timeout");
+    assert!(slow_for < Duration::from_millis(1500), "closed after {slow_for:?}");
+    let idle_for = idle.await.expect("idle task");
+    assert!(idle_for >= Duration::from_millis(600), "idle connection closed after {idle_for:?}");
+    assert!(idle_for < Duration::from_millis(1500), "idle connection closed after {idle_for:?}");
+}
