@@ -23,7 +23,7 @@ mod reload;
 mod reserved;
 pub mod store;
 pub mod telemetry;
-pub mod timer;
+mod timer;
 pub mod tls;
 mod workers;
 

@@ -78,8 +78,9 @@ impl Wheel {
         due.into_iter().for_each(Waker::wake);
     }
 
-    /// How many deadlines are armed (for tests).
-    pub fn armed(&self) -> usize {
+    /// How many deadlines are armed.
+    #[cfg(test)]
+    fn armed(&self) -> usize {
         let slots = self.slots();
         slots.entries.len() - slots.free.len()
     }
