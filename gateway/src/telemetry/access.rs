@@ -42,29 +42,9 @@ pub(crate) fn log(line: &AccessLine<'_>) {
     }
 }
 
-/// How a field's value is written.
-enum Value<'a> {
-    /// Quoted in both formats.
-    Text(&'a str),
-    /// Quoted in JSON only (as the pretty formatter writes `Display` fields).
-    Word(&'a str),
-    Number(u64),
-    Millis(Option<Duration>),
-    Ip(IpAddr),
-}
-
 fn format(l: &AccessLine<'_>, json: bool, out: &mut Vec<u8>) {
-    let fields = [
-        ("method", Value::Word(l.method)),
-        ("host", Value::Text(l.host)),
-        ("path", Value::Text(l.path)),
-        ("status", Value::Number(l.status.into())),
-        ("upstream_ms", Value::Millis(l.upstream)),
-        ("decision", Value::Text(l.decision)),
-        ("rule", Value::Word(l.rule)),
-        ("user", Value::Text(l.user)),
-        ("client", Value::Ip(l.client)),
-    ];
+    // One reservation for the whole line: the fixed part is under 200 bytes.
+    out.reserve(200 + l.host.len() + l.path.len() + l.rule.len() + l.user.len());
     if json {
         // As the JSON formatter writes events (flattened).
         out.extend_from_slice(b"{\"timestamp\":\"");
@@ -75,35 +55,64 @@ fn format(l: &AccessLine<'_>, json: bool, out: &mut Vec<u8>) {
         timestamp(out);
         out.extend_from_slice(b"  INFO pbxgate::access:");
     }
-    for (name, value) in fields {
-        if json {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":");
+    let mut line = Fields { out, json };
+    line.word("method", l.method);
+    line.text("host", l.host);
+    line.text("path", l.path);
+    line.key("status");
+    number(l.status.into(), line.out);
+    line.key("upstream_ms");
+    upstream_ms(l.upstream, line.out);
+    line.text("decision", l.decision);
+    line.word("rule", l.rule);
+    line.text("user", l.user);
+    // An address needs no escaping, but JSON wants it as a string.
+    line.key("client");
+    if json {
+        line.out.push(b'"');
+    }
+    ip(l.client, line.out);
+    line.out.extend_from_slice(if json { b"\",\"target\":\"pbxgate::access\"}\n" } else { b"\n" });
+}
+
+/// Writes `name=value` (pretty) or `,"name":value` (JSON).
+struct Fields<'o> {
+    out: &'o mut Vec<u8>,
+    json: bool,
+}
+
+impl Fields<'_> {
+    // Inlined, so each name is a constant and its copy a few stores.
+    #[inline(always)]
+    fn key(&mut self, name: &str) {
+        if self.json {
+            self.out.extend_from_slice(b",\"");
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.extend_from_slice(b"\":");
         } else {
-            out.push(b' ');
-            out.extend_from_slice(name.as_bytes());
-            out.push(b'=');
-        }
-        match value {
-            Value::Text(text) => quoted(text, out),
-            Value::Word(word) if json => quoted(word, out),
-            Value::Word(word) => out.extend_from_slice(word.as_bytes()),
-            Value::Number(n) => number(n, out),
-            Value::Millis(upstream) => upstream_ms(upstream, out),
-            Value::Ip(client) => {
-                // An address needs no escaping.
-                if json {
-                    out.push(b'"');
-                }
-                ip(client, out);
-                if json {
-                    out.push(b'"');
-                }
-            }
+            self.out.push(b' ');
+            self.out.extend_from_slice(name.as_bytes());
+            self.out.push(b'=');
         }
     }
-    out.extend_from_slice(if json { b",\"target\":\"pbxgate::access\"}\n" } else { b"\n" });
+
+    /// Quoted in both formats.
+    #[inline(always)]
+    fn text(&mut self, name: &str, value: &str) {
+        self.key(name);
+        quoted(value, self.out);
+    }
+
+    /// Quoted in JSON only (as the pretty formatter writes `Display` fields).
+    #[inline(always)]
+    fn word(&mut self, name: &str, value: &str) {
+        self.key(name);
+        if self.json {
+            quoted(value, self.out);
+        } else {
+            self.out.extend_from_slice(value.as_bytes());
+        }
+    }
 }
 
 fn number(n: u64, out: &mut Vec<u8>) {
@@ -196,6 +205,11 @@ const ESCAPED: [bool; 256] = {
 fn quoted(s: &str, out: &mut Vec<u8>) {
     out.push(b'"');
     let bytes = s.as_bytes();
+    if !bytes.iter().any(|&b| ESCAPED[usize::from(b)]) {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut plain = 0;
     for (i, &b) in bytes.iter().enumerate() {
         if !ESCAPED[usize::from(b)] {
