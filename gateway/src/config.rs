@@ -164,6 +164,8 @@ pub struct Limits {
 pub struct Store {
     pub url: String,
     pub key_prefix: String,
+    /// CA and client certificate for `rediss://`.
+    pub tls: crate::store::RedisTls,
 }
 
 #[derive(Debug, Clone)]

@@ -161,9 +161,7 @@ impl Gateway {
         let upstream =
             proxy::Upstream::new(&config.upstream, config.limits.max_request_body, config.listen.workers)?;
         let spoofable = proxy::Spoofable::new(config.headers.all());
-        let base =
-            config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        let store = store::Store::open(&config.store.url, &config.store.key_prefix, base).await?;
+        let store = store::Store::open_configured(&config).await?;
         store.watch_revocations();
         tracing::info!(backend = store.backend(), "store opened");
         let auth = Auth::new(&config, &store).await?;

@@ -238,8 +238,7 @@ where
 
 /// The store a CLI command works on, next to the configuration file.
 async fn open_store(config: &Config) -> Result<pbxgate::store::Store, ExitCode> {
-    let base = config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    pbxgate::store::Store::open(&config.store.url, &config.store.key_prefix, base).await.map_err(|e| {
+    pbxgate::store::Store::open_configured(config).await.map_err(|e| {
         eprintln!("cannot open the store: {e}");
         if config.store.url.starts_with("embedded://") {
             eprintln!(

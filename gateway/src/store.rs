@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use kv::{Durability, Kv};
 pub use observed::{StoreStats, BUCKETS as STORE_BUCKETS};
+pub use redis::RedisTls;
 pub use secret::{Secret, SecretHash};
 
 /// Store failures. Callers fail closed: no store, no login.
@@ -371,12 +372,29 @@ impl Store {
     /// `rediss://…`, `redis+cluster://host:port,host:port` (or `rediss+cluster://`).
     /// A relative embedded path is relative to `base`.
     pub async fn open(url: &str, prefix: &str, base: &std::path::Path) -> Result<Self> {
+        Self::open_with_tls(url, prefix, base, &RedisTls::default()).await
+    }
+
+    /// The store `config` names (`[store]`), next to its configuration file.
+    pub async fn open_configured(config: &crate::config::Config) -> Result<Self> {
+        let base =
+            config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        Self::open_with_tls(&config.store.url, &config.store.key_prefix, base, &config.store.tls).await
+    }
+
+    /// [`Store::open`], with `tls` for a `rediss://` URL.
+    pub async fn open_with_tls(
+        url: &str,
+        prefix: &str,
+        base: &std::path::Path,
+        tls: &RedisTls,
+    ) -> Result<Self> {
         let (kv, backend): (Arc<dyn Kv>, &'static str) = if let Some(path) = url.strip_prefix("embedded://") {
             let path = std::path::Path::new(path);
             let path = if path.is_absolute() { path.to_path_buf() } else { base.join(path) };
             (Arc::new(embedded::EmbeddedKv::open(&path).await?), "embedded")
         } else {
-            (Arc::new(redis::RedisKv::connect(url).await?), "redis")
+            (Arc::new(redis::RedisKv::connect(url, tls).await?), "redis")
         };
         let stats = Arc::new(StoreStats::default());
         let kv = Arc::new(observed::Observed { inner: kv, stats: stats.clone() });

@@ -197,3 +197,64 @@ impl RedisCluster {
         format!("redis+cluster://{}", hosts.join(","))
     }
 }
+
+/// A Redis that speaks only TLS, with a self-signed certificate for
+/// 127.0.0.1 and `localhost` (`ca_file`, the client's trust anchor). With
+/// `client_ca`, it asks every client for a certificate signed by that CA
+/// (Redis's default when TLS is on); without, it asks for none.
+pub struct TlsRedis {
+    pub port: u16,
+    pub ca_file: PathBuf,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl TlsRedis {
+    pub fn start(client_ca: Option<&Path>) -> Self {
+        let dir = TempDir::new("redis-tls");
+        let (cert, key, _) = crate::certificate(&["127.0.0.1", "localhost"]);
+        let ca_file = dir.write("redis.pem", cert);
+        let key_file = dir.write("redis.key", key);
+        let port = free_port(false);
+        let mut command = Command::new(redis_server_binary());
+        command
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--tls-cert-file")
+            .arg(&ca_file)
+            .arg("--tls-key-file")
+            .arg(&key_file);
+        match client_ca {
+            Some(client_ca) => {
+                command.args(["--tls-auth-clients", "yes", "--tls-ca-cert-file"]).arg(client_ca)
+            }
+            None => command.args(["--tls-auth-clients", "no"]),
+        };
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server with TLS");
+        // Listening is enough: a TLS PING would need the client's files.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server (TLS) on port {port} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { port, ca_file, child, _dir: dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -12,6 +12,7 @@ use pbxgate_policies::Policy;
 use serde::Deserialize;
 
 use super::*;
+use crate::store::RedisTls;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,7 +122,13 @@ defaults!(RawUpstream {
 
 defaults!(RawLimits { max_header_size: Text = "64KiB", max_request_body: Text = "1GiB" });
 
-defaults!(RawStore { url: String = "embedded://pbxgate-data/store.db", key_prefix: String = "pbxgate:" });
+defaults!(RawStore {
+    url: String = "embedded://pbxgate-data/store.db",
+    key_prefix: String = "pbxgate:",
+    ca_file: String = "",
+    client_cert_file: String = "",
+    client_key_file: String = "",
+});
 
 defaults!(RawSession {
     idle_timeout: Text = "3600s",
@@ -381,7 +388,28 @@ impl RawConfig {
                 format!("{store_url:?}: use embedded://PATH, redis://, rediss:// or redis+cluster://"),
             );
         }
-        let store = Store { url: store_url, key_prefix: self.store.key_prefix.clone() };
+        let st = &self.store;
+        let ca_file = c.file("store.ca_file", base, &st.ca_file);
+        let cert = c.file("store.client_cert_file", base, &st.client_cert_file);
+        let key = c.file("store.client_key_file", base, &st.client_key_file);
+        let client_cert = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                c.error("store.client_key_file", "store.client_cert_file needs its key");
+                None
+            }
+            (None, Some(_)) => {
+                c.error("store.client_cert_file", "store.client_key_file needs its certificate");
+                None
+            }
+        };
+        let store_tls = RedisTls { ca_file, client_cert };
+        if store_tls != RedisTls::default() && !store_url.starts_with("rediss") {
+            let key = if store_tls.ca_file.is_some() { "store.ca_file" } else { "store.client_cert_file" };
+            c.error(key, "is for a TLS Redis: use a rediss:// or rediss+cluster:// store.url");
+        }
+        let store = Store { url: store_url, key_prefix: st.key_prefix.clone(), tls: store_tls };
 
         let session = Session {
             idle_timeout: c.positive_duration("session.idle_timeout", &self.session.idle_timeout),

@@ -139,3 +139,32 @@ fn sizes() {
     assert!(parse_size("1 parsec").is_err());
     assert!(parse_size("").is_err());
 }
+
+#[test]
+fn store_tls_files_are_for_a_tls_redis_and_come_in_pairs() {
+    Jail::expect_with(|jail| {
+        jail.create_file("policy.toml", POLICY)?;
+        jail.create_file("ca.pem", "")?;
+        jail.create_file("client.pem", "")?;
+        let head = "policy_file = \"policy.toml\"\n[tls]\nself_signed = true\n[store]\n";
+        jail.create_file(
+            "gateway.toml",
+            &format!("{head}url = \"redis://127.0.0.1/0\"\nca_file = \"ca.pem\"\nclient_cert_file = \"client.pem\"\n"),
+        )?;
+        let errors = load(jail).expect_err("invalid");
+        assert_eq!(paths(&errors), vec!["store.client_key_file".to_string(), "store.ca_file".to_string()]);
+
+        jail.create_file(
+            "gateway.toml",
+            &format!(
+                "{head}url = \"rediss://127.0.0.1/0\"\nca_file = \"ca.pem\"\n\
+                 client_cert_file = \"client.pem\"\nclient_key_file = \"client.pem\"\n"
+            ),
+        )?;
+        let c = load(jail).map_err(|e| e.to_string())?;
+        let dir = jail.directory();
+        assert_eq!(c.store.tls.ca_file, Some(dir.join("ca.pem")));
+        assert_eq!(c.store.tls.client_cert, Some((dir.join("client.pem"), dir.join("client.pem"))));
+        Ok(())
+    });
+}

@@ -4,12 +4,15 @@
 //! dead Redis gives a clear error instead of a hang; the connection comes
 //! back by itself when Redis does.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, Pipeline};
+use redis::{ClientTlsConfig, Cmd, FromRedisValue, Pipeline, TlsCertificates};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::OnceCell;
 
 use super::kv::{Durability, Kv, Result};
@@ -29,6 +32,45 @@ enum Conn {
 enum Target {
     Single(redis::Client),
     Cluster(redis::cluster::ClusterClient),
+}
+
+/// TLS files for `rediss://`: the CA that signed Redis's certificate (else
+/// the system's roots), and a client certificate for a Redis that asks for
+/// one (`tls-auth-clients yes`, its default with TLS on).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    pub ca_file: Option<PathBuf>,
+    /// Certificate chain and private key, PEM.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl RedisTls {
+    /// `None` when nothing is configured: redis-rs then trusts the system's roots.
+    fn certificates(&self) -> Result<Option<TlsCertificates>> {
+        if self.ca_file.is_none() && self.client_cert.is_none() {
+            return Ok(None);
+        }
+        // The path in the error, never the contents (the key is a secret).
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|e| StoreError::Config(format!("{}: {e}", path.display())))
+        };
+        let root_cert = match &self.ca_file {
+            Some(path) => {
+                let pem = read(path)?;
+                // Else every connection would fail later, with a vaguer error.
+                if CertificateDer::pem_slice_iter(&pem).next().is_none() {
+                    return Err(StoreError::Config(format!("{}: no PEM certificate in it", path.display())));
+                }
+                Some(pem)
+            }
+            None => None,
+        };
+        let client_tls = match &self.client_cert {
+            Some((cert, key)) => Some(ClientTlsConfig { client_cert: read(cert)?, client_key: read(key)? }),
+            None => None,
+        };
+        Ok(Some(TlsCertificates { client_tls, root_cert }))
+    }
 }
 
 pub struct RedisKv {
@@ -64,19 +106,26 @@ fn cluster_nodes(url: &str) -> Option<Vec<String>> {
 impl RedisKv {
     /// Checks the URL now; connects on first use (and again after failures),
     /// so the gateway starts, and reports not-ready, while Redis is down.
-    pub async fn connect(url: &str) -> Result<Self> {
+    pub async fn connect(url: &str, tls: &RedisTls) -> Result<Self> {
+        let config_error = |e: redis::RedisError| StoreError::Config(e.to_string());
+        let certificates = tls.certificates()?;
         let target = if url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://") {
             let nodes = cluster_nodes(url)
                 .ok_or_else(|| StoreError::Config("no cluster nodes in store.url".into()))?;
-            let client = redis::cluster::ClusterClient::builder(nodes)
+            let mut builder = redis::cluster::ClusterClient::builder(nodes)
                 .connection_timeout(DEADLINE)
                 .response_timeout(DEADLINE)
-                .retries(2)
-                .build()
-                .map_err(|e| StoreError::Config(e.to_string()))?;
-            Target::Cluster(client)
+                .retries(2);
+            if let Some(certificates) = certificates {
+                builder = builder.certs(certificates);
+            }
+            Target::Cluster(builder.build().map_err(config_error)?)
         } else {
-            Target::Single(redis::Client::open(url).map_err(|e| StoreError::Config(e.to_string()))?)
+            let client = match certificates {
+                Some(certificates) => redis::Client::build_with_tls(url, certificates),
+                None => redis::Client::open(url),
+            };
+            Target::Single(client.map_err(config_error)?)
         };
         let kv = Self { target, conn: OnceCell::new() };
         if let Err(e) = kv.conn().await {

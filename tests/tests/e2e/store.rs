@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pbxgate::store::{now_ms, HistoryEvent, OneTime, PasskeyRecord, Revocation, Secret, Store, UserFlags};
-use pbxgate_e2e::redis::{RedisCluster, RedisServer};
+use pbxgate::store::{
+    now_ms, HistoryEvent, OneTime, PasskeyRecord, RedisTls, Revocation, Secret, Store, StoreError, UserFlags,
+};
+use pbxgate_e2e::redis::{RedisCluster, RedisServer, TlsRedis};
 use pbxgate_e2e::TempDir;
 
 /// A store and whatever keeps it alive.
@@ -537,4 +539,75 @@ async fn readyz_answers_503_while_the_store_is_unreachable() {
         sleep(100).await;
     }
     assert!(ready, "ready again once Redis is back");
+}
+
+// ---- Redis over TLS (rediss://) --------------------------------------------
+
+async fn open_tls(redis: &TlsRedis, tls: RedisTls) -> Store {
+    Store::open_with_tls(&redis.url(), "pbxgate:", std::path::Path::new("."), &tls)
+        .await
+        .expect("opens (connecting is retried on use)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_is_used_with_its_ca_and_refused_without_it() {
+    let redis = TlsRedis::start(None);
+    let trusted =
+        open_tls(&redis, RedisTls { ca_file: Some(redis.ca_file.clone()), client_cert: None }).await;
+    let (session, _) = trusted
+        .create_session("alice", "10.0.0.1", "link", ms(60_000), ms(600_000), now_ms())
+        .await
+        .expect("works over TLS with the configured CA");
+    assert!(trusted.session(&session.hash(), now_ms()).await.unwrap().is_some());
+
+    // The system's roots do not know this certificate: no connection, and
+    // every call fails (the gateway refuses, fail closed).
+    let system_roots = open_tls(&redis, RedisTls::default()).await;
+    let refused = system_roots.session(&session.hash(), now_ms()).await;
+    assert!(refused.is_err(), "unverified server refused: {refused:?}");
+
+    // Nor does a CA that did not sign it.
+    let elsewhere = TempDir::new("other-ca");
+    let other_ca = elsewhere.write("other.pem", pbxgate_e2e::certificate(&["127.0.0.1"]).0);
+    let wrong_ca = open_tls(&redis, RedisTls { ca_file: Some(other_ca), client_cert: None }).await;
+    assert!(wrong_ca.ping().await.is_err(), "a certificate from another CA is refused");
+
+    // A CA file with no certificate in it is a configuration error at once.
+    let not_pem = elsewhere.write("not.pem", "not a certificate");
+    let tls = RedisTls { ca_file: Some(not_pem), client_cert: None };
+    let opened = Store::open_with_tls(&redis.url(), "pbxgate:", std::path::Path::new("."), &tls).await;
+    assert!(
+        matches!(opened, Err(StoreError::Config(ref e)) if e.contains("no PEM certificate")),
+        "{opened:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_asking_for_a_client_certificate_gets_the_configured_one() {
+    let dir = TempDir::new("redis-client");
+    let (cert, key, _) = pbxgate_e2e::certificate(&["pbxgate"]);
+    let (cert, key) = (dir.write("client.pem", cert), dir.write("client.key", key));
+    let redis = TlsRedis::start(Some(&cert));
+    let ca_file = Some(redis.ca_file.clone());
+
+    let with = open_tls(&redis, RedisTls { ca_file: ca_file.clone(), client_cert: Some((cert, key)) }).await;
+    with.set_password_hash("bob", "$argon2id$v=19$x").await.expect("works with the client certificate");
+    assert_eq!(with.password_hash("bob").await.unwrap().as_deref(), Some("$argon2id$v=19$x"));
+
+    let without = open_tls(&redis, RedisTls { ca_file, client_cert: None }).await;
+    assert!(without.password_hash("bob").await.is_err(), "Redis refuses a client without one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_reaches_a_tls_redis_from_its_configuration() {
+    use pbxgate_e2e::client::https_get;
+    let upstream = pbxgate_e2e::Upstream::start().await;
+    let redis = TlsRedis::start(None);
+    let overrides = format!(
+        "[store]\nurl = \"{}\"\nca_file = {:?}\n",
+        redis.url().replace("127.0.0.1", "localhost"),
+        redis.ca_file
+    );
+    let gw = pbxgate_e2e::TestGateway::start(&upstream.url(), pbxgate_e2e::TEST_POLICY, &overrides).await;
+    assert_eq!(https_get(gw.https(), "/.pbxgate/readyz", &[]).await.status, 200, "the store answers");
 }
