@@ -149,6 +149,8 @@ pub struct Gateway {
     state: Arc<State>,
     addrs: Addrs,
     listeners: Vec<(TcpListener, listener::Kind)>,
+    /// `pbxgate user …` and friends beside the running gateway (embedded store).
+    commands: Option<store::CommandSocket>,
 }
 
 impl Gateway {
@@ -164,6 +166,17 @@ impl Gateway {
         let store = store::Store::open_configured(&config).await?;
         store.watch_revocations();
         tracing::info!(backend = store.backend(), "store opened");
+        let commands = match store.serve_commands() {
+            Some(Ok(socket)) => {
+                tracing::info!(path = %socket.path().display(), "answering pbxgate commands on the store's socket");
+                Some(socket)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "no socket for pbxgate commands: stop the gateway to run them");
+                None
+            }
+            None => None,
+        };
         let auth = Auth::new(&config, &store).await?;
         auth::arm_bootstrap(&config, &store).await?;
         let mut addrs = Addrs::default();
@@ -199,7 +212,7 @@ impl Gateway {
             auth,
         });
         tokio::spawn(auth::sockets::watch(Arc::downgrade(&state)));
-        Ok(Self { state, addrs, listeners })
+        Ok(Self { state, addrs, listeners, commands })
     }
 
     pub fn addrs(&self) -> &Addrs {
@@ -239,6 +252,7 @@ impl Gateway {
         if let Some(workers) = Arc::into_inner(workers) {
             workers.stop().await;
         }
+        drop(self.commands);
         tracing::info!("stopped");
         Ok(())
     }

@@ -238,12 +238,10 @@ where
 
 /// The store a CLI command works on, next to the configuration file.
 async fn open_store(config: &Config) -> Result<pbxgate::store::Store, ExitCode> {
-    pbxgate::store::Store::open_configured(config).await.map_err(|e| {
+    pbxgate::store::Store::open_for_command(config).await.map_err(|e| {
         eprintln!("cannot open the store: {e}");
-        if config.store.url.starts_with("embedded://") {
-            eprintln!(
-                "(the embedded store can be used by one process at a time: stop the gateway, or use Redis)"
-            );
+        if matches!(e, pbxgate::store::StoreError::Locked(_)) {
+            eprintln!("(a running gateway answers commands on the socket next to it; this one has none)");
         }
         ExitCode::FAILURE
     })

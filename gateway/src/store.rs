@@ -11,6 +11,7 @@ mod embedded;
 mod kv;
 mod observed;
 mod redis;
+mod remote;
 pub mod secret;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use kv::{Durability, Kv};
 pub use observed::{StoreStats, BUCKETS as STORE_BUCKETS};
 pub use redis::RedisTls;
+pub use remote::CommandSocket;
 pub use secret::{Secret, SecretHash};
 
 /// Store failures. Callers fail closed: no store, no login.
@@ -36,6 +38,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store configuration: {0}")]
     Config(String),
+    /// The embedded store's file, held by another process.
+    #[error("{0}: in use by another process")]
+    Locked(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -219,6 +224,8 @@ pub struct Store {
     backend: &'static str,
     stats: Arc<StoreStats>,
     cache: Arc<SessionCache>,
+    /// The embedded store's file, when this process holds it.
+    file: Option<Arc<std::path::Path>>,
 }
 
 /// Sessions read recently, so most requests cost no store round trip.
@@ -382,6 +389,30 @@ impl Store {
         Self::open_with_tls(&config.store.url, &config.store.key_prefix, base, &config.store.tls).await
     }
 
+    /// [`Store::open_configured`] for a command (`pbxgate user …`): when a
+    /// running gateway holds the embedded store, through that gateway.
+    pub async fn open_for_command(config: &crate::config::Config) -> Result<Self> {
+        match Self::open_configured(config).await {
+            Err(StoreError::Locked(file)) => {
+                let socket = remote::socket_path(std::path::Path::new(&file));
+                if !socket.exists() {
+                    return Err(StoreError::Locked(file));
+                }
+                Self::through_gateway(std::path::Path::new(&file), &config.store.key_prefix).await
+            }
+            opened => opened,
+        }
+    }
+
+    /// The embedded store in `file`, held by a running gateway, through the
+    /// socket it answers on ([`Store::serve_commands`]).
+    pub async fn through_gateway(file: &std::path::Path, prefix: &str) -> Result<Self> {
+        let kv = Arc::new(remote::RemoteKv::new(remote::socket_path(file)));
+        let store = Self::with_kv(kv, prefix, "embedded", None);
+        store.ping().await?;
+        Ok(store)
+    }
+
     /// [`Store::open`], with `tls` for a `rediss://` URL.
     pub async fn open_with_tls(
         url: &str,
@@ -389,16 +420,32 @@ impl Store {
         base: &std::path::Path,
         tls: &RedisTls,
     ) -> Result<Self> {
-        let (kv, backend): (Arc<dyn Kv>, &'static str) = if let Some(path) = url.strip_prefix("embedded://") {
+        if let Some(path) = url.strip_prefix("embedded://") {
             let path = std::path::Path::new(path);
             let path = if path.is_absolute() { path.to_path_buf() } else { base.join(path) };
-            (Arc::new(embedded::EmbeddedKv::open(&path).await?), "embedded")
+            let kv = Arc::new(embedded::EmbeddedKv::open(&path).await?);
+            Ok(Self::with_kv(kv, prefix, "embedded", Some(path.into())))
         } else {
-            (Arc::new(redis::RedisKv::connect(url, tls).await?), "redis")
-        };
+            Ok(Self::with_kv(Arc::new(redis::RedisKv::connect(url, tls).await?), prefix, "redis", None))
+        }
+    }
+
+    fn with_kv(
+        kv: Arc<dyn Kv>,
+        prefix: &str,
+        backend: &'static str,
+        file: Option<Arc<std::path::Path>>,
+    ) -> Self {
         let stats = Arc::new(StoreStats::default());
         let kv = Arc::new(observed::Observed { inner: kv, stats: stats.clone() });
-        Ok(Self { kv, prefix: prefix.into(), backend, stats, cache: Arc::default() })
+        Self { kv, prefix: prefix.into(), backend, stats, cache: Arc::default(), file }
+    }
+
+    /// With the embedded store: answers `pbxgate` commands on a socket next
+    /// to its file while this process holds it (see [`remote`]).
+    pub fn serve_commands(&self) -> Option<std::io::Result<CommandSocket>> {
+        let file = self.file.as_ref()?;
+        Some(remote::listen(self.kv.clone(), remote::socket_path(file)))
     }
 
     pub fn backend(&self) -> &'static str {

@@ -58,7 +58,10 @@ impl EmbeddedKv {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
             }
-            let db = Database::create(&path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+            let db = Database::create(&path).map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(path.display().to_string()),
+                e => unavailable(format!("{}: {e}", path.display())),
+            })?;
             // Create the tables so that readers never meet a missing one.
             let txn = db.begin_write().map_err(unavailable)?;
             txn.open_table(STRINGS).map_err(unavailable)?;

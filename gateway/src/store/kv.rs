@@ -11,7 +11,7 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// Whether a write must survive a crash (credentials) or may be lost in one
 /// (a session's last-seen time). Redis decides this itself (AOF/RDB).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Durability {
     Durable,
     Lazy,

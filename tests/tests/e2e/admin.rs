@@ -452,6 +452,82 @@ async fn the_command_line_lists_and_revokes_beside_a_running_gateway() {
     assert_eq!(code, Some(2));
 }
 
+/// With the embedded store the command line works beside a running gateway
+/// too (through the socket next to the store's file, the gateway holding the
+/// file), and on the file itself once the gateway has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_works_beside_a_running_gateway_on_the_embedded_store() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let upstream = pbxgate_e2e::Upstream::start().await;
+    let dir = pbxgate_e2e::TempDir::new("cli-embedded");
+    let config = pbxgate_e2e::write_config(&dir, &upstream.url(), &admin_policy());
+    let port = pbxgate_e2e::redis::free_port(false);
+    let (public, listen) = (format!("https://localhost:{port}"), format!("127.0.0.1:{port}"));
+    let env = [("PBXGATE_PUBLIC_URL", public.as_str()), ("PBXGATE_LISTEN__HTTPS", listen.as_str())];
+    let cli = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(pbxgate_e2e::process::binary())
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .envs(env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let mut gw = pbxgate_e2e::GatewayProcess::start(&config, &env);
+    let socket = dir.path().join("store.db.sock");
+    assert!(socket.exists(), "the gateway answers commands next to its store");
+
+    let (code, out) = cli(&["user", "set-password", "101"], "Correct horse 42!\n");
+    assert_eq!(code, Some(0), "set while the gateway runs: {out}");
+    let https = gw.https.expect("https");
+    let host = format!("localhost:{port}");
+    let headers = [
+        ("host", host.as_str()),
+        ("origin", public.as_str()),
+        ("content-type", "application/x-www-form-urlencoded"),
+    ];
+    let body = "login=101&password=Correct+horse+42%21&rd=/";
+    let reply =
+        pbxgate_e2e::client::https_request(https, "POST", "/.pbxgate/login/password", &headers, body).await;
+    assert_eq!(reply.status, 303, "the gateway signs in with it: {}", reply.text());
+    let remember = format!("__Host-pbxgate-remember={}", reply.cookie("__Host-pbxgate-remember").unwrap());
+
+    let (code, users) = cli(&["user", "list"], "");
+    assert_eq!(code, Some(0), "{users}");
+    assert!(users.contains("101") && users.contains("1 active sessions"), "{users}");
+    let (code, history) = cli(&["history", "101"], "");
+    assert!(code == Some(0) && history.contains("success"), "{history}");
+    let (code, tokens) = cli(&["tokens", "list", "101"], "");
+    assert_eq!(code, Some(0), "{tokens}");
+    let id = tokens.lines().nth(1).and_then(|l| l.split_whitespace().next()).expect("a token").to_string();
+    let home = |cookie: String| {
+        let host = host.clone();
+        async move {
+            pbxgate_e2e::client::https_get(https, "/home", &[("host", &host), ("cookie", &cookie)]).await
+        }
+    };
+    assert_eq!(home(remember.clone()).await.status, 200);
+    let (code, out) = cli(&["tokens", "revoke", &id], "");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(home(remember).await.status, 401, "revoked from the command line, refused at once");
+
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(15)).is_some_and(|s| s.success()));
+    assert!(!socket.exists(), "removed when the gateway stops");
+    let (code, users) = cli(&["user", "list"], "");
+    assert_eq!(code, Some(0), "the file itself, once free: {users}");
+}
+
 /// Two gateways on one Redis (and on a Redis Cluster) share sessions; a
 /// revocation on one is refused by the other at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -315,6 +315,44 @@ async fn redis_cluster_passes_the_whole_suite() {
     );
 }
 
+/// `pbxgate` commands reach an embedded store that a running gateway holds
+/// through the socket it serves: every scenario, every primitive, over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_store_passes_the_whole_suite_through_a_gateways_socket() {
+    let held = Backend::embedded().await;
+    let file = held.dir.path().join("store.db");
+    let socket = held.store.serve_commands().expect("embedded: a socket").expect("bound");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(socket.path()).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the owner's only");
+
+    let locked = Store::open("embedded://store.db", "pbxgate:", held.dir.path()).await;
+    assert!(matches!(locked, Err(StoreError::Locked(_))), "held by the gateway: {locked:?}");
+    let remote = Store::through_gateway(&file, "pbxgate:").await.expect("through the socket");
+    whole_suite(&remote).await;
+    // What went through the socket is in the gateway's own store.
+    remote.set_password_hash("carol", "$argon2id$v=19$c").await.unwrap();
+    assert_eq!(held.store.password_hash("carol").await.unwrap().as_deref(), Some("$argon2id$v=19$c"));
+
+    // Once the gateway lets go, the socket is gone and the file opens directly.
+    let path = socket.path().to_path_buf();
+    drop(socket);
+    assert!(!path.exists(), "the socket is removed");
+    assert!(Store::through_gateway(&file, "pbxgate:").await.is_err(), "no gateway, no answer");
+    drop(held.store);
+    // The socket's aborted tasks let go of the store as the runtime drops them.
+    let mut direct = None;
+    for _ in 0..50 {
+        if let Ok(store) = Store::open("embedded://store.db", "pbxgate:", held.dir.path()).await {
+            direct = Some(store);
+            break;
+        }
+        sleep(20).await;
+    }
+    let direct = direct.expect("the file opens once the gateway has let go");
+    assert_eq!(direct.password_hash("carol").await.unwrap().as_deref(), Some("$argon2id$v=19$c"));
+}
+
 // ---- persistence, outages, secrets at rest --------------------------------
 
 /// A session signed out while another request was changing it (between
