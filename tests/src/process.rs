@@ -21,6 +21,28 @@ pub fn binary() -> PathBuf {
     bin
 }
 
+/// Runs `pbxgate ARGS --config CONFIG` with `env` and `stdin`: its exit code
+/// and everything it printed (stdout, then stderr).
+pub fn command(config: &Path, env: &[(&str, &str)], args: &[&str], stdin: &str) -> (Option<i32>, String) {
+    use std::io::Write;
+    let mut child = Command::new(binary())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run pbxgate");
+    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+    let out = child.wait_with_output().expect("pbxgate's output");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 pub struct GatewayProcess {
     pub child: Child,
     pub https: Option<SocketAddr>,

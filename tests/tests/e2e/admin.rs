@@ -403,7 +403,6 @@ async fn admins_see_tokens_and_history_and_revocation_takes_effect_at_once() {
 /// The command line works beside a running gateway on Redis: list, revoke, history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_lists_and_revokes_beside_a_running_gateway() {
-    use std::process::Command;
     let redis = pbxgate_e2e::redis::RedisServer::start();
     let rig = Rig::start_with(&admin_policy(), &format!("[store]\nurl = \"{}\"\n", redis.url())).await;
     with_passwords(&rig).await;
@@ -415,19 +414,8 @@ async fn the_command_line_lists_and_revokes_beside_a_running_gateway() {
     let dir = pbxgate_e2e::TempDir::new("cli-redis");
     let config = pbxgate_e2e::write_config(&dir, &rig.upstream.url(), &admin_policy());
     let url = redis.url();
-    let cli = |args: &[&str]| {
-        let out = Command::new(pbxgate_e2e::process::binary())
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .env("PBXGATE_STORE__URL", &url)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let env = [("PBXGATE_STORE__URL", url.as_str())];
+    let cli = |args: &[&str]| pbxgate_e2e::process::command(&config, &env, args, "");
     let (code, users) = cli(&["user", "list"]);
     assert_eq!(code, Some(0), "{users}");
     assert!(users.contains("101") && users.contains("svc") && users.contains("admin"), "{users}");
@@ -457,32 +445,13 @@ async fn the_command_line_lists_and_revokes_beside_a_running_gateway() {
 /// file), and on the file itself once the gateway has stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_works_beside_a_running_gateway_on_the_embedded_store() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
     let upstream = pbxgate_e2e::Upstream::start().await;
     let dir = pbxgate_e2e::TempDir::new("cli-embedded");
     let config = pbxgate_e2e::write_config(&dir, &upstream.url(), &admin_policy());
     let port = pbxgate_e2e::redis::free_port(false);
     let (public, listen) = (format!("https://localhost:{port}"), format!("127.0.0.1:{port}"));
     let env = [("PBXGATE_PUBLIC_URL", public.as_str()), ("PBXGATE_LISTEN__HTTPS", listen.as_str())];
-    let cli = |args: &[&str], stdin: &str| {
-        let mut child = Command::new(pbxgate_e2e::process::binary())
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .envs(env)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let cli = |args: &[&str], stdin: &str| pbxgate_e2e::process::command(&config, &env, args, stdin);
     let mut gw = pbxgate_e2e::GatewayProcess::start(&config, &env);
     let socket = dir.path().join("store.db.sock");
     assert!(socket.exists(), "the gateway answers commands next to its store");

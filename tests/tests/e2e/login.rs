@@ -671,8 +671,6 @@ async fn first_run_on_plain_http_localhost_reaches_a_working_login() {
 /// every log line is searched for every secret handled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_passwords_and_invites_and_no_secret_in_any_log_line() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
     let upstream = Upstream::start().await;
     let smtp = SmtpServer::start();
     let dir = pbxgate_e2e::TempDir::new("cli");
@@ -686,24 +684,7 @@ async fn cli_passwords_and_invites_and_no_secret_in_any_log_line() {
         ("PBXGATE_LISTEN__HTTPS", listen.as_str()),
         ("RUST_LOG", "debug"),
     ];
-    let cli = |args: &[&str], stdin: &str| {
-        let mut child = Command::new(pbxgate_e2e::process::binary())
-            .args(args)
-            .arg("--config")
-            .arg(&config)
-            .envs(env)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let cli = |args: &[&str], stdin: &str| pbxgate_e2e::process::command(&config, &env, args, stdin);
     let password = "Correct horse 42!";
     let (code, out) = cli(&["user", "set-password", "101"], "abc\n");
     assert_eq!(code, Some(2), "a weak password is refused: {out}");
