@@ -302,4 +302,25 @@ mod tests {
         wheel.advance(start + Duration::from_secs(2));
         assert_eq!(slow.as_mut().poll(&mut cx), Poll::Ready(None));
     }
+
+    /// Off the workers (this test's thread has no wheel, as the admin
+    /// listener's has none) tokio keeps the time: nothing ticks a wheel here,
+    /// so a deadline left to one would never fire.
+    #[tokio::test]
+    async fn off_the_workers_tokio_keeps_the_time() {
+        use hyper::rt::Timer as _;
+        let start = Instant::now();
+        let due = tokio::time::timeout(Duration::from_secs(5), Sleep::after(Duration::from_millis(30))).await;
+        assert!(due.is_ok(), "the deadline fired");
+        assert!(start.elapsed() >= Duration::from_millis(30), "not before it");
+
+        let mut sleep = Timer.sleep(Duration::from_secs(60));
+        Timer.reset(&mut sleep, Instant::now() + Duration::from_millis(20));
+        let reset = tokio::time::timeout(Duration::from_secs(5), sleep).await;
+        assert!(reset.is_ok(), "a reset moved the deadline earlier");
+
+        let started = Instant::now();
+        assert_eq!(timeout(Duration::from_millis(20), std::future::pending::<()>()).await, None);
+        assert!(started.elapsed() >= Duration::from_millis(20));
+    }
 }

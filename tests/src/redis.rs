@@ -1,5 +1,6 @@
 //! Real `redis-server` processes on loopback: single (restartable on the same
-//! port and data directory) and a three-master cluster.
+//! port and data directory), over TLS, and a three-master cluster (with or
+//! without TLS).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,9 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     extra: Vec<String>,
+    /// Its certificate and key when it speaks only TLS (the certificate is
+    /// self-signed: it is also the CA a client trusts).
+    tls: Option<(PathBuf, PathBuf)>,
     child: Option<Child>,
     _tmp: Option<TempDir>,
 }
@@ -55,6 +59,22 @@ impl RedisServer {
             port,
             dir: dir.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls: None,
+            child: None,
+            _tmp: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// The same, speaking only TLS on `port` (a cluster's bus too), with
+    /// `cert` and `key`; clients need no certificate.
+    pub fn start_tls_in(dir: &Path, port: u16, (cert, key): (PathBuf, PathBuf), extra: &[&str]) -> Self {
+        let mut server = Self {
+            port,
+            dir: dir.to_path_buf(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls: Some((cert, key)),
             child: None,
             _tmp: None,
         };
@@ -63,17 +83,22 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(redis_server_binary())
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-            ])
+        let mut command = Command::new(redis_server_binary());
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some((cert, key)) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                // Self-signed: the nodes of a cluster trust each other by it.
+                .arg("--tls-ca-cert-file")
+                .arg(cert)
+                .args(["--tls-auth-clients", "no", "--tls-cluster", "yes"]),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"])
             .args(["--appendfsync", "always", "--protected-mode", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(&self.dir)
@@ -101,11 +126,12 @@ impl RedisServer {
 
     /// Runs `redis-cli` against this server; its output when it succeeded.
     pub fn cli(&self, args: &[&str]) -> Option<String> {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .ok()?;
+        let mut command = Command::new("redis-cli");
+        command.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some((cert, _)) = &self.tls {
+            command.arg("--tls").arg("--cacert").arg(cert);
+        }
+        let out = command.args(args).output().ok()?;
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
@@ -146,32 +172,51 @@ impl Drop for RedisServer {
 /// Three masters, no replicas, slots spread by `redis-cli --cluster create`.
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// With TLS: the nodes' one self-signed certificate, the CA to trust.
+    pub ca_file: Option<PathBuf>,
     _tmp: TempDir,
 }
 
 impl RedisCluster {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// The same cluster speaking only TLS, to clients and between nodes.
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
+        const CLUSTER: [&str; 6] = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        ];
         let tmp = TempDir::new("cluster");
+        let tls = tls.then(|| {
+            let (cert, key, _) = crate::certificate(&["127.0.0.1", "localhost"]);
+            (tmp.write("redis.pem", cert), tmp.write("redis.key", key))
+        });
         let mut nodes = Vec::new();
         for i in 0..3 {
             let dir = tmp.path().join(format!("node{i}"));
             std::fs::create_dir_all(&dir).expect("node dir");
             let port = free_port(true);
-            nodes.push(RedisServer::start_in(
-                &dir,
-                port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                ],
-            ));
+            nodes.push(match &tls {
+                None => RedisServer::start_in(&dir, port, &CLUSTER),
+                Some(files) => RedisServer::start_tls_in(&dir, port, files.clone(), &CLUSTER),
+            });
         }
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        let out = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli");
+        if let Some((cert, _)) = &tls {
+            create.arg("--tls").arg("--cacert").arg(cert);
+        }
+        let out = create
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -189,12 +234,13 @@ impl RedisCluster {
             assert!(Instant::now() < deadline, "cluster did not become ready");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Self { nodes, _tmp: tmp }
+        Self { nodes, ca_file: tls.map(|(cert, _)| cert), _tmp: tmp }
     }
 
     pub fn url(&self) -> String {
         let hosts: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        let scheme = if self.ca_file.is_some() { "rediss+cluster" } else { "redis+cluster" };
+        format!("{scheme}://{}", hosts.join(","))
     }
 }
 

@@ -303,7 +303,10 @@ async fn redis_cluster_passes_the_whole_suite() {
     let store =
         Store::open(&cluster.url(), "pbxgate:", std::path::Path::new(".")).await.expect("open cluster");
     whole_suite(&store).await;
-    // The data really is spread over the masters.
+    assert_spread_over_the_masters(&cluster);
+}
+
+fn assert_spread_over_the_masters(cluster: &RedisCluster) {
     let keys_per_node: Vec<usize> = cluster
         .nodes
         .iter()
@@ -313,6 +316,24 @@ async fn redis_cluster_passes_the_whole_suite() {
         keys_per_node.iter().filter(|&&n| n > 0).count() >= 2,
         "keys on one node only: {keys_per_node:?}"
     );
+}
+
+/// `rediss+cluster://` with `store.ca_file`: the certificates reach every
+/// node the cluster sends the client to, and a node it cannot verify is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_cluster_passes_the_whole_suite_with_its_ca() {
+    let cluster = RedisCluster::start_tls();
+    let here = std::path::Path::new(".");
+    let tls = RedisTls { ca_file: cluster.ca_file.clone(), client_cert: None };
+    let store = Store::open_with_tls(&cluster.url(), "pbxgate:", here, &tls).await.expect("open TLS cluster");
+    whole_suite(&store).await;
+    assert_spread_over_the_masters(&cluster);
+
+    let system_roots = Store::open_with_tls(&cluster.url(), "pbxgate:", here, &RedisTls::default())
+        .await
+        .expect("opens (connecting is retried on use)");
+    assert!(system_roots.ping().await.is_err(), "unverified cluster refused");
 }
 
 /// `pbxgate` commands reach an embedded store that a running gateway holds
