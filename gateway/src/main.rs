@@ -447,14 +447,6 @@ fn check_config(path: PathBuf) -> ExitCode {
         show(config.listen.admin)
     );
     println!("  upstream  {}", config.upstream.url);
-    println!("  store     {}", redact(&config.store.url));
+    println!("  store     {}", pbxgate::config::redact(&config.store.url));
     ExitCode::SUCCESS
-}
-
-/// Hides a password in a URL (`redis://:secret@host` -> `redis://:***@host`).
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
 }

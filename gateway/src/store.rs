@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use kv::{Durability, Kv};
 pub use observed::{StoreStats, BUCKETS as STORE_BUCKETS};
+pub(crate) use redis::check_sentinel_url;
 pub use redis::RedisTls;
 pub use remote::CommandSocket;
 pub use secret::{Secret, SecretHash};
@@ -376,7 +377,8 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens the backend named by `url`: `embedded://PATH`, `redis://…`,
-    /// `rediss://…`, `redis+cluster://host:port,host:port` (or `rediss+cluster://`).
+    /// `rediss://…`, `redis+cluster://host:port,host:port` (or `rediss+cluster://`),
+    /// `redis+sentinel://host:port,host:port/master-name`.
     /// A relative embedded path is relative to `base`.
     pub async fn open(url: &str, prefix: &str, base: &std::path::Path) -> Result<Self> {
         Self::open_with_tls(url, prefix, base, &RedisTls::default()).await

@@ -1,6 +1,6 @@
 //! Real `redis-server` processes on loopback: single (restartable on the same
-//! port and data directory), over TLS, and a three-master cluster (with or
-//! without TLS).
+//! port and data directory), over TLS, a three-master cluster (with or
+//! without TLS), and a master with a replica under a sentinel.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -32,6 +32,18 @@ pub fn free_port(with_bus: bool) -> u16 {
         }
     }
     panic!("no free port pair found");
+}
+
+/// Runs `redis-cli` against the Redis (or sentinel) on `port`; its output
+/// when it succeeded.
+fn cli(port: u16, tls_ca: Option<&Path>, args: &[&str]) -> Option<String> {
+    let mut command = Command::new("redis-cli");
+    command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some(ca) = tls_ca {
+        command.arg("--tls").arg("--cacert").arg(ca);
+    }
+    let out = command.args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub struct RedisServer {
@@ -126,13 +138,7 @@ impl RedisServer {
 
     /// Runs `redis-cli` against this server; its output when it succeeded.
     pub fn cli(&self, args: &[&str]) -> Option<String> {
-        let mut command = Command::new("redis-cli");
-        command.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
-        if let Some((cert, _)) = &self.tls {
-            command.arg("--tls").arg("--cacert").arg(cert);
-        }
-        let out = command.args(args).output().ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        cli(self.port, self.tls.as_ref().map(|(cert, _)| cert.as_path()), args)
     }
 
     /// Kills the server abruptly (as a crash would).
@@ -299,6 +305,97 @@ impl TlsRedis {
 }
 
 impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A master with one replica, watched by one sentinel (quorum 1) that fails
+/// over a second after the master stops answering.
+pub struct RedisSentinel {
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    /// The sentinel's port.
+    pub port: u16,
+    child: Child,
+    _tmp: TempDir,
+}
+
+impl RedisSentinel {
+    pub const MASTER_NAME: &'static str = "pbx";
+
+    pub fn start() -> Self {
+        let tmp = TempDir::new("sentinel");
+        let dir = |name: &str| {
+            let dir = tmp.path().join(name);
+            std::fs::create_dir_all(&dir).expect("node dir");
+            dir
+        };
+        let master = RedisServer::start_in(&dir("master"), free_port(false), &[]);
+        let master_port = master.port.to_string();
+        let replica = RedisServer::start_in(
+            &dir("replica"),
+            free_port(false),
+            &["--replicaof", "127.0.0.1", &master_port],
+        );
+        let port = free_port(false);
+        // The sentinel rewrites its file as it learns: it must be its own.
+        let conf = tmp.write(
+            "sentinel.conf",
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 10000\n",
+                tmp.path().display(),
+                name = Self::MASTER_NAME,
+            ),
+        );
+        let child = Command::new(redis_server_binary())
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel");
+        let sentinel = Self { master, replica, port, child, _tmp: tmp };
+        // Ready to fail over: the replica in sync, and the sentinel knowing it.
+        let replica_port = format!("\n{}\n", sentinel.replica.port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let synced = sentinel
+                .replica
+                .cli(&["INFO", "replication"])
+                .is_some_and(|i| i.contains("master_link_status:up"));
+            let known = sentinel
+                .cli(&["SENTINEL", "REPLICAS", Self::MASTER_NAME])
+                .is_some_and(|r| r.contains(&replica_port));
+            if synced && known {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sentinel did not see the replica (synced: {synced})");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sentinel
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/{}", self.port, Self::MASTER_NAME)
+    }
+
+    /// Runs `redis-cli` against the sentinel.
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        cli(self.port, None, args)
+    }
+
+    /// The master's port, as the sentinel names it now.
+    pub fn master_port(&self) -> Option<u16> {
+        let out = self.cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::MASTER_NAME])?;
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+}
+
+impl Drop for RedisSentinel {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -381,12 +381,25 @@ impl RawConfig {
         };
 
         let store_url = self.store.url.trim().to_string();
-        let known_store = ["embedded://", "redis://", "rediss://", "redis+cluster://", "rediss+cluster://"];
+        let known_store = [
+            "embedded://",
+            "redis://",
+            "rediss://",
+            "redis+cluster://",
+            "rediss+cluster://",
+            "redis+sentinel://",
+        ];
+        // The URL may hold Redis's password: errors show it without.
+        let shown = super::redact(&store_url);
         if !known_store.iter().any(|s| store_url.starts_with(s)) {
             c.error(
                 "store.url",
-                format!("{store_url:?}: use embedded://PATH, redis://, rediss:// or redis+cluster://"),
+                format!("{shown:?}: use embedded://PATH, redis://, rediss://, redis+cluster:// or redis+sentinel://"),
             );
+        } else if store_url.starts_with("redis+sentinel://") {
+            if let Err(e) = crate::store::check_sentinel_url(&store_url) {
+                c.error("store.url", format!("{shown:?}: {e}"));
+            }
         }
         let st = &self.store;
         let ca_file = c.file("store.ca_file", base, &st.ca_file);

@@ -111,6 +111,38 @@ format = "xml"
 }
 
 #[test]
+fn store_urls_are_checked_without_showing_their_password() {
+    let message = |url: &str| {
+        let mut message = String::new();
+        Jail::expect_with(|jail| {
+            jail.create_file("policy.toml", POLICY)?;
+            jail.create_file(
+                "gateway.toml",
+                &format!(
+                    "policy_file = \"policy.toml\"\n[tls]\nself_signed = true\n[store]\nurl = \"{url}\"\n"
+                ),
+            )?;
+            let errors = load(jail).expect_err(url);
+            assert_eq!(paths(&errors), vec!["store.url".to_string()]);
+            message = errors.to_string();
+            Ok(())
+        });
+        message
+    };
+    let unknown = message("mysql://root:hunter2@db/pbx");
+    assert!(unknown.contains("redis+sentinel://") && !unknown.contains("hunter2"), "{unknown}");
+    let unnamed = message("redis+sentinel://:hunter2@10.0.0.1:26379");
+    assert!(unnamed.contains("name the master") && !unnamed.contains("hunter2"), "{unnamed}");
+    Jail::expect_with(|jail| {
+        jail.create_file("policy.toml", POLICY)?;
+        jail.set_env("PBXGATE_STORE__URL", "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/pbx");
+        jail.create_file("gateway.toml", "policy_file = \"policy.toml\"\n[tls]\nself_signed = true\n")?;
+        load(jail).map_err(|e| e.to_string())?;
+        Ok(())
+    });
+}
+
+#[test]
 fn unknown_keys_are_refused() {
     Jail::expect_with(|jail| {
         jail.create_file("policy.toml", POLICY)?;

@@ -1,8 +1,10 @@
 //! The Redis backend: one Redis (`redis://`, `rediss://`) through an
-//! auto-reconnecting connection manager, or a Redis Cluster
-//! (`redis+cluster://host:port,host:port`). Every call has a deadline, so a
-//! dead Redis gives a clear error instead of a hang; the connection comes
-//! back by itself when Redis does.
+//! auto-reconnecting connection manager, a Redis Cluster
+//! (`redis+cluster://host:port,host:port`), or the master that Redis
+//! Sentinels name (`redis+sentinel://host:port,host:port/name`). Every call
+//! has a deadline, so a dead Redis gives a clear error instead of a hang; the
+//! connection comes back by itself when Redis does, and after a failover the
+//! sentinels are asked again.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,10 +12,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
-use redis::{ClientTlsConfig, Cmd, FromRedisValue, Pipeline, TlsCertificates};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{ClientTlsConfig, Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, TlsCertificates};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex as AsyncMutex;
 
 use super::kv::{Durability, Kv, Result};
 use super::StoreError;
@@ -32,6 +35,8 @@ enum Conn {
 enum Target {
     Single(redis::Client),
     Cluster(redis::cluster::ClusterClient),
+    /// Asks the sentinels for the master whenever there is no connection.
+    Sentinel(AsyncMutex<SentinelClient>),
 }
 
 /// TLS files for `rediss://`: the CA that signed Redis's certificate (else
@@ -75,7 +80,11 @@ impl RedisTls {
 
 pub struct RedisKv {
     target: Target,
-    conn: OnceCell<Conn>,
+    /// The connection in use, made on first use. A sentinel's master's is
+    /// dropped on any failure, so the next call asks where the master is now.
+    conn: std::sync::Mutex<Option<Conn>>,
+    /// Held while connecting: concurrent first calls share one connection.
+    connecting: AsyncMutex<()>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -103,6 +112,52 @@ fn cluster_nodes(url: &str) -> Option<Vec<String>> {
     (!nodes.is_empty()).then_some(nodes)
 }
 
+/// `redis+sentinel://[user:pass@]a:26379,b:26379/name[/db]`: the sentinels to
+/// ask for master `name`, and the database and credentials for that master
+/// (the sentinels themselves are asked without).
+fn sentinel_client(url: &str) -> std::result::Result<SentinelClient, String> {
+    let rest = url.strip_prefix("redis+sentinel://").ok_or("not a redis+sentinel:// URL")?;
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((auth, rest)) => (format!("{auth}@"), rest),
+        None => (String::new(), rest),
+    };
+    let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (name, db) = path.split_once('/').unwrap_or((path, "0"));
+    if name.is_empty() {
+        return Err("name the master the sentinels watch: redis+sentinel://host:26379/mymaster".into());
+    }
+    let mut sentinels = Vec::new();
+    for host in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+        // A sentinel's port is 26379 unless given.
+        let has_port =
+            host.rsplit_once(':').is_some_and(|(h, p)| !h.ends_with(':') && p.parse::<u16>().is_ok());
+        let host = if has_port { host.to_string() } else { format!("{host}:26379") };
+        let info = format!("redis://{host}").into_connection_info().map_err(|e| format!("{host}: {e}"))?;
+        sentinels.push(info.addr().clone());
+    }
+    if sentinels.is_empty() {
+        return Err("no sentinels in store.url".into());
+    }
+    // The master's database and credentials, decoded as redis:// URLs are.
+    let master = format!("redis://{auth}localhost/{db}").into_connection_info().map_err(|e| e.to_string())?;
+    let master = master.redis_settings();
+    let mut builder = SentinelClientBuilder::new(sentinels, name, SentinelServerType::Master)
+        .map_err(|e| e.to_string())?
+        .set_client_to_redis_db(master.db());
+    if let Some(user) = master.username() {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = master.password() {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// Why a `redis+sentinel://` URL cannot be used, for the configuration's check.
+pub(crate) fn check_sentinel_url(url: &str) -> std::result::Result<(), String> {
+    sentinel_client(url).map(drop)
+}
+
 impl RedisKv {
     /// Checks the URL now; connects on first use (and again after failures),
     /// so the gateway starts, and reports not-ready, while Redis is down.
@@ -120,6 +175,11 @@ impl RedisKv {
                 builder = builder.certs(certificates);
             }
             Target::Cluster(builder.build().map_err(config_error)?)
+        } else if url.starts_with("redis+sentinel://") {
+            if certificates.is_some() {
+                return Err(StoreError::Config("TLS files are for rediss:// URLs".into()));
+            }
+            Target::Sentinel(AsyncMutex::new(sentinel_client(url).map_err(StoreError::Config)?))
         } else {
             let client = match certificates {
                 Some(certificates) => redis::Client::build_with_tls(url, certificates),
@@ -127,35 +187,57 @@ impl RedisKv {
             };
             Target::Single(client.map_err(config_error)?)
         };
-        let kv = Self { target, conn: OnceCell::new() };
+        let kv = Self { target, conn: std::sync::Mutex::new(None), connecting: AsyncMutex::new(()) };
         if let Err(e) = kv.conn().await {
             tracing::warn!(error = %e, "Redis is not reachable yet; will keep trying");
         }
         Ok(kv)
     }
 
+    fn current(&self) -> Option<Conn> {
+        self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
     async fn conn(&self) -> Result<Conn> {
-        let make = || async {
-            let connecting = async {
-                match &self.target {
-                    Target::Single(client) => {
-                        let config = redis::aio::ConnectionManagerConfig::new()
-                            .set_connection_timeout(Some(DEADLINE))
-                            .set_response_timeout(Some(DEADLINE))
-                            .set_number_of_retries(1)
-                            .set_max_delay(Duration::from_millis(500));
-                        ConnectionManager::new_with_config(client.clone(), config).await.map(Conn::Single)
-                    }
-                    Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
-                }
-            };
-            match tokio::time::timeout(DEADLINE, connecting).await {
-                Ok(Ok(conn)) => Ok(conn),
-                Ok(Err(e)) => Err(unavailable(e)),
-                Err(_) => Err(StoreError::Timeout),
+        if let Some(conn) = self.current() {
+            return Ok(conn);
+        }
+        let connecting = async {
+            let _one_at_a_time = self.connecting.lock().await;
+            if let Some(conn) = self.current() {
+                return Ok(conn);
             }
+            let single = |client: redis::Client| {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(DEADLINE))
+                    .set_response_timeout(Some(DEADLINE))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                ConnectionManager::new_with_config(client, config)
+            };
+            let conn = match &self.target {
+                Target::Single(client) => single(client.clone()).await.map(Conn::Single),
+                Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+                Target::Sentinel(sentinels) => {
+                    // The client for the node the sentinels name, once it
+                    // has confirmed that it is the master.
+                    let master = sentinels.lock().await.async_get_client().await.map_err(unavailable)?;
+                    single(master).await.map(Conn::Single)
+                }
+            }
+            .map_err(unavailable)?;
+            *self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(conn.clone());
+            Ok(conn)
         };
-        self.conn.get_or_try_init(make).await.cloned()
+        tokio::time::timeout(DEADLINE, connecting).await.unwrap_or(Err(StoreError::Timeout))
+    }
+
+    /// After a failed call: a sentinel's master may have failed over (or
+    /// been demoted to a replica, which refuses writes), so ask again.
+    fn failed(&self) {
+        if let Target::Sentinel(_) = self.target {
+            *self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
     }
 
     async fn run<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
@@ -166,10 +248,21 @@ impl RedisKv {
                 Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
             }
         };
-        match tokio::time::timeout(DEADLINE, call).await {
+        self.outcome(tokio::time::timeout(DEADLINE, call).await)
+    }
+
+    fn outcome<T>(
+        &self,
+        result: std::result::Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T> {
+        let outcome = match result {
             Ok(result) => result.map_err(unavailable),
             Err(_) => Err(StoreError::Timeout),
+        };
+        if outcome.is_err() {
+            self.failed();
         }
+        outcome
     }
 
     async fn run_pipe<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T> {
@@ -180,10 +273,7 @@ impl RedisKv {
                 Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
             }
         };
-        match tokio::time::timeout(DEADLINE, call).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(StoreError::Timeout),
-        }
+        self.outcome(tokio::time::timeout(DEADLINE, call).await)
     }
 }
 
@@ -321,5 +411,21 @@ impl Kv for RedisKv {
 
     async fn ping(&self) -> Result<()> {
         self.run::<String>(&redis::cmd("PING")).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_sentinel_url;
+
+    #[test]
+    fn sentinel_urls_name_sentinels_and_a_master() {
+        assert_eq!(check_sentinel_url("redis+sentinel://10.0.0.1,10.0.0.2:26380/pbx"), Ok(()));
+        assert_eq!(check_sentinel_url("redis+sentinel://:secret@[::1]:26379,s2/pbx/3"), Ok(()));
+        let refused = |url: &str| check_sentinel_url(url).expect_err(url);
+        assert!(refused("redis+sentinel://10.0.0.1:26379").contains("name the master"));
+        assert!(refused("redis+sentinel://10.0.0.1:26379/").contains("name the master"));
+        assert!(refused("redis+sentinel:///pbx").contains("no sentinels"));
+        assert!(!refused("redis+sentinel://10.0.0.1/pbx/x").is_empty(), "a database is a number");
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use pbxgate::store::{
     now_ms, HistoryEvent, OneTime, PasskeyRecord, RedisTls, Revocation, Secret, Store, StoreError, UserFlags,
 };
-use pbxgate_e2e::redis::{RedisCluster, RedisServer, TlsRedis};
+use pbxgate_e2e::redis::{RedisCluster, RedisSentinel, RedisServer, TlsRedis};
 use pbxgate_e2e::TempDir;
 
 /// A store and whatever keeps it alive.
@@ -304,6 +304,42 @@ async fn redis_cluster_passes_the_whole_suite() {
         Store::open(&cluster.url(), "pbxgate:", std::path::Path::new(".")).await.expect("open cluster");
     whole_suite(&store).await;
     assert_spread_over_the_masters(&cluster);
+}
+
+/// `redis+sentinel://`: the store works on the master the sentinel names,
+/// and when that master dies it follows the failover to the promoted replica
+/// (another port: only asking the sentinel again finds it), refusing calls
+/// meanwhile and keeping what was replicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sentinel_passes_the_whole_suite_and_follows_a_failover() {
+    let mut sentinel = RedisSentinel::start();
+    let store =
+        Store::open(&sentinel.url(), "pbxgate:", std::path::Path::new(".")).await.expect("open via sentinel");
+    whole_suite(&store).await;
+
+    let (session, _) = store
+        .create_session("alice", "10.0.0.1", "link", ms(600_000), ms(3_600_000), now_ms())
+        .await
+        .expect("a session on the master");
+    let acked = sentinel.master.cli(&["WAIT", "1", "5000"]);
+    assert_eq!(acked.as_deref().map(str::trim), Some("1"), "replicated before the master dies");
+    sentinel.master.kill();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut refused = 0;
+    let found = loop {
+        match store.session(&session.hash(), now_ms()).await {
+            Ok(found) => break found,
+            Err(_) => refused += 1,
+        }
+        assert!(std::time::Instant::now() < deadline, "the store never followed the failover");
+        sleep(200).await;
+    };
+    assert!(refused > 0, "calls fail while there is no master");
+    assert!(found.is_some(), "the session survived the failover");
+    assert_eq!(sentinel.master_port(), Some(sentinel.replica.port), "the replica was promoted");
+    store.set_password_hash("carol", "$argon2id$v=19$x").await.expect("writes go to the new master");
+    assert_eq!(store.password_hash("carol").await.unwrap().as_deref(), Some("$argon2id$v=19$x"));
 }
 
 fn assert_spread_over_the_masters(cluster: &RedisCluster) {
