@@ -312,12 +312,14 @@ impl Drop for TlsRedis {
 }
 
 /// A master with one replica, watched by one sentinel (quorum 1) that fails
-/// over a second after the master stops answering.
+/// over a second after the master stops answering; with TLS, all three speak
+/// only TLS (one self-signed certificate, `ca_file`).
 pub struct RedisSentinel {
     pub master: RedisServer,
     pub replica: RedisServer,
     /// The sentinel's port.
     pub port: u16,
+    pub ca_file: Option<PathBuf>,
     child: Child,
     _tmp: TempDir,
 }
@@ -326,25 +328,51 @@ impl RedisSentinel {
     pub const MASTER_NAME: &'static str = "pbx";
 
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         let tmp = TempDir::new("sentinel");
         let dir = |name: &str| {
             let dir = tmp.path().join(name);
             std::fs::create_dir_all(&dir).expect("node dir");
             dir
         };
-        let master = RedisServer::start_in(&dir("master"), free_port(false), &[]);
+        let files = tls.then(|| {
+            let (cert, key, _) = crate::certificate(&["127.0.0.1", "localhost"]);
+            (tmp.write("redis.pem", cert), tmp.write("redis.key", key))
+        });
+        let node = |name: &str, extra: &[&str]| match &files {
+            None => RedisServer::start_in(&dir(name), free_port(false), extra),
+            Some(files) => RedisServer::start_tls_in(
+                &dir(name),
+                free_port(false),
+                files.clone(),
+                &[extra, &["--tls-replication", "yes"]].concat(),
+            ),
+        };
+        let master = node("master", &[]);
         let master_port = master.port.to_string();
-        let replica = RedisServer::start_in(
-            &dir("replica"),
-            free_port(false),
-            &["--replicaof", "127.0.0.1", &master_port],
-        );
+        let replica = node("replica", &["--replicaof", "127.0.0.1", &master_port]);
         let port = free_port(false);
+        let listen = match &files {
+            None => format!("port {port}\n"),
+            Some((cert, key)) => format!(
+                "port 0\ntls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {cert}\n\
+                 tls-auth-clients no\ntls-replication yes\n",
+                cert = cert.display(),
+                key = key.display()
+            ),
+        };
         // The sentinel rewrites its file as it learns: it must be its own.
         let conf = tmp.write(
             "sentinel.conf",
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {master_port} 1\n\
+                "{listen}bind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {master_port} 1\n\
                  sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 10000\n",
                 tmp.path().display(),
                 name = Self::MASTER_NAME,
@@ -358,7 +386,8 @@ impl RedisSentinel {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server --sentinel");
-        let sentinel = Self { master, replica, port, child, _tmp: tmp };
+        let ca_file = files.map(|(cert, _)| cert);
+        let sentinel = Self { master, replica, port, ca_file, child, _tmp: tmp };
         // Ready to fail over: the replica in sync, and the sentinel knowing it.
         let replica_port = format!("\n{}\n", sentinel.replica.port);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -380,12 +409,13 @@ impl RedisSentinel {
     }
 
     pub fn url(&self) -> String {
-        format!("redis+sentinel://127.0.0.1:{}/{}", self.port, Self::MASTER_NAME)
+        let scheme = if self.ca_file.is_some() { "rediss+sentinel" } else { "redis+sentinel" };
+        format!("{scheme}://127.0.0.1:{}/{}", self.port, Self::MASTER_NAME)
     }
 
     /// Runs `redis-cli` against the sentinel.
     pub fn cli(&self, args: &[&str]) -> Option<String> {
-        cli(self.port, None, args)
+        cli(self.port, self.ca_file.as_deref(), args)
     }
 
     /// The master's port, as the sentinel names it now.

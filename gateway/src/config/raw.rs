@@ -388,6 +388,7 @@ impl RawConfig {
             "redis+cluster://",
             "rediss+cluster://",
             "redis+sentinel://",
+            "rediss+sentinel://",
         ];
         // The URL may hold Redis's password: errors show it without.
         let shown = super::redact(&store_url);
@@ -396,7 +397,7 @@ impl RawConfig {
                 "store.url",
                 format!("{shown:?}: use embedded://PATH, redis://, rediss://, redis+cluster:// or redis+sentinel://"),
             );
-        } else if store_url.starts_with("redis+sentinel://") {
+        } else if store_url.starts_with("redis+sentinel://") || store_url.starts_with("rediss+sentinel://") {
             if let Err(e) = crate::store::check_sentinel_url(&store_url) {
                 c.error("store.url", format!("{shown:?}: {e}"));
             }
@@ -420,7 +421,10 @@ impl RawConfig {
         let store_tls = RedisTls { ca_file, client_cert };
         if store_tls != RedisTls::default() && !store_url.starts_with("rediss") {
             let key = if store_tls.ca_file.is_some() { "store.ca_file" } else { "store.client_cert_file" };
-            c.error(key, "is for a TLS Redis: use a rediss:// or rediss+cluster:// store.url");
+            c.error(
+                key,
+                "is for a TLS Redis: use a rediss://, rediss+cluster:// or rediss+sentinel:// store.url",
+            );
         }
         let store = Store { url: store_url, key_prefix: st.key_prefix.clone(), tls: store_tls };
 

@@ -1,7 +1,8 @@
 //! The Redis backend: one Redis (`redis://`, `rediss://`) through an
 //! auto-reconnecting connection manager, a Redis Cluster
 //! (`redis+cluster://host:port,host:port`), or the master that Redis
-//! Sentinels name (`redis+sentinel://host:port,host:port/name`). Every call
+//! Sentinels name (`redis+sentinel://host:port,host:port/name`, or
+//! `rediss+sentinel://`). Every call
 //! has a deadline, so a dead Redis gives a clear error instead of a hang; the
 //! connection comes back by itself when Redis does, and after a failover the
 //! sentinels are asked again.
@@ -13,7 +14,7 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
-use redis::{ClientTlsConfig, Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, TlsCertificates};
+use redis::{ClientTlsConfig, Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, TlsCertificates, TlsMode};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::Mutex as AsyncMutex;
@@ -114,9 +115,16 @@ fn cluster_nodes(url: &str) -> Option<Vec<String>> {
 
 /// `redis+sentinel://[user:pass@]a:26379,b:26379/name[/db]`: the sentinels to
 /// ask for master `name`, and the database and credentials for that master
-/// (the sentinels themselves are asked without).
-fn sentinel_client(url: &str) -> std::result::Result<SentinelClient, String> {
-    let rest = url.strip_prefix("redis+sentinel://").ok_or("not a redis+sentinel:// URL")?;
+/// (the sentinels themselves are asked without). `rediss+sentinel://`: TLS to
+/// the sentinels and the master, with `certificates` for both.
+fn sentinel_client(
+    url: &str,
+    certificates: Option<TlsCertificates>,
+) -> std::result::Result<SentinelClient, String> {
+    let (scheme, rest) = match url.strip_prefix("redis+sentinel://") {
+        Some(rest) => ("redis", rest),
+        None => ("rediss", url.strip_prefix("rediss+sentinel://").ok_or("not a redis+sentinel:// URL")?),
+    };
     let (auth, rest) = match rest.rsplit_once('@') {
         Some((auth, rest)) => (format!("{auth}@"), rest),
         None => (String::new(), rest),
@@ -132,7 +140,7 @@ fn sentinel_client(url: &str) -> std::result::Result<SentinelClient, String> {
         let has_port =
             host.rsplit_once(':').is_some_and(|(h, p)| !h.ends_with(':') && p.parse::<u16>().is_ok());
         let host = if has_port { host.to_string() } else { format!("{host}:26379") };
-        let info = format!("redis://{host}").into_connection_info().map_err(|e| format!("{host}: {e}"))?;
+        let info = format!("{scheme}://{host}").into_connection_info().map_err(|e| format!("{host}: {e}"))?;
         sentinels.push(info.addr().clone());
     }
     if sentinels.is_empty() {
@@ -150,12 +158,22 @@ fn sentinel_client(url: &str) -> std::result::Result<SentinelClient, String> {
     if let Some(password) = master.password() {
         builder = builder.set_client_to_redis_password(password);
     }
+    if scheme == "rediss" {
+        builder = builder
+            .set_client_to_redis_tls_mode(TlsMode::Secure)
+            .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+        if let Some(certificates) = certificates {
+            builder = builder
+                .set_client_to_redis_certificates(certificates.clone())
+                .set_client_to_sentinel_certificates(certificates);
+        }
+    }
     builder.build().map_err(|e| e.to_string())
 }
 
 /// Why a `redis+sentinel://` URL cannot be used, for the configuration's check.
 pub(crate) fn check_sentinel_url(url: &str) -> std::result::Result<(), String> {
-    sentinel_client(url).map(drop)
+    sentinel_client(url, None).map(drop)
 }
 
 impl RedisKv {
@@ -175,11 +193,9 @@ impl RedisKv {
                 builder = builder.certs(certificates);
             }
             Target::Cluster(builder.build().map_err(config_error)?)
-        } else if url.starts_with("redis+sentinel://") {
-            if certificates.is_some() {
-                return Err(StoreError::Config("TLS files are for rediss:// URLs".into()));
-            }
-            Target::Sentinel(AsyncMutex::new(sentinel_client(url).map_err(StoreError::Config)?))
+        } else if url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://") {
+            let sentinels = sentinel_client(url, certificates).map_err(StoreError::Config)?;
+            Target::Sentinel(AsyncMutex::new(sentinels))
         } else {
             let client = match certificates {
                 Some(certificates) => redis::Client::build_with_tls(url, certificates),
@@ -426,6 +442,7 @@ mod tests {
         assert!(refused("redis+sentinel://10.0.0.1:26379").contains("name the master"));
         assert!(refused("redis+sentinel://10.0.0.1:26379/").contains("name the master"));
         assert!(refused("redis+sentinel:///pbx").contains("no sentinels"));
+        assert_eq!(check_sentinel_url("rediss+sentinel://s1:26379,s2:26379/pbx"), Ok(()));
         assert!(!refused("redis+sentinel://10.0.0.1/pbx/x").is_empty(), "a database is a number");
     }
 }

@@ -342,6 +342,24 @@ async fn redis_sentinel_passes_the_whole_suite_and_follows_a_failover() {
     assert_eq!(store.password_hash("carol").await.unwrap().as_deref(), Some("$argon2id$v=19$x"));
 }
 
+/// `rediss+sentinel://` with `store.ca_file`: TLS to the sentinel and to the
+/// master it names, both verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_redis_sentinel_passes_the_whole_suite_with_its_ca() {
+    let sentinel = RedisSentinel::start_tls();
+    let here = std::path::Path::new(".");
+    let tls = RedisTls { ca_file: sentinel.ca_file.clone(), client_cert: None };
+    let store =
+        Store::open_with_tls(&sentinel.url(), "pbxgate:", here, &tls).await.expect("open via sentinel");
+    whole_suite(&store).await;
+    assert!(sentinel.master.cli(&["DBSIZE"]).is_some_and(|n| n.trim() != "0"), "the data is on the master");
+
+    let system_roots = Store::open_with_tls(&sentinel.url(), "pbxgate:", here, &RedisTls::default())
+        .await
+        .expect("opens (connecting is retried on use)");
+    assert!(system_roots.ping().await.is_err(), "unverified sentinel refused");
+}
+
 fn assert_spread_over_the_masters(cluster: &RedisCluster) {
     let keys_per_node: Vec<usize> = cluster
         .nodes
