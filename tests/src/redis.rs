@@ -67,26 +67,21 @@ impl RedisServer {
     }
 
     pub fn start_in(dir: &Path, port: u16, extra: &[&str]) -> Self {
-        let mut server = Self {
-            port,
-            dir: dir.to_path_buf(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            tls: None,
-            child: None,
-            _tmp: None,
-        };
-        server.spawn();
-        server
+        Self::spawned(dir, port, None, extra)
     }
 
     /// The same, speaking only TLS on `port` (a cluster's bus too), with
     /// `cert` and `key`; clients need no certificate.
-    pub fn start_tls_in(dir: &Path, port: u16, (cert, key): (PathBuf, PathBuf), extra: &[&str]) -> Self {
+    pub fn start_tls_in(dir: &Path, port: u16, cert_and_key: (PathBuf, PathBuf), extra: &[&str]) -> Self {
+        Self::spawned(dir, port, Some(cert_and_key), extra)
+    }
+
+    fn spawned(dir: &Path, port: u16, tls: Option<(PathBuf, PathBuf)>, extra: &[&str]) -> Self {
         let mut server = Self {
             port,
             dir: dir.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            tls: Some((cert, key)),
+            tls,
             child: None,
             _tmp: None,
         };
