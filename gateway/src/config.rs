@@ -164,8 +164,8 @@ pub struct Limits {
 pub struct Store {
     pub url: String,
     pub key_prefix: String,
-    /// CA and client certificate for `rediss://`.
-    pub tls: crate::store::RedisTls,
+    /// CA and client certificate for `rediss://`, the sentinels' credentials.
+    pub redis: crate::store::RedisOptions,
 }
 
 #[derive(Debug, Clone)]

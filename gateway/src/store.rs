@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use kv::{Durability, Kv};
 pub use observed::{StoreStats, BUCKETS as STORE_BUCKETS};
 pub(crate) use redis::check_sentinel_url;
-pub use redis::RedisTls;
+pub use redis::{RedisOptions, RedisTls};
 pub use remote::CommandSocket;
 pub use secret::{Secret, SecretHash};
 
@@ -381,14 +381,14 @@ impl Store {
     /// `redis+sentinel://host:port,host:port/master-name`.
     /// A relative embedded path is relative to `base`.
     pub async fn open(url: &str, prefix: &str, base: &std::path::Path) -> Result<Self> {
-        Self::open_with_tls(url, prefix, base, &RedisTls::default()).await
+        Self::open_with(url, prefix, base, &RedisOptions::default()).await
     }
 
     /// The store `config` names (`[store]`), next to its configuration file.
     pub async fn open_configured(config: &crate::config::Config) -> Result<Self> {
         let base =
             config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        Self::open_with_tls(&config.store.url, &config.store.key_prefix, base, &config.store.tls).await
+        Self::open_with(&config.store.url, &config.store.key_prefix, base, &config.store.redis).await
     }
 
     /// [`Store::open_configured`] for a command (`pbxgate user …`): when a
@@ -415,12 +415,13 @@ impl Store {
         Ok(store)
     }
 
-    /// [`Store::open`], with `tls` for a `rediss://` URL.
-    pub async fn open_with_tls(
+    /// [`Store::open`], with `options` for a Redis URL (TLS files, the
+    /// sentinels' credentials).
+    pub async fn open_with(
         url: &str,
         prefix: &str,
         base: &std::path::Path,
-        tls: &RedisTls,
+        options: &RedisOptions,
     ) -> Result<Self> {
         if let Some(path) = url.strip_prefix("embedded://") {
             let path = std::path::Path::new(path);
@@ -428,7 +429,7 @@ impl Store {
             let kv = Arc::new(embedded::EmbeddedKv::open(&path).await?);
             Ok(Self::with_kv(kv, prefix, "embedded", Some(path.into())))
         } else {
-            Ok(Self::with_kv(Arc::new(redis::RedisKv::connect(url, tls).await?), prefix, "redis", None))
+            Ok(Self::with_kv(Arc::new(redis::RedisKv::connect(url, options).await?), prefix, "redis", None))
         }
     }
 

@@ -36,11 +36,15 @@ pub fn free_port(with_bus: bool) -> u16 {
 
 /// Runs `redis-cli` against the Redis (or sentinel) on `port`; its output
 /// when it succeeded.
-fn cli(port: u16, tls_ca: Option<&Path>, args: &[&str]) -> Option<String> {
+fn cli(port: u16, tls_ca: Option<&Path>, password: Option<&str>, args: &[&str]) -> Option<String> {
     let mut command = Command::new("redis-cli");
     command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
     if let Some(ca) = tls_ca {
         command.arg("--tls").arg("--cacert").arg(ca);
+    }
+    if let Some(password) = password {
+        // Not on the command line, where `ps` would show it.
+        command.env("REDISCLI_AUTH", password);
     }
     let out = command.args(args).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -131,9 +135,11 @@ impl RedisServer {
         self.cli(&["PING"]).is_some_and(|out| out.trim() == "PONG")
     }
 
-    /// Runs `redis-cli` against this server; its output when it succeeded.
+    /// Runs `redis-cli` against this server (with its `--requirepass`, if
+    /// it was given one); its output when it succeeded.
     pub fn cli(&self, args: &[&str]) -> Option<String> {
-        cli(self.port, self.tls.as_ref().map(|(cert, _)| cert.as_path()), args)
+        let password = self.extra.windows(2).find(|w| w[0] == "--requirepass").map(|w| w[1].as_str());
+        cli(self.port, self.tls.as_ref().map(|(cert, _)| cert.as_path()), password, args)
     }
 
     /// Kills the server abruptly (as a crash would).
@@ -306,6 +312,10 @@ impl Drop for TlsRedis {
     }
 }
 
+/// The ACL user a password-protected sentinel also has; its password is the
+/// sentinel's followed by `-` and this name.
+pub const SENTINEL_USER: &str = "watcher";
+
 /// A master with one replica, watched by one sentinel (quorum 1) that fails
 /// over a second after the master stops answering; with TLS, all three speak
 /// only TLS (one self-signed certificate, `ca_file`).
@@ -315,6 +325,8 @@ pub struct RedisSentinel {
     /// The sentinel's port.
     pub port: u16,
     pub ca_file: Option<PathBuf>,
+    /// The master's and replica's `requirepass`, and the sentinel's.
+    passwords: Option<(String, String)>,
     child: Child,
     _tmp: TempDir,
 }
@@ -323,14 +335,20 @@ impl RedisSentinel {
     pub const MASTER_NAME: &'static str = "pbx";
 
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, None)
     }
 
     pub fn start_tls() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, None)
     }
 
-    fn start_with(tls: bool) -> Self {
+    /// Every node asks for a password: `master`'s for the master and the
+    /// replica, `sentinel`'s for the sentinel.
+    pub fn start_with_passwords(master: &str, sentinel: &str) -> Self {
+        Self::start_with(false, Some((master.to_string(), sentinel.to_string())))
+    }
+
+    fn start_with(tls: bool, passwords: Option<(String, String)>) -> Self {
         let tmp = TempDir::new("sentinel");
         let dir = |name: &str| {
             let dir = tmp.path().join(name);
@@ -341,13 +359,17 @@ impl RedisSentinel {
             let (cert, key, _) = crate::certificate(&["127.0.0.1", "localhost"]);
             (tmp.write("redis.pem", cert), tmp.write("redis.key", key))
         });
+        let auth: Vec<&str> = match &passwords {
+            Some((master, _)) => vec!["--requirepass", master, "--masterauth", master],
+            None => Vec::new(),
+        };
         let node = |name: &str, extra: &[&str]| match &files {
-            None => RedisServer::start_in(&dir(name), free_port(false), extra),
+            None => RedisServer::start_in(&dir(name), free_port(false), &[extra, &auth].concat()),
             Some(files) => RedisServer::start_tls_in(
                 &dir(name),
                 free_port(false),
                 files.clone(),
-                &[extra, &["--tls-replication", "yes"]].concat(),
+                &[extra, &auth, &["--tls-replication", "yes"]].concat(),
             ),
         };
         let master = node("master", &[]);
@@ -363,14 +385,22 @@ impl RedisSentinel {
                 key = key.display()
             ),
         };
+        let name = Self::MASTER_NAME;
+        let auth = match &passwords {
+            // And an ACL user, for clients that sign in with a name.
+            Some((master, sentinel)) => format!(
+                "sentinel auth-pass {name} {master}\nrequirepass {sentinel}\n\
+                 user {SENTINEL_USER} on >{sentinel}-{SENTINEL_USER} +@all\n"
+            ),
+            None => String::new(),
+        };
         // The sentinel rewrites its file as it learns: it must be its own.
         let conf = tmp.write(
             "sentinel.conf",
             format!(
                 "{listen}bind 127.0.0.1\ndir {}\nsentinel monitor {name} 127.0.0.1 {master_port} 1\n\
-                 sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 10000\n",
+                 sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 10000\n{auth}",
                 tmp.path().display(),
-                name = Self::MASTER_NAME,
             ),
         );
         let child = Command::new(redis_server_binary())
@@ -382,7 +412,7 @@ impl RedisSentinel {
             .spawn()
             .expect("start redis-server --sentinel");
         let ca_file = files.map(|(cert, _)| cert);
-        let sentinel = Self { master, replica, port, ca_file, child, _tmp: tmp };
+        let sentinel = Self { master, replica, port, ca_file, passwords, child, _tmp: tmp };
         // Ready to fail over: the replica in sync, and the sentinel knowing it.
         let replica_port = format!("\n{}\n", sentinel.replica.port);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -403,14 +433,17 @@ impl RedisSentinel {
         sentinel
     }
 
+    /// The store URL, with the master's password when it has one.
     pub fn url(&self) -> String {
         let scheme = if self.ca_file.is_some() { "rediss+sentinel" } else { "redis+sentinel" };
-        format!("{scheme}://127.0.0.1:{}/{}", self.port, Self::MASTER_NAME)
+        let auth = self.passwords.as_ref().map(|(master, _)| format!(":{master}@")).unwrap_or_default();
+        format!("{scheme}://{auth}127.0.0.1:{}/{}", self.port, Self::MASTER_NAME)
     }
 
     /// Runs `redis-cli` against the sentinel.
     pub fn cli(&self, args: &[&str]) -> Option<String> {
-        cli(self.port, self.ca_file.as_deref(), args)
+        let password = self.passwords.as_ref().map(|(_, sentinel)| sentinel.as_str());
+        cli(self.port, self.ca_file.as_deref(), password, args)
     }
 
     /// The master's port, as the sentinel names it now.

@@ -12,7 +12,7 @@ use pbxgate_policies::Policy;
 use serde::Deserialize;
 
 use super::*;
-use crate::store::RedisTls;
+use crate::store::{RedisOptions, RedisTls};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,6 +128,8 @@ defaults!(RawStore {
     ca_file: String = "",
     client_cert_file: String = "",
     client_key_file: String = "",
+    sentinel_username: String = "",
+    sentinel_password: String = "",
 });
 
 defaults!(RawSession {
@@ -426,7 +428,23 @@ impl RawConfig {
                 "is for a TLS Redis: use a rediss://, rediss+cluster:// or rediss+sentinel:// store.url",
             );
         }
-        let store = Store { url: store_url, key_prefix: st.key_prefix.clone(), tls: store_tls };
+        let sentinel = |value: &str| (!value.is_empty()).then(|| value.to_string());
+        let (sentinel_username, sentinel_password) =
+            (sentinel(&st.sentinel_username), sentinel(&st.sentinel_password));
+        if sentinel_username.is_some() && sentinel_password.is_none() {
+            c.error("store.sentinel_password", "store.sentinel_username needs a password");
+        }
+        if (sentinel_username.is_some() || sentinel_password.is_some()) && !store_url.contains("+sentinel://")
+        {
+            let key = if sentinel_password.is_some() {
+                "store.sentinel_password"
+            } else {
+                "store.sentinel_username"
+            };
+            c.error(key, "is for Redis Sentinel: use a redis+sentinel:// or rediss+sentinel:// store.url");
+        }
+        let redis = RedisOptions { tls: store_tls, sentinel_username, sentinel_password };
+        let store = Store { url: store_url, key_prefix: st.key_prefix.clone(), redis };
 
         let session = Session {
             idle_timeout: c.positive_duration("session.idle_timeout", &self.session.idle_timeout),

@@ -195,8 +195,34 @@ fn store_tls_files_are_for_a_tls_redis_and_come_in_pairs() {
         )?;
         let c = load(jail).map_err(|e| e.to_string())?;
         let dir = jail.directory();
-        assert_eq!(c.store.tls.ca_file, Some(dir.join("ca.pem")));
-        assert_eq!(c.store.tls.client_cert, Some((dir.join("client.pem"), dir.join("client.pem"))));
+        assert_eq!(c.store.redis.tls.ca_file, Some(dir.join("ca.pem")));
+        assert_eq!(c.store.redis.tls.client_cert, Some((dir.join("client.pem"), dir.join("client.pem"))));
+        Ok(())
+    });
+}
+
+#[test]
+fn sentinel_credentials_are_for_a_sentinel_url_and_never_shown() {
+    Jail::expect_with(|jail| {
+        jail.create_file("policy.toml", POLICY)?;
+        let head = "policy_file = \"policy.toml\"\n[tls]\nself_signed = true\n[store]\n";
+        jail.create_file(
+            "gateway.toml",
+            &format!("{head}url = \"redis://127.0.0.1/0\"\nsentinel_username = \"pbxgate\"\n"),
+        )?;
+        let errors = load(jail).expect_err("invalid");
+        assert_eq!(
+            paths(&errors),
+            vec!["store.sentinel_password".to_string(), "store.sentinel_username".into()]
+        );
+
+        jail.create_file("gateway.toml", &format!("{head}url = \"redis+sentinel://127.0.0.1/pbx\"\n"))?;
+        // A secret belongs in the environment rather than the file.
+        jail.set_env("PBXGATE_STORE__SENTINEL_PASSWORD", "s3cret-sentinel");
+        let c = load(jail).map_err(|e| e.to_string())?;
+        assert_eq!(c.store.redis.sentinel_password.as_deref(), Some("s3cret-sentinel"));
+        assert_eq!(c.store.redis.sentinel_username, None);
+        assert!(!format!("{c:?}").contains("s3cret-sentinel"), "the password in a debug print");
         Ok(())
     });
 }

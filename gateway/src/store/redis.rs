@@ -50,6 +50,26 @@ pub struct RedisTls {
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
+/// How to reach Redis beyond what its URL says.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RedisOptions {
+    pub tls: RedisTls,
+    /// For `redis+sentinel://`: the sentinels' own credentials (their
+    /// `requirepass`, or an ACL user); the URL's are the master's.
+    pub sentinel_username: Option<String>,
+    pub sentinel_password: Option<String>,
+}
+
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("tls", &self.tls)
+            .field("sentinel_username", &self.sentinel_username)
+            .field("sentinel_password", &self.sentinel_password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
 impl RedisTls {
     /// `None` when nothing is configured: redis-rs then trusts the system's roots.
     fn certificates(&self) -> Result<Option<TlsCertificates>> {
@@ -115,10 +135,11 @@ fn cluster_nodes(url: &str) -> Option<Vec<String>> {
 
 /// `redis+sentinel://[user:pass@]a:26379,b:26379/name[/db]`: the sentinels to
 /// ask for master `name`, and the database and credentials for that master
-/// (the sentinels themselves are asked without). `rediss+sentinel://`: TLS to
+/// (the sentinels' own come from `options`). `rediss+sentinel://`: TLS to
 /// the sentinels and the master, with `certificates` for both.
 fn sentinel_client(
     url: &str,
+    options: &RedisOptions,
     certificates: Option<TlsCertificates>,
 ) -> std::result::Result<SentinelClient, String> {
     let (scheme, rest) = match url.strip_prefix("redis+sentinel://") {
@@ -158,6 +179,12 @@ fn sentinel_client(
     if let Some(password) = master.password() {
         builder = builder.set_client_to_redis_password(password);
     }
+    if let Some(user) = &options.sentinel_username {
+        builder = builder.set_client_to_sentinel_username(user);
+    }
+    if let Some(password) = &options.sentinel_password {
+        builder = builder.set_client_to_sentinel_password(password);
+    }
     if scheme == "rediss" {
         builder = builder
             .set_client_to_redis_tls_mode(TlsMode::Secure)
@@ -173,15 +200,15 @@ fn sentinel_client(
 
 /// Why a `redis+sentinel://` URL cannot be used, for the configuration's check.
 pub(crate) fn check_sentinel_url(url: &str) -> std::result::Result<(), String> {
-    sentinel_client(url, None).map(drop)
+    sentinel_client(url, &RedisOptions::default(), None).map(drop)
 }
 
 impl RedisKv {
     /// Checks the URL now; connects on first use (and again after failures),
     /// so the gateway starts, and reports not-ready, while Redis is down.
-    pub async fn connect(url: &str, tls: &RedisTls) -> Result<Self> {
+    pub async fn connect(url: &str, options: &RedisOptions) -> Result<Self> {
         let config_error = |e: redis::RedisError| StoreError::Config(e.to_string());
-        let certificates = tls.certificates()?;
+        let certificates = options.tls.certificates()?;
         let target = if url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://") {
             let nodes = cluster_nodes(url)
                 .ok_or_else(|| StoreError::Config("no cluster nodes in store.url".into()))?;
@@ -194,7 +221,7 @@ impl RedisKv {
             }
             Target::Cluster(builder.build().map_err(config_error)?)
         } else if url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://") {
-            let sentinels = sentinel_client(url, certificates).map_err(StoreError::Config)?;
+            let sentinels = sentinel_client(url, options, certificates).map_err(StoreError::Config)?;
             Target::Sentinel(AsyncMutex::new(sentinels))
         } else {
             let client = match certificates {

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pbxgate::store::{
-    now_ms, HistoryEvent, OneTime, PasskeyRecord, RedisTls, Revocation, Secret, Store, StoreError, UserFlags,
+    now_ms, HistoryEvent, OneTime, PasskeyRecord, RedisOptions, RedisTls, Revocation, Secret, Store,
+    StoreError, UserFlags,
 };
-use pbxgate_e2e::redis::{RedisCluster, RedisSentinel, RedisServer, TlsRedis};
+use pbxgate_e2e::redis::{RedisCluster, RedisSentinel, RedisServer, TlsRedis, SENTINEL_USER};
 use pbxgate_e2e::TempDir;
 
 /// A store and whatever keeps it alive.
@@ -350,14 +351,57 @@ async fn a_tls_redis_sentinel_passes_the_whole_suite_with_its_ca() {
     let here = std::path::Path::new(".");
     let tls = RedisTls { ca_file: sentinel.ca_file.clone(), client_cert: None };
     let store =
-        Store::open_with_tls(&sentinel.url(), "pbxgate:", here, &tls).await.expect("open via sentinel");
+        Store::open_with(&sentinel.url(), "pbxgate:", here, &with_tls(tls)).await.expect("open via sentinel");
     whole_suite(&store).await;
     assert!(sentinel.master.cli(&["DBSIZE"]).is_some_and(|n| n.trim() != "0"), "the data is on the master");
 
-    let system_roots = Store::open_with_tls(&sentinel.url(), "pbxgate:", here, &RedisTls::default())
+    let system_roots = Store::open_with(&sentinel.url(), "pbxgate:", here, &RedisOptions::default())
         .await
         .expect("opens (connecting is retried on use)");
     assert!(system_roots.ping().await.is_err(), "unverified sentinel refused");
+}
+
+/// Sentinels with a password of their own (`store.sentinel_password`, and an
+/// ACL user with `store.sentinel_username`) watching a master with another
+/// (the URL's): the store works with both, and is refused (closed) without
+/// either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_sentinel_with_its_own_password_is_asked_with_it() {
+    let sentinel = RedisSentinel::start_with_passwords("master-pw", "sentinel-pw");
+    let here = std::path::Path::new(".");
+    let with = |user: Option<&str>, password: Option<&str>| RedisOptions {
+        sentinel_username: user.map(String::from),
+        sentinel_password: password.map(String::from),
+        ..RedisOptions::default()
+    };
+    let store = Store::open_with(&sentinel.url(), "pbxgate:", here, &with(None, Some("sentinel-pw")))
+        .await
+        .expect("open via sentinel");
+    whole_suite(&store).await;
+    assert!(sentinel.master.cli(&["DBSIZE"]).is_some_and(|n| n.trim() != "0"), "the data is on the master");
+
+    let acl_password = format!("sentinel-pw-{SENTINEL_USER}");
+    let as_user =
+        Store::open_with(&sentinel.url(), "pbxgate:", here, &with(Some(SENTINEL_USER), Some(&acl_password)))
+            .await
+            .expect("open as the sentinel's ACL user");
+    as_user.ping().await.expect("the sentinel's ACL user is let in");
+
+    let without_master_password = sentinel.url().replace(":master-pw@", "");
+    let refused = [
+        (sentinel.url(), with(None, None), "no sentinel password"),
+        (sentinel.url(), with(None, Some("wrong")), "a wrong sentinel password"),
+        (
+            sentinel.url(),
+            with(Some(SENTINEL_USER), Some("sentinel-pw")),
+            "the ACL user with another's password",
+        ),
+        (without_master_password, with(None, Some("sentinel-pw")), "no master password"),
+    ];
+    for (url, options, why) in refused {
+        let store = Store::open_with(&url, "pbxgate:", here, &options).await.expect("opens (retried on use)");
+        assert!(store.ping().await.is_err(), "{why}: refused");
+    }
 }
 
 fn assert_spread_over_the_masters(cluster: &RedisCluster) {
@@ -380,11 +424,12 @@ async fn a_tls_redis_cluster_passes_the_whole_suite_with_its_ca() {
     let cluster = RedisCluster::start_tls();
     let here = std::path::Path::new(".");
     let tls = RedisTls { ca_file: cluster.ca_file.clone(), client_cert: None };
-    let store = Store::open_with_tls(&cluster.url(), "pbxgate:", here, &tls).await.expect("open TLS cluster");
+    let store =
+        Store::open_with(&cluster.url(), "pbxgate:", here, &with_tls(tls)).await.expect("open TLS cluster");
     whole_suite(&store).await;
     assert_spread_over_the_masters(&cluster);
 
-    let system_roots = Store::open_with_tls(&cluster.url(), "pbxgate:", here, &RedisTls::default())
+    let system_roots = Store::open_with(&cluster.url(), "pbxgate:", here, &RedisOptions::default())
         .await
         .expect("opens (connecting is retried on use)");
     assert!(system_roots.ping().await.is_err(), "unverified cluster refused");
@@ -656,8 +701,12 @@ async fn readyz_answers_503_while_the_store_is_unreachable() {
 
 // ---- Redis over TLS (rediss://) --------------------------------------------
 
+fn with_tls(tls: RedisTls) -> RedisOptions {
+    RedisOptions { tls, ..RedisOptions::default() }
+}
+
 async fn open_tls(redis: &TlsRedis, tls: RedisTls) -> Store {
-    Store::open_with_tls(&redis.url(), "pbxgate:", std::path::Path::new("."), &tls)
+    Store::open_with(&redis.url(), "pbxgate:", std::path::Path::new("."), &with_tls(tls))
         .await
         .expect("opens (connecting is retried on use)")
 }
@@ -688,7 +737,7 @@ async fn a_tls_redis_is_used_with_its_ca_and_refused_without_it() {
     // A CA file with no certificate in it is a configuration error at once.
     let not_pem = elsewhere.write("not.pem", "not a certificate");
     let tls = RedisTls { ca_file: Some(not_pem), client_cert: None };
-    let opened = Store::open_with_tls(&redis.url(), "pbxgate:", std::path::Path::new("."), &tls).await;
+    let opened = Store::open_with(&redis.url(), "pbxgate:", std::path::Path::new("."), &with_tls(tls)).await;
     assert!(
         matches!(opened, Err(StoreError::Config(ref e)) if e.contains("no PEM certificate")),
         "{opened:?}"
