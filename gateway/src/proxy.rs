@@ -147,12 +147,12 @@ impl Upstream {
                 sockets.register(session, task.abort_handle());
             }
             let headers = response.headers_mut();
-            headers::strip_hop_by_hop(headers);
+            strip_response(headers);
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(UPGRADE, protocol);
             return Ok(response.map(|body| Either::Left(Pooled::new(body, None))));
         }
-        headers::strip_hop_by_hop(response.headers_mut());
+        strip_response(response.headers_mut());
         Ok(response.map(|body| Either::Left(Pooled::new(body, Some((connection, pool.clone()))))))
     }
 
@@ -177,6 +177,14 @@ impl Upstream {
             }
         };
         Ok(Uri::from(path_and_query))
+    }
+}
+
+/// What of the upstream's response headers must not reach the client.
+fn strip_response(headers: &mut http::HeaderMap) {
+    headers::strip_hop_by_hop(headers);
+    if headers::strip_gateway_set_cookies(headers) {
+        tracing::warn!("the upstream tried to set pbxgate's own cookie: removed from its response");
     }
 }
 

@@ -3,6 +3,7 @@
 //! - `/download?bytes=N`: streams N bytes;
 //! - `/slow?ms=N`: waits, then answers;
 //! - `/ws`: `Upgrade: websocket` -> 101, then echoes every byte;
+//! - `/set-cookies`: sets the gateway's two cookies and one of its own;
 //! - anything else: JSON `{"method","path","headers":{name:[values]}}`.
 
 use std::convert::Infallible;
@@ -136,6 +137,19 @@ async fn route(mut request: Request<Incoming>) -> Result<Response<Body>, Infalli
                 Some(chunk.slice(..n))
             });
             Response::new(StreamBody::new(stream).boxed())
+        }
+        "/set-cookies" => {
+            // A PBX page that sets the gateway's cookies (a flaw, or a trap).
+            let mut r = full(StatusCode::OK, "cookies set");
+            let cookies = [
+                "__Host-pbxgate=planted; Path=/; Secure",
+                "__HOST-PBXGATE-remember=x; Path=/",
+                "pbxlang=de; Path=/",
+            ];
+            for cookie in cookies {
+                r.headers_mut().append("set-cookie", cookie.parse().expect("hv"));
+            }
+            r
         }
         p if p.starts_with("/slow") => {
             tokio::time::sleep(Duration::from_millis(param(&request, "ms").unwrap_or(1000))).await;

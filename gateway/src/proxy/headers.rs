@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, FORWARDED, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    PROXY_AUTHORIZATION, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 
 use pbxgate_policies::Policy;
@@ -140,6 +140,23 @@ pub fn strip_gateway_cookies(headers: &mut HeaderMap) {
 fn is_gateway_cookie(pair: &str) -> bool {
     let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
     name.len() >= 14 && name[..14].eq_ignore_ascii_case("__host-pbxgate")
+}
+
+/// The PBX may set its own cookies, never the gateway's: one it could plant
+/// or clear would be a session fixed or ended from behind the gateway.
+/// Returns whether any was removed.
+pub fn strip_gateway_set_cookies(headers: &mut HeaderMap) -> bool {
+    let sets_ours = |v: &HeaderValue| v.to_str().is_ok_and(is_gateway_cookie);
+    if !headers.get_all(SET_COOKIE).iter().any(sets_ours) {
+        return false;
+    }
+    let kept: Vec<HeaderValue> =
+        headers.get_all(SET_COOKIE).iter().filter(|v| !sets_ours(v)).cloned().collect();
+    headers.remove(SET_COOKIE);
+    for value in kept {
+        headers.append(SET_COOKIE, value);
+    }
+    true
 }
 
 /// The client's address: the socket peer, unless the peer is a trusted proxy,

@@ -44,6 +44,20 @@ async fn identity_headers_and_gateway_cookies_never_reach_the_upstream() {
 }
 
 #[tokio::test]
+async fn the_upstream_cannot_set_the_gateways_cookies() {
+    let upstream = Upstream::start().await;
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "").await;
+    for reply in
+        [https_get(gw.https(), "/set-cookies", &[]).await, http_get(gw.http(), "/set-cookies", &[]).await]
+    {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let set: Vec<&str> =
+            reply.headers.get_all("set-cookie").iter().filter_map(|v| v.to_str().ok()).collect();
+        assert_eq!(set, ["pbxlang=de; Path=/"], "only the PBX's own cookie reaches the browser");
+    }
+}
+
+#[tokio::test]
 async fn forwarded_headers_are_set_and_spoofed_ones_replaced() {
     let upstream = Upstream::start().await;
     let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "").await;
