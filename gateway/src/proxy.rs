@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, UPGRADE};
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, LOCATION, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, LengthLimitError, Limited};
@@ -37,6 +37,9 @@ pub struct Upstream {
     connector: Connector,
     /// Path prefix of `upstream.url` without its trailing slash ("" for none).
     base_path: String,
+    /// `upstream.url`'s origin as the PBX may write it in a `Location`
+    /// (`http://10.0.0.5:80` and `http://10.0.0.5`), lower case.
+    own_origins: Vec<String>,
     timeout: Duration,
     max_body: usize,
 }
@@ -72,10 +75,17 @@ impl Upstream {
         let tls = https.then(|| upstream_tls(config)).transpose()?.map(Arc::new);
         let connector = Connector::new(host, port, tls, config.connect_timeout).map_err(Error::Upstream)?;
         let pool = || Pool::new(config.pool_max_idle_per_host, config.pool_idle_timeout);
+        let scheme = if https { "https" } else { "http" };
+        let host_lower = host.to_ascii_lowercase();
+        let mut own_origins = vec![format!("{scheme}://{host_lower}:{port}")];
+        if port == if https { 443 } else { 80 } {
+            own_origins.push(format!("{scheme}://{host_lower}"));
+        }
         Ok(Self {
             pools: (0..workers.max(1)).map(|_| pool()).collect(),
             connector,
             base_path: url.path().trim_end_matches('/').to_string(),
+            own_origins,
             timeout: config.timeout,
             max_body: usize::try_from(max_body).unwrap_or(usize::MAX),
         })
@@ -153,7 +163,34 @@ impl Upstream {
             return Ok(response.map(|body| Either::Left(Pooled::new(body, None))));
         }
         strip_response(response.headers_mut());
+        self.relocate(response.headers_mut());
         Ok(response.map(|body| Either::Left(Pooled::new(body, Some((connection, pool.clone()))))))
+    }
+
+    /// A redirect to the PBX's own address (`upstream.url`), which browsers
+    /// cannot reach, becomes a path on the gateway, as nginx's
+    /// `proxy_redirect default` does: `http://127.0.0.1:8080/pbx/x?y` with
+    /// `upstream.url = "http://127.0.0.1:8080/pbx"` becomes `/x?y`.
+    fn relocate(&self, headers: &mut http::HeaderMap) {
+        let Some(location) = headers.get(LOCATION).and_then(|v| v.to_str().ok()) else { return };
+        let Some(rest) = self.own_origins.iter().find_map(|origin| {
+            let head = location.get(..origin.len())?;
+            head.eq_ignore_ascii_case(origin).then(|| &location[origin.len()..])
+        }) else {
+            return;
+        };
+        let Some(rest) = rest.strip_prefix(self.base_path.as_str()) else { return };
+        let path = match rest.as_bytes().first() {
+            None => "/".to_string(),
+            Some(b'?' | b'#') => format!("/{rest}"),
+            // "//host" or "/\\host" would be another site to a browser: left as it was.
+            Some(b'/') if !rest[1..].starts_with(['/', '\\']) => rest.to_string(),
+            // Another port ("…:8080" + "0/") or host ("…1" + "0.0.0.2"): not the PBX.
+            _ => return,
+        };
+        if let Ok(value) = HeaderValue::from_str(&path) {
+            headers.insert(LOCATION, value);
+        }
     }
 
     /// The request target sent upstream (origin form) for a request whose

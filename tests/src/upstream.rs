@@ -4,6 +4,7 @@
 //! - `/slow?ms=N`: waits, then answers;
 //! - `/ws`: `Upgrade: websocket` -> 101, then echoes every byte;
 //! - `/set-cookies`: sets the gateway's two cookies and one of its own;
+//! - `…/redirect?to=URL`: 302 to URL (the rest of the query, as it came);
 //! - anything else: JSON `{"method","path","headers":{name:[values]}}`.
 
 use std::convert::Infallible;
@@ -137,6 +138,13 @@ async fn route(mut request: Request<Incoming>) -> Result<Response<Body>, Infalli
                 Some(chunk.slice(..n))
             });
             Response::new(StreamBody::new(stream).boxed())
+        }
+        p if p.ends_with("/redirect") => {
+            // `?to=` the rest of the query, as the Location.
+            let to = request.uri().query().and_then(|q| q.strip_prefix("to=")).unwrap_or("/");
+            let mut r = full(StatusCode::FOUND, Bytes::new());
+            r.headers_mut().insert("location", to.parse().expect("hv"));
+            r
         }
         "/set-cookies" => {
             // A PBX page that sets the gateway's cookies (a flaw, or a trap).

@@ -57,6 +57,46 @@ async fn the_upstream_cannot_set_the_gateways_cookies() {
     }
 }
 
+/// Redirects to the PBX's own address become paths on the gateway (nginx's
+/// `proxy_redirect default`); any other stays as the PBX wrote it.
+#[tokio::test]
+async fn redirects_to_the_pbxs_own_address_become_the_gateways() {
+    let upstream = Upstream::start().await;
+    let own = upstream.url();
+    let own_upper = own.to_ascii_uppercase();
+    let port = upstream.addr.port();
+    let gw = TestGateway::start(&own, TEST_POLICY, "").await;
+    let cases = [
+        (format!("{own}/landing?x=1"), "/landing?x=1".to_string()),
+        (format!("{own_upper}/Landing"), "/Landing".into()),
+        (own.clone(), "/".into()),
+        (format!("{own}?next=1"), "/?next=1".into()),
+        // Kept: another site once the origin is cut off, another port, another host.
+        (format!("{own}//evil.example/x"), format!("{own}//evil.example/x")),
+        (format!("{own}/\\evil.example/x"), format!("{own}/\\evil.example/x")),
+        (format!("http://127.0.0.1:{port}0/x"), format!("http://127.0.0.1:{port}0/x")),
+        ("https://pbx.example.com/x".into(), "https://pbx.example.com/x".into()),
+        ("/already/relative".into(), "/already/relative".into()),
+    ];
+    for (to, expected) in cases {
+        let reply = http_get(gw.http(), &format!("/redirect?to={to}"), &[]).await;
+        assert_eq!(reply.status, 302, "{to}");
+        assert_eq!(reply.header("location"), Some(expected.as_str()), "Location {to}");
+    }
+
+    // With a path in upstream.url, the path goes too; one outside it stays.
+    let gw = TestGateway::start(&format!("{own}/pbx"), TEST_POLICY, "").await;
+    for (to, expected) in [
+        (format!("{own}/pbx/landing"), "/landing".to_string()),
+        (format!("{own}/pbx"), "/".into()),
+        (format!("{own}/pbxother"), format!("{own}/pbxother")),
+        (format!("{own}/elsewhere"), format!("{own}/elsewhere")),
+    ] {
+        let reply = http_get(gw.http(), &format!("/redirect?to={to}"), &[]).await;
+        assert_eq!(reply.header("location"), Some(expected.as_str()), "Location {to} under /pbx");
+    }
+}
+
 #[tokio::test]
 async fn forwarded_headers_are_set_and_spoofed_ones_replaced() {
     let upstream = Upstream::start().await;
