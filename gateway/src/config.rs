@@ -139,6 +139,8 @@ pub struct Tls {
     pub session_ticket_lifetime: Duration,
     pub key_log_file: Option<PathBuf>,
     pub handshake_timeout: Duration,
+    /// `Strict-Transport-Security` for the TLS listener's responses.
+    pub hsts: Option<http::HeaderValue>,
     pub certificates: Vec<CertificateFiles>,
 }
 

@@ -190,7 +190,14 @@ async fn serve_connection<IO>(
             match kind {
                 Kind::Admin => Ok(admin::handle(&state, &request).await),
                 Kind::RedirectHttp => pipeline::redirect_to_https(&state, &conn, &request).await,
-                Kind::Https | Kind::Http => pipeline::handle(&state, &conn, request).await,
+                Kind::Http => pipeline::handle(&state, &conn, request).await,
+                Kind::Https => {
+                    let mut response = pipeline::handle(&state, &conn, request).await;
+                    if let (Some(hsts), Ok(response)) = (&state.config.tls.hsts, &mut response) {
+                        response.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+                    }
+                    response
+                }
             }
         }
     });

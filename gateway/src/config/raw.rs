@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::HeaderName;
+use http::header::{HeaderName, HeaderValue};
 use http::Uri;
 use pbxgate_policies::Policy;
 use serde::Deserialize;
@@ -93,6 +93,7 @@ struct RawTls {
     session_ticket_lifetime: Text,
     key_log_file: String,
     handshake_timeout: Text,
+    hsts_max_age: Text,
     certificates: Vec<RawCertificate>,
 }
 
@@ -105,6 +106,7 @@ impl Default for RawTls {
             session_ticket_lifetime: "1h".into(),
             key_log_file: String::new(),
             handshake_timeout: "10s".into(),
+            hsts_max_age: "0s".into(),
             certificates: Vec::new(),
         }
     }
@@ -334,6 +336,7 @@ impl RawConfig {
             session_ticket_lifetime: c.duration("tls.session_ticket_lifetime", &t.session_ticket_lifetime),
             key_log_file: Some(t.key_log_file.trim()).filter(|s| !s.is_empty()).map(|s| resolve(base, s)),
             handshake_timeout: c.positive_duration("tls.handshake_timeout", &t.handshake_timeout),
+            hsts: hsts_header(c.duration("tls.hsts_max_age", &t.hsts_max_age)),
             certificates,
         };
         if tls.min_version > tls.max_version {
@@ -615,4 +618,10 @@ fn parse_public_url(c: &mut Check, text: &str) -> Option<PublicUrl> {
         _ => format!("{scheme}://{host}"),
     };
     Some(PublicUrl { https, host, port, origin })
+}
+
+/// `Strict-Transport-Security` for `tls.hsts_max_age`; none for zero.
+fn hsts_header(max_age: Duration) -> Option<HeaderValue> {
+    let value = format!("max-age={}", max_age.as_secs());
+    (!max_age.is_zero()).then(|| HeaderValue::try_from(value).ok()).flatten()
 }

@@ -111,3 +111,25 @@ async fn session_resumption_follows_ticket_lifetime() {
         assert_eq!(kind == Some(rustls::HandshakeKind::Resumed), resumed, "lifetime {lifetime}: {kind:?}");
     }
 }
+
+/// `tls.hsts_max_age`: every response on the TLS listener (proxied, the
+/// gateway's pages, refusals) carries `Strict-Transport-Security`; none on
+/// plain HTTP, and none unless configured.
+#[tokio::test]
+async fn hsts_on_the_tls_listener_only_when_configured() {
+    use pbxgate_e2e::client::{http_get, https_get};
+    let upstream = Upstream::start().await;
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "[tls]\nhsts_max_age = \"365d\"\n").await;
+    for path in ["/x", "/.pbxgate/login", "/private/calls"] {
+        let reply = https_get(gw.https(), path, &[]).await;
+        assert_eq!(reply.header("strict-transport-security"), Some("max-age=31536000"), "{path}");
+        let reply = http_get(gw.http(), path, &[]).await;
+        assert_eq!(reply.header("strict-transport-security"), None, "{path} over plain HTTP");
+    }
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "").await;
+    assert_eq!(
+        https_get(gw.https(), "/x", &[]).await.header("strict-transport-security"),
+        None,
+        "off by default"
+    );
+}
