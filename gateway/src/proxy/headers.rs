@@ -139,7 +139,7 @@ pub fn strip_gateway_cookies(headers: &mut HeaderMap) {
 
 fn is_gateway_cookie(pair: &str) -> bool {
     let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
-    name.len() >= 14 && name[..14].eq_ignore_ascii_case("__host-pbxgate")
+    name.as_bytes().get(..14).is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"__host-pbxgate"))
 }
 
 /// The PBX may set its own cookies, never the gateway's: one it could plant
