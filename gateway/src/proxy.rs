@@ -71,14 +71,15 @@ impl Upstream {
         let url = &config.url;
         let https = url.scheme_str() == Some("https");
         let host = url.host().ok_or_else(|| Error::Upstream("upstream.url has no host".into()))?;
-        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let default_port = if https { 443 } else { 80 };
+        let port = url.port_u16().unwrap_or(default_port);
         let tls = https.then(|| upstream_tls(config)).transpose()?.map(Arc::new);
         let connector = Connector::new(host, port, tls, config.connect_timeout).map_err(Error::Upstream)?;
         let pool = || Pool::new(config.pool_max_idle_per_host, config.pool_idle_timeout);
         let scheme = if https { "https" } else { "http" };
         let host_lower = host.to_ascii_lowercase();
         let mut own_origins = vec![format!("{scheme}://{host_lower}:{port}")];
-        if port == if https { 443 } else { 80 } {
+        if port == default_port {
             own_origins.push(format!("{scheme}://{host_lower}"));
         }
         Ok(Self {
@@ -338,5 +339,39 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The origin as the PBX may write it, with or without its default port
+    /// (the e2e test covers a PBX on another port).
+    #[test]
+    fn locations_name_the_pbx_with_or_without_its_default_port() {
+        let config = UpstreamConfig {
+            url: Uri::from_static("http://PBX.example/pbx"),
+            ca_file: None,
+            insecure_skip_verify: false,
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle_per_host: 1,
+        };
+        let upstream = Upstream::new(&config, 1024, 1).expect("upstream");
+        for (location, expected) in [
+            ("http://pbx.example/pbx/a?b", "/a?b"),
+            ("http://pbx.example:80/pbx/a", "/a"),
+            ("HTTP://PBX.EXAMPLE/pbx", "/"),
+            ("http://pbx.example:8080/pbx/a", "http://pbx.example:8080/pbx/a"),
+            ("https://pbx.example/pbx/a", "https://pbx.example/pbx/a"),
+            ("http://pbx.example.evil/pbx/a", "http://pbx.example.evil/pbx/a"),
+        ] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(LOCATION, HeaderValue::from_static(location));
+            upstream.relocate(&mut headers);
+            assert_eq!(headers[LOCATION], expected, "{location}");
+        }
     }
 }

@@ -355,10 +355,7 @@ async fn a_tls_redis_sentinel_passes_the_whole_suite_with_its_ca() {
     whole_suite(&store).await;
     assert!(sentinel.master.cli(&["DBSIZE"]).is_some_and(|n| n.trim() != "0"), "the data is on the master");
 
-    let system_roots = Store::open_with(&sentinel.url(), "pbxgate:", here, &RedisOptions::default())
-        .await
-        .expect("opens (connecting is retried on use)");
-    assert!(system_roots.ping().await.is_err(), "unverified sentinel refused");
+    assert_refused(&sentinel.url(), &RedisOptions::default(), "an unverified sentinel").await;
 }
 
 /// Sentinels with a password of their own (`store.sentinel_password`, and an
@@ -399,8 +396,7 @@ async fn a_redis_sentinel_with_its_own_password_is_asked_with_it() {
         (without_master_password, with(None, Some("sentinel-pw")), "no master password"),
     ];
     for (url, options, why) in refused {
-        let store = Store::open_with(&url, "pbxgate:", here, &options).await.expect("opens (retried on use)");
-        assert!(store.ping().await.is_err(), "{why}: refused");
+        assert_refused(&url, &options, why).await;
     }
 }
 
@@ -429,10 +425,16 @@ async fn a_tls_redis_cluster_passes_the_whole_suite_with_its_ca() {
     whole_suite(&store).await;
     assert_spread_over_the_masters(&cluster);
 
-    let system_roots = Store::open_with(&cluster.url(), "pbxgate:", here, &RedisOptions::default())
+    assert_refused(&cluster.url(), &RedisOptions::default(), "an unverified cluster").await;
+}
+
+/// A Redis store that opens (connecting is retried on use) but that `options`
+/// cannot reach: every call fails.
+async fn assert_refused(url: &str, options: &RedisOptions, why: &str) {
+    let store = Store::open_with(url, "pbxgate:", std::path::Path::new("."), options)
         .await
         .expect("opens (connecting is retried on use)");
-    assert!(system_roots.ping().await.is_err(), "unverified cluster refused");
+    assert!(store.ping().await.is_err(), "{why}: refused");
 }
 
 /// `pbxgate` commands reach an embedded store that a running gateway holds
