@@ -2,6 +2,7 @@
 //! ways, websocket upgrades spliced through.
 
 pub mod headers;
+mod http1;
 mod identity;
 mod pool;
 
@@ -12,13 +13,14 @@ use std::time::Duration;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, LOCATION, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, LengthLimitError, Limited};
+use http_body_util::{Either, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::AsyncWriteExt;
 
 use crate::config::Upstream as UpstreamConfig;
 use crate::error::{Error, Refusal};
@@ -135,11 +137,11 @@ impl Upstream {
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(UPGRADE, protocol.clone());
         }
-        let upstream_request = Request::from_parts(parts, Either::Left(Limited::new(body, self.max_body)));
+        let upstream_request = Request::from_parts(parts, Limited::new(body, self.max_body));
 
         let pool = &self.pools[out.worker % self.pools.len()];
         let sent = crate::timer::timeout(self.timeout, pool.send(&self.connector, upstream_request));
-        let (mut response, connection) = match sent.await {
+        let mut response = match sent.await {
             None => return Err(Refusal::GatewayTimeout),
             Some(Err(failure)) => return Err(classify(failure)),
             Some(Ok(sent)) => sent,
@@ -150,10 +152,11 @@ impl Upstream {
                 tracing::warn!("upstream switched protocols without being asked");
                 return Err(Refusal::BadGateway);
             };
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
             // The connection now belongs to the websocket: not back to the pool.
-            drop(connection);
-            let task = tokio::spawn(splice(client_upgrade, upstream_upgrade));
+            let Some(upstream) = response.body_mut().take_connection() else {
+                return Err(Refusal::BadGateway);
+            };
+            let task = tokio::spawn(splice(client_upgrade, upstream));
             if let Some((sockets, session)) = out.sockets {
                 sockets.register(session, task.abort_handle());
             }
@@ -161,11 +164,11 @@ impl Upstream {
             strip_response(headers);
             headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(UPGRADE, protocol);
-            return Ok(response.map(|body| Either::Left(Pooled::new(body, None))));
+            return Ok(response.map(Either::Left));
         }
         strip_response(response.headers_mut());
         self.relocate(response.headers_mut());
-        Ok(response.map(|body| Either::Left(Pooled::new(body, Some((connection, pool.clone()))))))
+        Ok(response.map(Either::Left))
     }
 
     /// A redirect to the PBX's own address (`upstream.url`), which browsers
@@ -241,12 +244,18 @@ fn requested_upgrade(request: &Request<Incoming>) -> Option<HeaderValue> {
     wants.then(|| request.headers().get(UPGRADE).cloned()).flatten()
 }
 
-/// Copies bytes both ways between the client and the upstream until either closes.
-async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    match tokio::try_join!(client, upstream) {
-        Ok((client, upstream)) => {
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+/// Copies bytes both ways between the client and the upstream until either
+/// closes, starting with what the upstream sent right after its `101`.
+async fn splice(client: hyper::upgrade::OnUpgrade, mut upstream: http1::Conn) {
+    match client.await {
+        Ok(client) => {
+            let mut client = TokioIo::new(client);
+            let early = std::mem::take(&mut upstream.read);
+            let spliced = async {
+                client.write_all(&early).await?;
+                tokio::io::copy_bidirectional(&mut client, &mut upstream.io).await
+            };
+            if let Err(e) = spliced.await {
                 tracing::debug!(error = %e, "upgraded connection ended");
             }
         }
@@ -257,16 +266,8 @@ async fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
 fn classify(failure: Failure) -> Refusal {
     match failure {
         Failure::Connect(error) => tracing::warn!(%error, "upstream unreachable"),
-        Failure::Exchange(error) => {
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-            while let Some(e) = source {
-                if e.is::<LengthLimitError>() {
-                    return Refusal::PayloadTooLarge;
-                }
-                source = e.source();
-            }
-            tracing::warn!(%error, "upstream request failed");
-        }
+        Failure::Exchange(error) => tracing::warn!(%error, "upstream request failed"),
+        Failure::TooLarge => return Refusal::PayloadTooLarge,
     }
     Refusal::BadGateway
 }

@@ -3,35 +3,31 @@
 //! A worker's requests take the connection it used last (a stack, no hashing:
 //! there is one upstream), so the pool is touched only by its own thread and
 //! its lock is never contended. A connection goes back when the response body
-//! has been read to its end; one dropped part-way is closed with its task.
+//! has been read to its end; one dropped part-way is closed. The exchange
+//! itself runs in the request's task ([`super::http1`]).
 
 use std::collections::VecDeque;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::header::CONTENT_LENGTH;
 use http::{Method, Request, Response};
-use http_body_util::{Either, Empty, Limited};
+use http_body_util::Limited;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// What a request sends upstream: the client's body, capped; or nothing, for
-/// a bodiless request sent again.
-pub type UpstreamBody = Either<Limited<Incoming>, Empty<Bytes>>;
+use super::http1::{self, Broken, Conn, Reader, Stream};
 
 /// A connection unused for this long may be one the PBX is closing just as
 /// we write to it: a request that is safe to repeat is kept until it answers.
 const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
-
-type Sender = SendRequest<UpstreamBody>;
 
 /// How to open a new connection to the PBX.
 pub struct Connector {
@@ -48,7 +44,18 @@ pub enum Failure {
     /// No connection could be opened (refused, unresolvable, TLS, timeout).
     Connect(String),
     /// The connection broke or the PBX sent something that is not HTTP.
-    Exchange(hyper::Error),
+    Exchange(String),
+    /// The client's body went over `limits.max_request_body`.
+    TooLarge,
+}
+
+impl From<Broken> for Failure {
+    fn from(broken: Broken) -> Self {
+        match broken {
+            Broken::TooLarge => Failure::TooLarge,
+            other => Failure::Exchange(other.to_string()),
+        }
+    }
 }
 
 impl Connector {
@@ -70,21 +77,22 @@ impl Connector {
         Ok(Self { host, port, tls, timeout })
     }
 
-    async fn connect(&self) -> Result<Sender, Failure> {
+    async fn connect(&self) -> Result<Conn, Failure> {
         let tcp = tokio::time::timeout(self.timeout, self.tcp())
             .await
             .map_err(|_| Failure::Connect(format!("no connection within {:?}", self.timeout)))?
             .map_err(Failure::Connect)?;
-        match &self.tls {
-            None => handshake(tcp).await,
+        let io = match &self.tls {
+            None => Stream::Tcp(tcp),
             Some((connector, name)) => {
                 let tls = tokio::time::timeout(self.timeout, connector.connect(name.clone(), tcp))
                     .await
                     .map_err(|_| Failure::Connect(format!("no TLS handshake within {:?}", self.timeout)))?
                     .map_err(|e| Failure::Connect(format!("TLS: {e}")))?;
-                handshake(tls).await
+                Stream::Tls(Box::new(tls))
             }
-        }
+        };
+        Ok(Conn { io, read: BytesMut::new() })
     }
 
     /// The first address that answers, in the order the resolver gave them.
@@ -107,20 +115,6 @@ impl Connector {
     }
 }
 
-/// Starts HTTP/1.1 on a fresh connection; the connection runs as its own task.
-async fn handshake<T>(io: T) -> Result<Sender, Failure>
-where
-    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let (sender, connection) = http1::handshake(TokioIo::new(io)).await.map_err(Failure::Exchange)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended");
-        }
-    });
-    Ok(sender)
-}
-
 /// One worker's idle connections, the most recently used last.
 pub struct Pool {
     slots: Mutex<Slots>,
@@ -136,7 +130,7 @@ struct Slots {
 }
 
 struct Idle {
-    sender: Sender,
+    conn: Conn,
     since: Instant,
 }
 
@@ -149,51 +143,69 @@ impl Pool {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends `request` on an idle connection, or a new one. A request that a
-    /// pooled connection could not take (the PBX had closed it) goes on the
-    /// next. One already written when the PBX closed the connection goes again
-    /// only if it is safe to repeat (`GET`, `HEAD`, `OPTIONS` without a body)
-    /// and the connection had been idle a while, as Go's HTTP client does.
+    /// Sends `request` on an idle connection, or a new one, and returns the
+    /// response with its body still on the connection. A request a pooled
+    /// connection could not take goes on the next. One already written when
+    /// the PBX closed the connection goes again only if it is safe to repeat
+    /// (`GET`, `HEAD`, `OPTIONS` without a body) and the connection had been
+    /// idle a while, as Go's HTTP client does.
     pub async fn send(
         self: &Arc<Self>,
         connector: &Connector,
-        mut request: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Sender), Failure> {
-        while let Some((mut sender, idle_for)) = self.take() {
-            let replay = if idle_for >= REPLAY_AFTER_IDLE { replayable(&request) } else { None };
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok((response, sender)),
-                Err(mut e) => match (e.take_message(), replay) {
-                    (Some(unsent), _) => request = unsent,
-                    (None, Some(copy)) if closed_under_us(e.error()) => {
-                        tracing::debug!(error = %e.error(), "idle upstream connection closed as it was used: sending again");
-                        request = copy;
-                    }
-                    (None, _) => return Err(Failure::Exchange(e.into_error())),
-                },
+        request: Request<Limited<Incoming>>,
+    ) -> Result<Response<Pooled>, Failure> {
+        let (parts, body) = request.into_parts();
+        let has_body = !body.is_end_stream();
+        let chunked = has_body && !parts.headers.contains_key(CONTENT_LENGTH);
+        let mut head = BytesMut::new();
+        http1::encode_head(&parts, chunked, &mut head);
+        let mut body = has_body.then_some(body);
+        let safe = !has_body && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        while let Some((mut conn, idle_for)) = self.take() {
+            match http1::exchange(&mut conn, &head, &mut body, chunked, &parts.method).await {
+                Ok(answer) => return Ok(self.response(conn, answer)),
+                Err(Broken::Unsent(error)) => {
+                    tracing::debug!(%error, "idle upstream connection could not take the request: next one");
+                }
+                Err(Broken::Closed(error)) if safe && idle_for >= REPLAY_AFTER_IDLE => {
+                    tracing::debug!(%error, "idle upstream connection closed as it was used: sending again");
+                }
+                Err(broken) => return Err(broken.into()),
             }
         }
         // Boxed: a new connection is the rare case, and its future (resolver,
         // TLS handshake) would otherwise make every request's future large.
-        let mut sender = Box::pin(connector.connect()).await?;
-        let response = sender.send_request(request).await.map_err(Failure::Exchange)?;
-        Ok((response, sender))
+        let mut conn = Box::pin(connector.connect()).await?;
+        let answer = http1::exchange(&mut conn, &head, &mut body, chunked, &parts.method).await?;
+        Ok(self.response(conn, answer))
+    }
+
+    /// The response, its body read from `conn`; a connection with nothing
+    /// more to read goes straight back.
+    fn response(self: &Arc<Self>, conn: Conn, answer: http1::Head) -> Response<Pooled> {
+        let reader = Reader::new(answer.framing);
+        let home = answer.reusable.then(|| self.clone());
+        let mut body = Pooled { conn: Some(conn), reader, home };
+        if body.reader.is_done() {
+            body.finish();
+        }
+        answer.response.map(|()| body)
     }
 
     /// The most recently used live connection, and how long it was idle.
-    fn take(&self) -> Option<(Sender, Duration)> {
+    fn take(&self) -> Option<(Conn, Duration)> {
         let mut slots = self.slots();
-        while let Some(Idle { sender, since }) = slots.idle.pop_back() {
+        while let Some(Idle { conn, since }) = slots.idle.pop_back() {
             let idle_for = since.elapsed();
-            if !sender.is_closed() && idle_for < self.idle_timeout {
-                return Some((sender, idle_for));
+            if idle_for < self.idle_timeout && !conn.is_stale() {
+                return Some((conn, idle_for));
             }
         }
         None
     }
 
-    fn put(self: &Arc<Self>, sender: Sender) {
-        if sender.is_closed() || self.max_idle == 0 {
+    fn put(self: &Arc<Self>, conn: Conn) {
+        if self.max_idle == 0 {
             return;
         }
         let mut slots = self.slots();
@@ -203,12 +215,12 @@ impl Pool {
         if slots.idle.len() >= self.max_idle {
             slots.idle.pop_front();
         }
-        slots.idle.push_back(Idle { sender, since: Instant::now() });
+        slots.idle.push_back(Idle { conn, since: Instant::now() });
     }
 
-    /// Closes connections idle for longer than the timeout, even when no
-    /// request comes to notice them. Runs while there is something idle;
-    /// returns whether it was started.
+    /// Closes connections idle for longer than the timeout, or closed by the
+    /// PBX, even when no request comes to notice them. Runs while there is
+    /// something idle; returns whether it was started.
     fn sweep_later(self: &Arc<Self>) -> bool {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return false };
         let pool: Weak<Self> = Arc::downgrade(self);
@@ -218,7 +230,7 @@ impl Pool {
                 tokio::time::sleep(period / 2).await;
                 let Some(pool) = pool.upgrade() else { return };
                 let mut slots = pool.slots();
-                slots.idle.retain(|i| !i.sender.is_closed() && i.since.elapsed() < period);
+                slots.idle.retain(|i| i.since.elapsed() < period && !i.conn.is_stale());
                 if slots.idle.is_empty() {
                     slots.sweeping = false;
                     return;
@@ -229,76 +241,66 @@ impl Pool {
     }
 }
 
-/// A copy of `request` to send again, when it has no body and repeating it
-/// is harmless.
-fn replayable(request: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
-    let safe = matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if !safe || !request.body().is_end_stream() {
-        return None;
-    }
-    let mut copy = Request::new(Either::Right(Empty::new()));
-    *copy.method_mut() = request.method().clone();
-    *copy.uri_mut() = request.uri().clone();
-    *copy.version_mut() = request.version();
-    *copy.headers_mut() = request.headers().clone();
-    Some(copy)
-}
-
-/// The connection ended before any answer: the PBX closed it as we wrote.
-fn closed_under_us(error: &hyper::Error) -> bool {
-    use std::io::ErrorKind;
-    let reset = std::error::Error::source(error)
-        .and_then(|e| e.downcast_ref::<std::io::Error>())
-        .is_some_and(|e| matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe));
-    error.is_incomplete_message() || reset
-}
-
-/// A response body from the PBX that hands its connection back to the pool
-/// once read to the end.
+/// A response body from the PBX, read from its connection as the client
+/// takes it; the connection goes back to the pool once the body is read to
+/// its end, and is closed if it is dropped part-way.
 pub struct Pooled {
-    body: Incoming,
-    finished: bool,
-    home: Option<(Sender, Arc<Pool>)>,
+    conn: Option<Conn>,
+    reader: Reader,
+    /// Where the connection goes when the body is done; `None` for one that
+    /// is not to be reused.
+    home: Option<Arc<Pool>>,
 }
 
 impl Pooled {
-    /// `home`: where the connection goes when the body is done; `None` for a
-    /// connection that is not to be reused (an upgraded one).
-    pub fn new(body: Incoming, home: Option<(Sender, Arc<Pool>)>) -> Self {
-        Self { body, finished: false, home }
+    /// The connection of a `101 Switching Protocols`, to splice.
+    pub fn take_connection(&mut self) -> Option<Conn> {
+        self.conn.take()
+    }
+
+    fn finish(&mut self) {
+        let Some(pool) = self.home.take() else { return };
+        // Bytes past the body's end: not a connection to trust again.
+        if let Some(conn) = self.conn.take().filter(|c| c.read.is_empty()) {
+            pool.put(conn);
+        }
     }
 }
 
 impl Body for Pooled {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.finished = true;
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+        let polled = std::task::ready!(this.reader.poll_data(conn, cx));
+        match polled {
+            Some(Ok(data)) => {
+                if this.reader.is_done() {
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            None => {
+                this.finish();
+                Poll::Ready(None)
+            }
+            Some(Err(error)) => {
+                this.conn = None;
+                Poll::Ready(Some(Err(io::Error::other(error))))
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.reader.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        if let Some((sender, pool)) = self.home.take() {
-            if self.finished || self.body.is_end_stream() {
-                pool.put(sender);
-            }
-        }
+        self.reader.size_hint()
     }
 }

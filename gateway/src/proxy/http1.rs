@@ -1,0 +1,699 @@
+//! HTTP/1.1 to the PBX in the request's own task: the request head is written
+//! straight to the connection, the response head parsed from its read buffer,
+//! and the body read from the socket as the client takes it.
+//!
+//! hyper's client runs each connection as a task of its own and passes every
+//! request, response and body chunk between tasks through channels; on the
+//! 2-core bench those hops cost as much CPU per request as nginx spends on the
+//! whole request (bench/README). Here one task does it all, as nginx does.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Response, StatusCode, Version};
+use http_body_util::{LengthLimitError, Limited};
+use hyper::body::{Body, Incoming, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// Largest response head accepted from the PBX (hyper's client allows about
+/// as much).
+const MAX_HEAD: usize = 256 * 1024;
+/// Most header lines in one response head.
+const MAX_HEADERS: usize = 128;
+/// How much to read at a time.
+const READ_SIZE: usize = 16 * 1024;
+/// Longest chunk-size line (with extensions) or trailer line.
+const MAX_LINE: usize = 4096;
+
+/// A connection to the PBX.
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Tcp(tcp) => tcp,
+            Stream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A connection and what has been read from it but not yet used.
+pub struct Conn {
+    pub io: Stream,
+    pub read: BytesMut,
+}
+
+impl Conn {
+    /// Whether the PBX closed this idle connection or sent on it unasked.
+    /// Costs no system call unless the socket became readable while idle.
+    pub fn is_stale(&self) -> bool {
+        if !self.read.is_empty() {
+            return true;
+        }
+        let tcp = self.io.tcp();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match tcp.poll_read_ready(&mut cx) {
+            Poll::Pending => false,
+            Poll::Ready(Err(_)) => true,
+            Poll::Ready(Ok(())) => {
+                let mut byte = [0u8; 1];
+                !matches!(tcp.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// Why an exchange gave no response.
+#[derive(Debug)]
+pub enum Broken {
+    /// The request head could not be written: the PBX never saw the request.
+    Unsent(io::Error),
+    /// The PBX closed the connection (or reset it) before any byte of an answer.
+    Closed(io::Error),
+    /// The client's body went over `limits.max_request_body`.
+    TooLarge,
+    /// Anything else: a read or write error mid-way, or not HTTP.
+    Failed(String),
+}
+
+impl std::fmt::Display for Broken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Broken::Unsent(e) => write!(f, "request not sent: {e}"),
+            Broken::Closed(e) => write!(f, "connection closed before the response: {e}"),
+            Broken::TooLarge => f.write_str("request body too large"),
+            Broken::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+/// A response head read from the PBX, and how its body is framed.
+pub struct Head {
+    pub response: Response<()>,
+    pub framing: Framing,
+    /// Whether the connection may take another request once the body is read.
+    pub reusable: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (HEAD, 204, 304, `Content-Length: 0`) or a protocol switch.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the PBX closes the connection.
+    Close,
+}
+
+/// Writes `request` on `conn` (its body streamed, capped at `max_body`) and
+/// reads the response head, skipping interim (1xx) responses other than 101.
+/// The PBX may answer before the body is all sent (a refused upload): the
+/// answer is taken and the connection not reused.
+pub async fn exchange(
+    conn: &mut Conn,
+    head: &[u8],
+    body: &mut Option<Limited<Incoming>>,
+    chunked: bool,
+    method: &Method,
+) -> Result<Head, Broken> {
+    write_all(&mut conn.io, head).await.map_err(Broken::Unsent)?;
+    std::future::poll_fn(|cx| Pin::new(&mut conn.io).poll_flush(cx)).await.map_err(Broken::Unsent)?;
+    let mut upload = body.take().map(|body| Upload::new(body, chunked));
+    std::future::poll_fn(|cx| loop {
+        if let Poll::Ready(head) = poll_head(conn, cx, method) {
+            let mut head = head?;
+            if upload.as_ref().is_some_and(|u| !u.sent) {
+                // Answered mid-upload: what is left of the body is not sent.
+                head.reusable = false;
+            }
+            return Poll::Ready(Ok(head));
+        }
+        match upload.as_mut() {
+            Some(u) if !u.sent => {
+                ready!(u.poll_send(&mut conn.io, cx))?;
+            }
+            _ => return Poll::Pending,
+        }
+    })
+    .await
+}
+
+async fn write_all(io: &mut Stream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let n = std::future::poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, bytes)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
+
+/// The request head as the PBX is sent it: origin-form target, the headers as
+/// the pipeline left them, and `Transfer-Encoding: chunked` for a body of
+/// unknown length (`chunked`).
+pub fn encode_head(request: &http::request::Parts, chunked: bool, out: &mut BytesMut) {
+    let target = request.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    out.reserve(64 + target.len() + request.headers.len() * 32);
+    out.extend_from_slice(request.method.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &request.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Reads into `conn.read` until a final response head is there, then parses it.
+fn poll_head(conn: &mut Conn, cx: &mut Context<'_>, method: &Method) -> Poll<Result<Head, Broken>> {
+    let mut received = !conn.read.is_empty();
+    loop {
+        if !conn.read.is_empty() {
+            if let Some(head) = parse_head(&mut conn.read, method)? {
+                return Poll::Ready(Ok(head));
+            }
+            if conn.read.len() >= MAX_HEAD {
+                return Poll::Ready(Err(Broken::Failed("response head too large".into())));
+            }
+        }
+        match ready!(poll_read(&mut conn.io, &mut conn.read, cx)) {
+            Ok(0) if received => {
+                return Poll::Ready(Err(Broken::Failed("connection closed mid-head".into())))
+            }
+            Ok(0) => return Poll::Ready(Err(Broken::Closed(io::ErrorKind::UnexpectedEof.into()))),
+            Ok(_) => received = true,
+            Err(e) if !received && is_reset(&e) => return Poll::Ready(Err(Broken::Closed(e))),
+            Err(e) => return Poll::Ready(Err(Broken::Failed(format!("reading the response: {e}")))),
+        }
+    }
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// Reads what the connection has into `buf`; `Ok(0)` at its end.
+fn poll_read(io: &mut Stream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_SIZE / 4 {
+        buf.reserve(READ_SIZE);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+}
+
+/// Parses one response head off the front of `buf`: `None` while incomplete.
+/// An interim response (100 Continue, 103 Early Hints) is dropped and the
+/// next one parsed.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Broken> {
+    loop {
+        let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut lines);
+        let len = match parsed.parse(&buf[..]) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(Broken::Failed(format!("the upstream's response is not HTTP/1.1: {e}"))),
+        };
+        let status = parsed
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| Broken::Failed("bad response status".into()))?;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            buf.advance(len);
+            continue;
+        }
+        let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+        // Header values are slices of the head's bytes: no copy each.
+        let base = buf.as_ptr() as usize;
+        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        let count = parsed.headers.len();
+        for (span, line) in spans.iter_mut().zip(parsed.headers.iter()) {
+            let name = line.name.as_ptr() as usize - base;
+            let value = line.value.as_ptr() as usize - base;
+            *span = (name, line.name.len(), value, line.value.len());
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(name, name_len, value, value_len) in &spans[..count] {
+            let name = HeaderName::from_bytes(&head[name..name + name_len])
+                .map_err(|_| Broken::Failed("bad header name in the response".into()))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))
+                .map_err(|_| Broken::Failed("bad header value in the response".into()))?;
+            headers.append(name, value);
+        }
+        let (framing, mut reusable) = framing(method, status, &headers)?;
+        reusable &= keeps_alive(version, &headers);
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        *response.headers_mut() = headers;
+        return Ok(Some(Head { response, framing, reusable }));
+    }
+}
+
+/// How the body ends (RFC 9112 section 6.3), and whether that leaves the
+/// connection fit for another request.
+fn framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> Result<(Framing, bool), Broken> {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok((Framing::Empty, false));
+    }
+    if *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Empty, true));
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        let last = headers.get_all(TRANSFER_ENCODING).iter().next_back().and_then(|v| v.to_str().ok());
+        let chunked =
+            last.and_then(|v| v.rsplit(',').next()).is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+        // With a Content-Length too, the message is suspect: read it by its
+        // chunks and do not reuse the connection.
+        let alone = !headers.contains_key(CONTENT_LENGTH);
+        return Ok(if chunked { (Framing::Chunked, alone) } else { (Framing::Close, false) });
+    }
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        for part in value.to_str().map_err(|_| bad_length())?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad_length());
+            }
+            let n: u64 = part.parse().map_err(|_| bad_length())?;
+            if length.is_some_and(|l| l != n) {
+                return Err(bad_length());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (Framing::Empty, true),
+        Some(n) => (Framing::Length(n), true),
+        None => (Framing::Close, false),
+    })
+}
+
+fn bad_length() -> Broken {
+    Broken::Failed("bad Content-Length in the response".into())
+}
+
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &str| {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if version == Version::HTTP_10 {
+        has("keep-alive")
+    } else {
+        !has("close")
+    }
+}
+
+/// The client's request body on its way to the PBX, framed as the head said.
+struct Upload {
+    body: Limited<Incoming>,
+    chunked: bool,
+    /// Bytes of the current frame (and its chunk framing) still to write.
+    pending: [Bytes; 3],
+    /// The client's body has ended.
+    done: bool,
+    /// And all of it is written.
+    sent: bool,
+}
+
+impl Upload {
+    fn new(body: Limited<Incoming>, chunked: bool) -> Self {
+        Self { body, chunked, pending: Default::default(), done: false, sent: false }
+    }
+
+    /// Writes the body until it is all sent, or the connection cannot take more.
+    fn poll_send(&mut self, io: &mut Stream, cx: &mut Context<'_>) -> Poll<Result<(), Broken>> {
+        loop {
+            if let Some(piece) = self.pending.iter_mut().find(|p| !p.is_empty()) {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, piece))
+                    .map_err(|e| Broken::Failed(format!("sending the request body: {e}")))?;
+                if n == 0 {
+                    return Poll::Ready(Err(Broken::Failed(
+                        "sending the request body: connection closed".into(),
+                    )));
+                }
+                piece.advance(n);
+                continue;
+            }
+            if self.done {
+                // A TLS stream may still hold the last record.
+                ready!(Pin::new(io).poll_flush(cx))
+                    .map_err(|e| Broken::Failed(format!("sending the request body: {e}")))?;
+                self.sent = true;
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    // Trailers are not forwarded.
+                    let Ok(data) = frame.into_data() else { continue };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    self.pending = if self.chunked {
+                        [Bytes::from(format!("{:x}\r\n", data.len())), data, Bytes::from_static(b"\r\n")]
+                    } else {
+                        [data, Bytes::new(), Bytes::new()]
+                    };
+                }
+                Some(Err(e)) if e.is::<LengthLimitError>() => return Poll::Ready(Err(Broken::TooLarge)),
+                Some(Err(e)) => {
+                    return Poll::Ready(Err(Broken::Failed(format!("reading the client's body: {e}"))))
+                }
+                None => {
+                    self.done = true;
+                    if self.chunked {
+                        self.pending = [Bytes::from_static(b"0\r\n\r\n"), Bytes::new(), Bytes::new()];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads a response body off its connection as its framing says.
+pub struct Reader {
+    state: State,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Body bytes still to come.
+    Length(u64),
+    /// Reading a chunk-size line.
+    ChunkSize,
+    /// Inside a chunk: bytes still to come.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    /// Trailer lines after the last chunk, until an empty one.
+    Trailers,
+    Close,
+    Done,
+}
+
+impl Reader {
+    pub fn new(framing: Framing) -> Self {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::Close => State::Close,
+        };
+        Self { state }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+
+    /// The next piece of the body, `None` at its end.
+    pub fn poll_data(
+        &mut self,
+        conn: &mut Conn,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, String>>> {
+        loop {
+            let buf = &mut conn.read;
+            match self.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(left) | State::ChunkData(left) if !buf.is_empty() => {
+                    let take = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+                    let data = buf.split_to(take).freeze();
+                    let left = left - take as u64;
+                    self.state = match self.state {
+                        State::Length(_) if left == 0 => State::Done,
+                        State::Length(_) => State::Length(left),
+                        _ if left == 0 => State::ChunkEnd,
+                        _ => State::ChunkData(left),
+                    };
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                State::Close if !buf.is_empty() => return Poll::Ready(Some(Ok(buf.split().freeze()))),
+                State::ChunkSize | State::ChunkEnd | State::Trailers => {
+                    if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                        let line = buf.split_to(end + 1);
+                        match next_chunk_state(self.state, &line) {
+                            Ok(state) => self.state = state,
+                            Err(e) => return Poll::Ready(Some(Err(e))),
+                        }
+                        continue;
+                    }
+                    if buf.len() > MAX_LINE {
+                        return Poll::Ready(Some(Err("chunk line too long".into())));
+                    }
+                }
+                _ => {}
+            }
+            match ready!(poll_read(&mut conn.io, &mut conn.read, cx)) {
+                Ok(0) if self.state == State::Close => {
+                    self.state = State::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return Poll::Ready(Some(Err("the upstream closed the connection mid-body".into()))),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(format!("reading the response body: {e}")))),
+            }
+        }
+    }
+}
+
+/// The state after one line of chunked framing (with its LF).
+fn next_chunk_state(state: State, line: &[u8]) -> Result<State, String> {
+    let Some(line) = line.strip_suffix(b"\r\n") else {
+        return Err("chunk line not ended by CRLF".into());
+    };
+    Ok(match state {
+        State::ChunkEnd if line.is_empty() => State::ChunkSize,
+        State::ChunkEnd => return Err("chunk longer than its size".into()),
+        State::Trailers if line.is_empty() => State::Done,
+        State::Trailers => State::Trailers,
+        _ => {
+            let hex = line.split(|&b| b == b';').next().unwrap_or_default();
+            let hex = std::str::from_utf8(hex).ok().map(str::trim_ascii_end);
+            match hex.filter(|h| !h.is_empty() && h.len() <= 15).and_then(|h| u64::from_str_radix(h, 16).ok())
+            {
+                Some(0) => State::Trailers,
+                Some(n) => State::ChunkData(n),
+                None => return Err("bad chunk size".into()),
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(bytes: &[u8], method: &Method) -> Result<Option<Head>, Broken> {
+        parse_head(&mut BytesMut::from(bytes), method)
+    }
+
+    fn framed(bytes: &[u8]) -> (Framing, bool) {
+        let head = head(bytes, &Method::GET).expect("parses").expect("complete");
+        (head.framing, head.reusable)
+    }
+
+    #[test]
+    fn response_heads_are_framed_as_rfc_9112_says() {
+        assert_eq!(framed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"), (Framing::Length(5), true));
+        assert_eq!(framed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), (Framing::Empty, true));
+        assert_eq!(framed(b"HTTP/1.1 200 OK\r\nContent-Length: 7, 7\r\n\r\n"), (Framing::Length(7), true));
+        assert_eq!(
+            framed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            (Framing::Chunked, true)
+        );
+        // Both: read by its chunks, never reused.
+        assert_eq!(
+            framed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"),
+            (Framing::Chunked, false)
+        );
+        assert_eq!(framed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"), (Framing::Close, false));
+        assert_eq!(framed(b"HTTP/1.1 200 OK\r\n\r\n"), (Framing::Close, false));
+        assert_eq!(framed(b"HTTP/1.1 204 No Content\r\n\r\n"), (Framing::Empty, true));
+        assert_eq!(framed(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"), (Framing::Empty, true));
+        assert_eq!(
+            framed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"),
+            (Framing::Length(5), false)
+        );
+        assert_eq!(framed(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n"), (Framing::Length(5), false));
+        assert_eq!(
+            framed(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n"),
+            (Framing::Length(5), true)
+        );
+        let answer = head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", &Method::HEAD)
+            .expect("ok")
+            .expect("complete");
+        assert_eq!(answer.framing, Framing::Empty);
+        for bad in [&b"5, 6"[..], b"-1", b"", b"0x10", b"99999999999999999999999"] {
+            let mut bytes = b"HTTP/1.1 200 OK\r\nContent-Length: ".to_vec();
+            bytes.extend_from_slice(bad);
+            bytes.extend_from_slice(b"\r\n\r\n");
+            assert!(head(&bytes, &Method::GET).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        assert!(head(b"NOT HTTP\r\n\r\n", &Method::GET).is_err());
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_the_rest_kept() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok"[..],
+        );
+        let answer = parse_head(&mut buf, &Method::POST).expect("ok").expect("complete");
+        assert_eq!(answer.response.status(), StatusCode::CREATED);
+        assert_eq!(answer.response.headers()["x-a"], "1");
+        assert_eq!(&buf[..], b"ok");
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
+        assert!(parse_head(&mut partial, &Method::GET).expect("ok").is_none());
+        let switched = head(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", &Method::GET);
+        assert_eq!(
+            switched.expect("ok").expect("complete").response.status(),
+            StatusCode::SWITCHING_PROTOCOLS
+        );
+    }
+
+    #[test]
+    fn request_heads_carry_the_target_and_headers() {
+        let request =
+            http::Request::post("http://pbx/a/b?c=d").header("host", "pbx").body(()).expect("request");
+        let (parts, ()) = request.into_parts();
+        let mut out = BytesMut::new();
+        encode_head(&parts, true, &mut out);
+        assert_eq!(&out[..], b"POST /a/b?c=d HTTP/1.1\r\nhost: pbx\r\ntransfer-encoding: chunked\r\n\r\n");
+    }
+
+    /// A body read off a real loopback connection, sent in `pieces`; the
+    /// sender closes its end after them if `close`.
+    async fn read_body(framing: Framing, pieces: &[&[u8]], close: bool) -> Result<(Vec<u8>, Conn), String> {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pieces: Vec<Vec<u8>> = pieces.iter().map(|p| p.to_vec()).collect();
+        // Its output, the socket, stays open until the handle is dropped.
+        let _writer = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            for piece in pieces {
+                socket.write_all(&piece).await.expect("write");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            (!close).then_some(socket)
+        });
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let mut conn = Conn { io: Stream::Tcp(tcp), read: BytesMut::new() };
+        let mut reader = Reader::new(framing);
+        let mut body = Vec::new();
+        while let Some(data) = std::future::poll_fn(|cx| reader.poll_data(&mut conn, cx)).await {
+            body.extend_from_slice(&data?);
+        }
+        Ok((body, conn))
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_are_decoded_across_reads() {
+        let (body, conn) = read_body(
+            Framing::Chunked,
+            &[b"5\r\nhel", b"lo\r\n6;ext=1\r\n world\r", b"\n0\r\nTrailer: x\r\n", b"\r\nEXTRA"],
+            false,
+        )
+        .await
+        .expect("decoded");
+        assert_eq!(body, b"hello world");
+        assert_eq!(&conn.read[..], b"EXTRA", "bytes past the end are left, so the connection is not reused");
+        for bad in [&b"zz\r\nhello\r\n0\r\n\r\n"[..], b"5\r\nhelloX\r\n0\r\n\r\n", b"5\nhello\r\n0\r\n\r\n"] {
+            assert!(
+                read_body(Framing::Chunked, &[bad], false).await.is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn length_bodies_stop_at_their_length() {
+        let (body, conn) = read_body(Framing::Length(10), &[b"01234", b"56789"], false).await.expect("read");
+        assert_eq!(body, b"0123456789");
+        assert!(conn.read.is_empty());
+        let (body, _) = read_body(Framing::Close, &[b"until ", b"the end"], true).await.expect("read");
+        assert_eq!(body, b"until the end");
+        assert!(read_body(Framing::Length(10), &[b"short"], true).await.is_err(), "closed mid-body");
+    }
+}
