@@ -395,6 +395,40 @@ async fn a_safe_request_the_upstream_drops_on_an_idle_connection_is_sent_again()
 }
 
 #[tokio::test]
+async fn an_answer_before_the_upload_ends_reaches_the_client_and_its_connection_is_closed() {
+    // The PBX answers as soon as it has a request's head (a refusal, say),
+    // before the client has sent all of its body.
+    let pbx = BareUpstream::start(Mode::KeepAlive).await;
+    let gw = TestGateway::start(&pbx.url(), TEST_POLICY, "[listen]\nworkers = 1\n").await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.http()).await.expect("connect");
+    let head = "POST /upload HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100000\r\n\r\n";
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    tcp.write_all(&[b'u'; 1000]).await.expect("first part of the body");
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !answer.ends_with(b"\r\n\r\nok") {
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut chunk)).await;
+        match read.expect("the answer came before the upload ended") {
+            Ok(n) if n > 0 => answer.extend_from_slice(&chunk[..n]),
+            other => panic!("connection ended before the answer: {other:?} {answer:?}"),
+        }
+    }
+    assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&answer));
+    drop(tcp);
+
+    // The PBX is still waiting for the rest of that body: its connection
+    // must not carry another request.
+    let reply = http_get(gw.http(), "/x", &[]).await;
+    assert_eq!((reply.status.as_u16(), reply.text()), (200, "ok".into()));
+    assert_eq!(pbx.accepted.load(Ordering::SeqCst), 2, "a new upstream connection for the next request");
+    let started = Instant::now();
+    while pbx.closed_by_gateway.load(Ordering::SeqCst) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(3), "the half-sent connection is still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn https_upstream_is_verified_against_its_ca() {
     let (cert, key, _) = certificate(&["127.0.0.1"]);
     let upstream = Upstream::start_tls(&cert, &key).await;
