@@ -55,8 +55,7 @@ pub(crate) async fn identify(
 ) -> Result<Identity, StoreError> {
     let policy = state.policy.load();
     let now = now_ms();
-    if let Some(secret) = cookies::read(headers, cookies::SESSION) {
-        let hash = secret.hash();
+    if let Some(hash) = cookies::read_hash(headers, cookies::SESSION) {
         if let Some(record) = state.store.current_session(&hash, now).await? {
             if policy.user(&record.user).is_some() {
                 return Ok(Identity {

@@ -15,11 +15,12 @@ use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+
+mod drain;
 
 use crate::timer::Timer;
 use crate::workers::Workers;
@@ -83,7 +84,7 @@ pub(crate) async fn serve(
     workers: Option<Arc<Workers>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let drain = drain::Drain::default();
     let builder = Arc::new(http_builder(&state));
     loop {
         let (tcp, peer) = tokio::select! {
@@ -108,7 +109,7 @@ pub(crate) async fn serve(
             }
         };
         let (kind, state, builder) = (kind.clone(), state.clone(), builder.clone());
-        let watcher = graceful.watcher();
+        let drain = drain.clone();
         let task = move |worker| async move {
             let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else { return };
             let _active = state.metrics.connection_opened();
@@ -128,7 +129,7 @@ pub(crate) async fn serve(
                                 Kind::Https,
                                 state.clone(),
                                 builder,
-                                watcher,
+                                drain,
                             )
                             .await
                         }
@@ -136,9 +137,7 @@ pub(crate) async fn serve(
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
-                kind => {
-                    serve_connection(tcp, connection("http"), kind, state.clone(), builder, watcher).await
-                }
+                kind => serve_connection(tcp, connection("http"), kind, state.clone(), builder, drain).await,
             }
         };
         match &workers {
@@ -149,7 +148,7 @@ pub(crate) async fn serve(
     }
     drop(listener);
     let grace = state.config.listen.shutdown_timeout;
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, drain.shutdown()).await.is_err() {
         tracing::warn!(?grace, "shutdown grace period over; closing remaining connections");
     }
 }
@@ -176,7 +175,7 @@ async fn serve_connection<IO>(
     kind: Kind,
     state: Arc<State>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    watcher: hyper_util::server::graceful::Watcher,
+    drain: drain::Drain,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -202,7 +201,7 @@ async fn serve_connection<IO>(
         }
     });
     let serving = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-    if let Err(e) = watcher.watch(serving).await {
+    if let Err(e) = drain.watch(serving).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

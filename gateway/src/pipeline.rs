@@ -180,7 +180,7 @@ pub(crate) async fn handle(
         host: host_header,
         path,
         identity: upstream_identity,
-        sockets: who.map(|p| (&state.auth.sockets, p.session.clone())),
+        sockets: who.map(|p| (&state.auth.sockets, &p.session)),
     };
     let upstream_started = Instant::now();
     let response = match state.upstream.forward(request, out, &state.spoofable).await {

@@ -65,7 +65,7 @@ pub struct Outgoing<'a> {
     /// Identity headers to send (after every client-sent copy is removed).
     pub identity: Option<UpstreamIdentity>,
     /// Where to register an upgraded connection, so it closes with its session.
-    pub sockets: Option<(&'a crate::auth::sockets::Sockets, crate::store::SecretHash)>,
+    pub sockets: Option<(&'a crate::auth::sockets::Sockets, &'a crate::store::SecretHash)>,
 }
 
 impl Upstream {
@@ -158,7 +158,7 @@ impl Upstream {
             };
             let task = tokio::spawn(splice(client_upgrade, upstream));
             if let Some((sockets, session)) = out.sockets {
-                sockets.register(session, task.abort_handle());
+                sockets.register(session.clone(), task.abort_handle());
             }
             let headers = response.headers_mut();
             strip_response(headers);

@@ -7,13 +7,23 @@ use std::time::Duration;
 use http::header::COOKIE;
 use http::{HeaderMap, HeaderValue};
 
-use crate::store::Secret;
+use crate::store::{Secret, SecretHash};
 
 pub const SESSION: &str = "__Host-pbxgate";
 pub const REMEMBER: &str = "__Host-pbxgate-remember";
 
 /// The value of cookie `name`, when it looks like one of our secrets.
 pub fn read(headers: &HeaderMap, name: &str) -> Option<Secret> {
+    value(headers, name).and_then(Secret::parse)
+}
+
+/// The hash of cookie `name`'s secret, when it looks like one of ours: what
+/// the store is asked about, with no copy of the secret made.
+pub fn read_hash(headers: &HeaderMap, name: &str) -> Option<SecretHash> {
+    value(headers, name).and_then(SecretHash::of_sent)
+}
+
+fn value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all(COOKIE)
         .iter()
@@ -21,7 +31,7 @@ pub fn read(headers: &HeaderMap, name: &str) -> Option<Secret> {
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(n, _)| *n == name)
-        .and_then(|(_, value)| Secret::parse(value))
+        .map(|(_, value)| value)
 }
 
 pub fn set(name: &str, secret: &Secret, max_age: Duration) -> HeaderValue {

@@ -49,6 +49,20 @@ impl fmt::Debug for Secret {
 }
 
 impl SecretHash {
+    /// The hash of a secret as a client sent it ([`Secret::parse`], then
+    /// [`Secret::hash`]) without a copy of the secret.
+    pub fn of_sent(text: &str) -> Option<Self> {
+        let text = text.trim().as_bytes();
+        let mut lower = [0u8; 64];
+        if text.len() != lower.len() || !text.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        for (l, b) in lower.iter_mut().zip(text) {
+            *l = b.to_ascii_lowercase();
+        }
+        Some(Self(hex(ring::digest::digest(&ring::digest::SHA256, &lower).as_ref())))
+    }
+
     pub fn from_hex(text: &str) -> Option<Self> {
         (text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
             .then(|| Self(text.to_ascii_lowercase()))
@@ -101,4 +115,22 @@ pub fn uuid_v4() -> String {
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex(&b);
     format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Secret, SecretHash};
+
+    #[test]
+    fn a_sent_secret_hashes_as_the_parsed_one() {
+        let secret = Secret::generate();
+        let upper = secret.expose().to_ascii_uppercase();
+        for sent in [secret.expose().to_string(), upper, format!(" {} ", secret.expose())] {
+            assert_eq!(SecretHash::of_sent(&sent), Some(secret.hash()), "{sent}");
+        }
+        for bad in ["", "abc", &"g".repeat(64), &"a".repeat(63), &"a".repeat(65), &"é".repeat(32)] {
+            assert_eq!(SecretHash::of_sent(bad), None, "{bad}");
+            assert!(Secret::parse(bad).is_none(), "{bad}");
+        }
+    }
 }
