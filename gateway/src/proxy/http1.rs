@@ -16,7 +16,7 @@ use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::{Body, Incoming, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -30,68 +30,14 @@ const READ_SIZE: usize = 16 * 1024;
 /// Longest chunk-size line (with extensions) or trailer line.
 const MAX_LINE: usize = 4096;
 
-/// A connection to the PBX.
-pub enum Stream {
-    Tcp(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
+/// A connection to the PBX: plain TCP (left) or TLS (right). tokio-util's
+/// `Either` passes reads and writes to whichever it is.
+pub type Stream = tokio_util::either::Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
-impl Stream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Tcp(tcp) => tcp,
-            Stream::Tls(tls) => tls.get_ref().0,
-        }
-    }
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Stream::Tcp(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+fn tcp(stream: &Stream) -> &TcpStream {
+    match stream {
+        Stream::Left(tcp) => tcp,
+        Stream::Right(tls) => tls.get_ref().0,
     }
 }
 
@@ -108,7 +54,7 @@ impl Conn {
         if !self.read.is_empty() {
             return true;
         }
-        let tcp = self.io.tcp();
+        let tcp = tcp(&self.io);
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match tcp.poll_read_ready(&mut cx) {
             Poll::Pending => false,
@@ -658,7 +604,7 @@ mod tests {
             (!close).then_some(socket)
         });
         let tcp = TcpStream::connect(addr).await.expect("connect");
-        let mut conn = Conn { io: Stream::Tcp(tcp), read: BytesMut::new() };
+        let mut conn = Conn { io: Stream::Left(tcp), read: BytesMut::new() };
         let mut reader = Reader::new(framing);
         let mut body = Vec::new();
         while let Some(data) = std::future::poll_fn(|cx| reader.poll_data(&mut conn, cx)).await {

@@ -83,13 +83,13 @@ impl Connector {
             .map_err(|_| Failure::Connect(format!("no connection within {:?}", self.timeout)))?
             .map_err(Failure::Connect)?;
         let io = match &self.tls {
-            None => Stream::Tcp(tcp),
+            None => Stream::Left(tcp),
             Some((connector, name)) => {
                 let tls = tokio::time::timeout(self.timeout, connector.connect(name.clone(), tcp))
                     .await
                     .map_err(|_| Failure::Connect(format!("no TLS handshake within {:?}", self.timeout)))?
                     .map_err(|e| Failure::Connect(format!("TLS: {e}")))?;
-                Stream::Tls(Box::new(tls))
+                Stream::Right(Box::new(tls))
             }
         };
         Ok(Conn { io, read: BytesMut::new() })
