@@ -109,7 +109,7 @@ pub(crate) async fn serve(
             }
         };
         let (kind, state, builder) = (kind.clone(), state.clone(), builder.clone());
-        let drain = drain.clone();
+        let ticket = drain.ticket();
         let task = move |worker| async move {
             let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else { return };
             let _active = state.metrics.connection_opened();
@@ -129,7 +129,7 @@ pub(crate) async fn serve(
                                 Kind::Https,
                                 state.clone(),
                                 builder,
-                                drain,
+                                ticket,
                             )
                             .await
                         }
@@ -137,7 +137,7 @@ pub(crate) async fn serve(
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
-                kind => serve_connection(tcp, connection("http"), kind, state.clone(), builder, drain).await,
+                kind => serve_connection(tcp, connection("http"), kind, state.clone(), builder, ticket).await,
             }
         };
         match &workers {
@@ -175,23 +175,25 @@ async fn serve_connection<IO>(
     kind: Kind,
     state: Arc<State>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    drain: drain::Drain,
+    ticket: drain::Ticket,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = connection.peer;
-    let connection = Arc::new(connection);
-    let io = Guarded { inner: Some(io), connection: connection.clone() };
-    let conn = connection.clone();
+    // One reference count per connection, cloned per request: the shared
+    // state's own count would be written by every worker on every request.
+    let serving = Arc::new(Serving { state, connection, kind });
+    let io = Guarded { inner: Some(io), serving: serving.clone() };
     let service = service_fn(move |request: Request<Incoming>| {
-        let (state, conn, kind) = (state.clone(), conn.clone(), kind.clone());
+        let serving = serving.clone();
         async move {
+            let Serving { state, connection: conn, kind } = &*serving;
             match kind {
-                Kind::Admin => Ok(admin::handle(&state, &request).await),
-                Kind::RedirectHttp => pipeline::redirect_to_https(&state, &conn, &request).await,
-                Kind::Http => pipeline::handle(&state, &conn, request).await,
+                Kind::Admin => Ok(admin::handle(state, &request).await),
+                Kind::RedirectHttp => pipeline::redirect_to_https(state, conn, &request).await,
+                Kind::Http => pipeline::handle(state, conn, request).await,
                 Kind::Https => {
-                    let mut response = pipeline::handle(&state, &conn, request).await;
+                    let mut response = pipeline::handle(state, conn, request).await;
                     if let (Some(hsts), Ok(response)) = (&state.config.tls.hsts, &mut response) {
                         response.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
                     }
@@ -200,22 +202,29 @@ async fn serve_connection<IO>(
             }
         }
     });
-    let serving = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-    if let Err(e) = drain.watch(serving).await {
+    let http = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
+    if let Err(e) = ticket.watch(http).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
+}
+
+/// What a connection's requests are served with.
+struct Serving {
+    state: Arc<State>,
+    connection: Connection,
+    kind: Kind,
 }
 
 /// The connection's IO. When screening drops the connection, dropping this
 /// closes it cleanly (TLS close_notify, then FIN) without writing a response.
 struct Guarded<T: AsyncWrite + Unpin + Send + 'static> {
     inner: Option<T>,
-    connection: Arc<Connection>,
+    serving: Arc<Serving>,
 }
 
 impl<T: AsyncWrite + Unpin + Send + 'static> Drop for Guarded<T> {
     fn drop(&mut self) {
-        if self.connection.dropped.load(Ordering::SeqCst) {
+        if self.serving.connection.dropped.load(Ordering::SeqCst) {
             // No runtime means the worker is stopping: the socket just closes.
             if let (Some(mut io), Ok(runtime)) = (self.inner.take(), tokio::runtime::Handle::try_current()) {
                 runtime.spawn(async move {
@@ -236,7 +245,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Guarded<T
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.connection.dropped.load(Ordering::Relaxed) {
+        if self.serving.connection.dropped.load(Ordering::Relaxed) {
             return Poll::Ready(Err(gone()));
         }
         match self.inner.as_mut() {
@@ -248,7 +257,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncRead for Guarded<T
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Guarded<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if self.connection.dropped.load(Ordering::Relaxed) {
+        if self.serving.connection.dropped.load(Ordering::Relaxed) {
             return Poll::Ready(Err(gone()));
         }
         match self.inner.as_mut() {
@@ -262,7 +271,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AsyncWrite for Guarded<
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if self.connection.dropped.load(Ordering::Relaxed) {
+        if self.serving.connection.dropped.load(Ordering::Relaxed) {
             return Poll::Ready(Err(gone()));
         }
         match self.inner.as_mut() {

@@ -3,7 +3,8 @@
 //! connection on every worker, each time a connection is polled (a few times
 //! a request); measured on the 2-core bench, dropping it gave about 5% more
 //! requests per second. Here a poll only registers its waker in the
-//! connection's own slot and reads a flag that changes once.
+//! connection's own slot and reads a flag that changes once. A connection
+//! counts from its accept, so a TLS handshake under way is waited for too.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,7 +29,7 @@ struct Shared {
     next_id: AtomicU64,
     /// Each open connection's waker, to tell it that draining began.
     open: Mutex<HashMap<u64, Arc<AtomicWaker>>>,
-    /// Notified whenever a connection ends.
+    /// Notified whenever a connection ends while draining.
     ended: Notify,
 }
 
@@ -39,13 +40,13 @@ impl Shared {
 }
 
 impl Drain {
-    /// Serves `conn` until it ends; once draining begins, it finishes the
-    /// request in flight and closes.
-    pub(crate) fn watch<C: GracefulConnection>(&self, conn: C) -> Watched<C> {
+    /// Counts a connection as open, from its accept until the ticket (or the
+    /// [`Watched`] connection it becomes) is dropped: shutdown waits for it.
+    pub(crate) fn ticket(&self) -> Ticket {
         let waker = Arc::new(AtomicWaker::new());
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         self.shared.open().insert(id, waker.clone());
-        Watched { conn: Box::pin(conn), shared: self.shared.clone(), id, waker, told: false }
+        Ticket { shared: self.shared.clone(), id, waker }
     }
 
     /// Tells every connection, open or opening, to close after its request
@@ -74,12 +75,36 @@ impl Drain {
     }
 }
 
-/// A connection being served, as [`Drain::watch`] returns it.
-pub(crate) struct Watched<C> {
-    conn: Pin<Box<C>>,
+/// An open connection, not yet served (its TLS handshake under way).
+pub(crate) struct Ticket {
     shared: Arc<Shared>,
     id: u64,
     waker: Arc<AtomicWaker>,
+}
+
+impl Ticket {
+    /// Serves `conn` until it ends; once draining begins, it finishes the
+    /// request in flight and closes.
+    pub(crate) fn watch<C: GracefulConnection>(self, conn: C) -> Watched<C> {
+        Watched { conn: Box::pin(conn), ticket: self, told: false }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.shared.open().remove(&self.id);
+        // Only a drain waits for ends. Read after the removal: a drain that
+        // began before it either saw this connection gone or is told here.
+        if self.shared.draining.load(Ordering::SeqCst) {
+            self.shared.ended.notify_waiters();
+        }
+    }
+}
+
+/// A connection being served, as [`Ticket::watch`] returns it.
+pub(crate) struct Watched<C> {
+    conn: Pin<Box<C>>,
+    ticket: Ticket,
     /// Whether the connection was told to close.
     told: bool,
 }
@@ -91,20 +116,13 @@ impl<C: GracefulConnection> Future for Watched<C> {
         let this = &mut *self;
         if !this.told {
             // Before reading the flag: a drain starting after the read wakes this waker.
-            this.waker.register(cx.waker());
-            if this.shared.draining.load(Ordering::SeqCst) {
+            this.ticket.waker.register(cx.waker());
+            if this.ticket.shared.draining.load(Ordering::SeqCst) {
                 this.told = true;
                 this.conn.as_mut().graceful_shutdown();
             }
         }
         this.conn.as_mut().poll(cx)
-    }
-}
-
-impl<C> Drop for Watched<C> {
-    fn drop(&mut self) {
-        self.shared.open().remove(&self.id);
-        self.shared.ended.notify_waiters();
     }
 }
 
@@ -136,7 +154,7 @@ mod tests {
                 });
                 let builder = auto::Builder::new(TokioExecutor::new());
                 let conn = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
-                tokio::spawn(serving.watch(conn));
+                tokio::spawn(serving.ticket().watch(conn));
             }
         });
         let idle = tokio::net::TcpStream::connect(addr).await?;
@@ -157,6 +175,35 @@ mod tests {
         assert_eq!(response.status(), 200);
         response.into_body().collect().await?;
         drop(idle);
+        Ok(())
+    }
+
+    /// A connection accepted but not yet served (a TLS handshake under way)
+    /// holds shutdown up until it is served and ends, or fails.
+    #[tokio::test]
+    async fn shutdown_waits_for_a_connection_in_its_handshake() -> Result<(), Box<dyn std::error::Error>> {
+        let drain = Drain::default();
+        let (handshaking, failing) = (drain.ticket(), drain.ticket());
+        let shutdown = tokio::spawn(drain.clone().shutdown());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(failing);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!shutdown.is_finished(), "one connection still in its handshake");
+
+        // The handshake ends and the connection is served: told to close at
+        // once (no request in flight), it ends, and so does shutdown.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+        let (tcp, _) = listener.accept().await?;
+        let service = service_fn(|_| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
+        });
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let conn = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
+        tokio::time::timeout(Duration::from_secs(5), handshaking.watch(conn)).await?.ok();
+        tokio::time::timeout(Duration::from_secs(5), shutdown).await??;
+        assert_eq!(drain.open(), 0);
+        drop(client);
         Ok(())
     }
 }
