@@ -16,7 +16,7 @@ use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::{Body, Incoming, SizeHint};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -120,8 +120,8 @@ pub async fn exchange(
     chunked: bool,
     method: &Method,
 ) -> Result<Head, Broken> {
-    write_all(&mut conn.io, head).await.map_err(Broken::Unsent)?;
-    std::future::poll_fn(|cx| Pin::new(&mut conn.io).poll_flush(cx)).await.map_err(Broken::Unsent)?;
+    conn.io.write_all(head).await.map_err(Broken::Unsent)?;
+    conn.io.flush().await.map_err(Broken::Unsent)?;
     let mut upload = body.take().map(|body| Upload::new(body, chunked));
     std::future::poll_fn(|cx| loop {
         if let Poll::Ready(head) = poll_head(conn, cx, method) {
@@ -140,17 +140,6 @@ pub async fn exchange(
         }
     })
     .await
-}
-
-async fn write_all(io: &mut Stream, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        let n = std::future::poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, bytes)).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        bytes = &bytes[n..];
-    }
-    Ok(())
 }
 
 /// The request head as the PBX is sent it: origin-form target, the headers as
