@@ -23,12 +23,20 @@ import run as b  # noqa: E402
 
 
 def ticks(pids):
-    user = system = 0
+    """User and system CPU ticks of these processes, and their threads' context
+    switches (voluntary, involuntary)."""
+    user = system = voluntary = involuntary = 0
     for pid in pids:
         fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
         user += int(fields[11])
         system += int(fields[12])
-    return user, system
+        for task in os.listdir(f"/proc/{pid}/task"):
+            for line in open(f"/proc/{pid}/task/{task}/status"):
+                if line.startswith("voluntary_ctxt_switches"):
+                    voluntary += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches"):
+                    involuntary += int(line.split()[1])
+    return user, system, voluntary, involuntary
 
 
 def gateway(tmp, i, binary, upstream_port):
@@ -73,6 +81,8 @@ def main():
     plain = b.nginx(tmp, "plain", f"listen 127.0.0.1:{plain_port}; location / {{ {proxy} }}", upstream)
     b.write(f"{tmp}/policy.toml", 'domains = ["localhost"]\n[[route]]\npath = "/"\naccess = "user"\n'
             '[[user]]\nname = "bench"\npassword_login = true\n')
+    b.wait_port(plain_port)
+    time.sleep(0.2)  # its workers are forked after the port opens
     cases = [("nginx-plain", f"http://127.0.0.1:{plain_port}/", None, b.nginx_pids(plain.pid))]
     for i, binary in enumerate(binaries):
         cases.append((f"{i}:{os.path.basename(binary)}", *gateway(tmp, i, binary, up_port)))
@@ -80,21 +90,25 @@ def main():
     runs = {name: [] for name, *_ in cases}
     for round_ in range(rounds):
         for name, url, cookie, pids in cases if round_ % 2 == 0 else cases[::-1]:
-            (user, system), machine = ticks(pids), b.machine_ticks()
+            (user, system, vol, invol), machine = ticks(pids), b.machine_ticks()
             rps, reqs, _, p99 = b.wrk(url, 64, seconds, cookie)
-            (user2, system2), machine2 = ticks(pids), b.machine_ticks()
+            (user2, system2, vol2, invol2), machine2 = ticks(pids), b.machine_ticks()
             per = lambda t: t / hz / reqs * 1e6
             rest = per(machine2 - machine - (user2 - user) - (system2 - system))
-            runs[name].append((rps, per(user2 - user), per(system2 - system), rest, p99))
+            switches = ((vol2 - vol) / reqs, (invol2 - invol) / reqs)
+            runs[name].append((rps, per(user2 - user), per(system2 - system), rest, p99, *switches))
             print(f"round {round_ + 1} {name}: {rps:.0f} req/s, proxy user {runs[name][-1][1]:.1f} "
-                  f"system {runs[name][-1][2]:.1f}, rest {rest:.1f} µs/req", flush=True)
+                  f"system {runs[name][-1][2]:.1f}, rest {rest:.1f} µs/req, context switches/req "
+                  f"{switches[0]:.2f} voluntary {switches[1]:.2f} involuntary", flush=True)
     med = statistics.median
-    print("\n| case | req/s | / nginx-plain | user µs/req | system µs/req | rest µs/req | p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| case | req/s | / nginx-plain | user µs/req | system µs/req | rest µs/req | p99 ms "
+          "| switches/req vol. | invol. |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, run in runs.items():
         ratio = med(x[0] / y[0] for x, y in zip(run, runs["nginx-plain"]))
         print(f"| {name} | {med(x[0] for x in run):.0f} | {ratio:.2f} | {med(x[1] for x in run):.1f} "
-              f"| {med(x[2] for x in run):.1f} | {med(x[3] for x in run):.1f} | {med(x[4] for x in run):.2f} |")
+              f"| {med(x[2] for x in run):.1f} | {med(x[3] for x in run):.1f} | {med(x[4] for x in run):.2f} "
+              f"| {med(x[5] for x in run):.2f} | {med(x[6] for x in run):.2f} |")
 
 
 if __name__ == "__main__":
