@@ -6,15 +6,17 @@ mod http1;
 mod identity;
 mod pool;
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, LOCATION, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -113,34 +115,31 @@ impl Upstream {
         let upgrade = requested_upgrade(&request);
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
 
-        let (mut parts, body) = request.into_parts();
-        parts.uri = self.upstream_uri(&parts.uri, out.path)?;
-        parts.version = Version::HTTP_11;
-        let headers = &mut parts.headers;
-        headers::strip_hop_by_hop(headers);
-        headers::strip_identity(headers, spoofable);
-        headers::strip_gateway_cookies(headers);
+        let (parts, body) = request.into_parts();
+        let target = self.upstream_target(&parts.uri, out.path)?;
+        let has_body = !body.is_end_stream();
+        let chunked = has_body && !parts.headers.contains_key(CONTENT_LENGTH);
         // HTTP/2 clients send :authority, not Host; the PBX sees the name the
         // client used (its own Host value when it says that: no copy).
-        let host = match headers.get(HOST) {
+        let host = match parts.headers.get(HOST) {
             Some(value) if value.as_bytes() == out.host.as_bytes() => Some(value.clone()),
             _ => HeaderValue::from_str(out.host).ok(),
         };
-        headers::set_forwarded(headers, &out, host.as_ref());
-        if let Some(identity) = out.identity {
-            identity.apply(headers);
-        }
-        if let Some(host) = host {
-            headers.insert(HOST, host);
-        }
-        if let Some(protocol) = &upgrade {
-            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(UPGRADE, protocol.clone());
-        }
-        let upstream_request = Request::from_parts(parts, Limited::new(body, self.max_body));
+        let head = headers::RequestHead {
+            method: &parts.method,
+            target: &target,
+            host: host.as_ref(),
+            identity: out.identity.as_ref(),
+            upgrade: upgrade.as_ref(),
+            chunked,
+        };
+        let mut encoded = BytesMut::new();
+        headers::write_request_head(&mut encoded, &head, &parts.headers, &out, spoofable);
+        let body = has_body.then(|| Limited::new(body, self.max_body));
 
         let pool = &self.pools[out.worker % self.pools.len()];
-        let sent = crate::timer::timeout(self.timeout, pool.send(&self.connector, upstream_request));
+        let sending = pool.send(&self.connector, &encoded, &parts.method, body, chunked);
+        let sent = crate::timer::timeout(self.timeout, sending);
         let mut response = match sent.await {
             None => return Err(Refusal::GatewayTimeout),
             Some(Err(failure)) => return Err(classify(failure)),
@@ -199,10 +198,10 @@ impl Upstream {
 
     /// The request target sent upstream (origin form) for a request whose
     /// normalised path is `path`.
-    fn upstream_uri(&self, original: &Uri, path: &str) -> Result<Uri, Refusal> {
-        let path_and_query = match original.path_and_query() {
-            // Already normal and nothing to prefix: reused as it came (no copy).
-            Some(pq) if self.base_path.is_empty() && pq.path() == path => pq.clone(),
+    fn upstream_target<'u>(&self, original: &'u Uri, path: &str) -> Result<Cow<'u, str>, Refusal> {
+        match original.path_and_query() {
+            // Already normal and nothing to prefix: sent as it came (no copy).
+            Some(pq) if self.base_path.is_empty() && pq.path() == path => Ok(Cow::Borrowed(pq.as_str())),
             _ => {
                 let query = original.query();
                 let mut target = String::with_capacity(
@@ -214,10 +213,11 @@ impl Upstream {
                     target.push('?');
                     target.push_str(q);
                 }
-                PathAndQuery::try_from(target).map_err(|_| Refusal::BadRequest)?
+                // Only what a request line may carry.
+                PathAndQuery::try_from(target.as_str()).map_err(|_| Refusal::BadRequest)?;
+                Ok(Cow::Owned(target))
             }
-        };
-        Ok(Uri::from(path_and_query))
+        }
     }
 }
 

@@ -1,11 +1,14 @@
-//! Header hygiene for requests going upstream and responses coming back.
+//! Header hygiene for requests going upstream (their head written in one
+//! pass) and responses coming back.
 
 use std::net::IpAddr;
 
+use bytes::BytesMut;
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, FORWARDED, PROXY_AUTHENTICATE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, FORWARDED, HOST, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
+use smallvec::SmallVec;
 
 use pbxgate_policies::Policy;
 
@@ -105,36 +108,130 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Removes every spelling of the identity headers a client might try.
-pub fn strip_identity(headers: &mut HeaderMap, spoofable: &Spoofable) {
-    let doomed: Vec<HeaderName> = headers.keys().filter(|n| spoofable.matches(n)).cloned().collect();
-    for name in doomed {
-        headers.remove(name);
-    }
+/// The request head the PBX is sent, apart from the client's own headers.
+pub struct RequestHead<'a> {
+    pub method: &'a http::Method,
+    /// Origin form: path and query.
+    pub target: &'a str,
+    /// The Host to send (the name the client used).
+    pub host: Option<&'a HeaderValue>,
+    pub identity: Option<&'a super::UpstreamIdentity>,
+    /// The protocol the client asked to switch to.
+    pub upgrade: Option<&'a HeaderValue>,
+    /// A body of unknown length, sent in chunks.
+    pub chunked: bool,
 }
 
-/// The gateway's own cookies stay with the gateway. Several `Cookie` headers
-/// (HTTP/2 splits them) become one, as HTTP/1.1 upstreams expect.
-pub fn strip_gateway_cookies(headers: &mut HeaderMap) {
-    let mut kept = String::new();
-    let mut values = 0;
-    for pair in headers.get_all(COOKIE).iter().inspect(|_| values += 1).filter_map(|v| v.to_str().ok()) {
-        for cookie in pair.split(';').map(str::trim).filter(|c| !c.is_empty() && !is_gateway_cookie(c)) {
-            if !kept.is_empty() {
-                kept.push_str("; ");
+/// Writes the request head for the PBX in one pass over the client's headers
+/// (no header map is edited). Left out: hop-by-hop headers and those
+/// `Connection` names, every spelling of the identity headers, the gateway's
+/// cookies, and the client's Host, X-Real-IP and forwarding headers (the
+/// latter kept, and appended to, only from a trusted proxy). Then written:
+/// Host, X-Forwarded-For/-Proto/-Host, X-Real-IP, the identity, the client's
+/// other cookies as one header (HTTP/2 splits them), the upgrade and the
+/// body's framing.
+pub fn write_request_head(
+    buf: &mut BytesMut,
+    head: &RequestHead<'_>,
+    headers: &HeaderMap,
+    out: &Outgoing<'_>,
+    spoofable: &Spoofable,
+) {
+    let trusted = out.trusted_peer;
+    // Names `Connection` lists: rare beyond "keep-alive" and "close".
+    let listed: SmallVec<[&str; 4]> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    buf.reserve(256 + head.target.len() + headers.len() * 48);
+    buf.extend_from_slice(head.method.as_str().as_bytes());
+    buf.extend_from_slice(b" ");
+    buf.extend_from_slice(head.target.as_bytes());
+    buf.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(host) = head.host {
+        line(buf, HOST.as_str(), host.as_bytes());
+    }
+    let mut cookies = String::new();
+    let mut forwarded_for = String::new();
+    let (mut proto_kept, mut host_kept) = (false, false);
+    for (name, value) in headers {
+        if HOP_BY_HOP.contains(name)
+            || listed.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
+            || spoofable.matches(name)
+            || name == HOST
+            || name == X_REAL_IP
+        {
+            continue;
+        }
+        if name == COOKIE {
+            // Not text: not a cookie the PBX could use either.
+            let pairs = value.to_str().unwrap_or_default().split(';').map(str::trim);
+            for cookie in pairs.filter(|c| !c.is_empty() && !is_gateway_cookie(c)) {
+                if !cookies.is_empty() {
+                    cookies.push_str("; ");
+                }
+                cookies.push_str(cookie);
             }
-            kept.push_str(cookie);
+            continue;
+        }
+        if name == X_FORWARDED_FOR {
+            if let (true, Ok(value)) = (trusted, value.to_str()) {
+                forwarded_for.push_str(value);
+                forwarded_for.push_str(", ");
+            }
+            continue;
+        }
+        if !trusted && (name == X_FORWARDED_PROTO || name == X_FORWARDED_HOST || name == FORWARDED) {
+            continue;
+        }
+        proto_kept |= name == X_FORWARDED_PROTO;
+        host_kept |= name == X_FORWARDED_HOST;
+        line(buf, name.as_str(), value.as_bytes());
+    }
+    if forwarded_for.is_empty() {
+        line(buf, X_FORWARDED_FOR.as_str(), out.peer_value.as_bytes());
+    } else {
+        forwarded_for.push_str(out.peer_value.to_str().unwrap_or_default());
+        line(buf, X_FORWARDED_FOR.as_str(), forwarded_for.as_bytes());
+    }
+    if !proto_kept {
+        line(buf, X_FORWARDED_PROTO.as_str(), out.proto.as_bytes());
+    }
+    if let (false, Some(host)) = (host_kept, head.host) {
+        line(buf, X_FORWARDED_HOST.as_str(), host.as_bytes());
+    }
+    if out.client == out.peer {
+        line(buf, X_REAL_IP.as_str(), out.peer_value.as_bytes());
+    } else {
+        line(buf, X_REAL_IP.as_str(), ip_value(out.client).as_bytes());
+    }
+    if let Some(identity) = head.identity {
+        for (name, value) in identity.headers() {
+            line(buf, name.as_str(), value.as_bytes());
         }
     }
-    if values == 0 {
-        return;
+    if !cookies.is_empty() {
+        line(buf, COOKIE.as_str(), cookies.as_bytes());
     }
-    headers.remove(COOKIE);
-    if !kept.is_empty() {
-        if let Ok(value) = HeaderValue::try_from(kept) {
-            headers.insert(COOKIE, value);
-        }
+    if let Some(protocol) = head.upgrade {
+        line(buf, CONNECTION.as_str(), b"upgrade");
+        line(buf, UPGRADE.as_str(), protocol.as_bytes());
     }
+    if head.chunked {
+        line(buf, TRANSFER_ENCODING.as_str(), b"chunked");
+    }
+    buf.extend_from_slice(b"\r\n");
+}
+
+fn line(buf: &mut BytesMut, name: &str, value: &[u8]) {
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(b": ");
+    buf.extend_from_slice(value);
+    buf.extend_from_slice(b"\r\n");
 }
 
 fn is_gateway_cookie(pair: &str) -> bool {
@@ -190,41 +287,6 @@ fn parse_forwarded_ip(entry: &str) -> Option<IpAddr> {
         .or_else(|| entry.rsplit_once(':')?.0.parse().ok())
 }
 
-/// Sets `X-Forwarded-For/-Proto/-Host` and `X-Real-IP`. What a client sent is
-/// kept (and appended to) only when the peer is a trusted proxy.
-pub fn set_forwarded(headers: &mut HeaderMap, out: &Outgoing<'_>, host: Option<&HeaderValue>) {
-    let trusted_peer = out.trusted_peer;
-    let xff = match trusted_peer {
-        true => {
-            let previous: Vec<&str> =
-                headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-            match previous.is_empty() {
-                true => out.peer_value.clone(),
-                false => HeaderValue::from_str(&format!("{}, {}", previous.join(", "), out.peer))
-                    .unwrap_or_else(|_| out.peer_value.clone()),
-            }
-        }
-        false => out.peer_value.clone(),
-    };
-    let keep_proto = trusted_peer && headers.contains_key(&X_FORWARDED_PROTO);
-    let keep_host = trusted_peer && headers.contains_key(&X_FORWARDED_HOST);
-    if !trusted_peer {
-        headers.remove(FORWARDED);
-    }
-    headers.insert(X_FORWARDED_FOR, xff);
-    if !keep_proto {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(out.proto));
-    }
-    if !keep_host {
-        match host {
-            Some(host) => headers.insert(X_FORWARDED_HOST, host.clone()),
-            None => headers.remove(X_FORWARDED_HOST),
-        };
-    }
-    let real_ip = if out.client == out.peer { out.peer_value.clone() } else { ip_value(out.client) };
-    headers.insert(X_REAL_IP, real_ip);
-}
-
 /// An address as a header value (always valid text, so no error path).
 pub fn ip_value(ip: IpAddr) -> HeaderValue {
     HeaderValue::try_from(ip.to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
@@ -234,54 +296,138 @@ pub fn ip_value(ip: IpAddr) -> HeaderValue {
 mod tests {
     use super::*;
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn outgoing(peer: &str, trusted_peer: bool, client: &str) -> Outgoing<'static> {
+        Outgoing {
+            worker: 0,
+            peer: ip(peer),
+            peer_value: ip_value(ip(peer)),
+            trusted_peer,
+            client: ip(client),
+            proto: "https",
+            host: "a.example",
+            path: "/",
+            identity: None,
+            sockets: None,
+        }
+    }
+
+    /// The head written for a GET of `/x` from `out`, as text.
+    fn head(headers: &HeaderMap, out: &Outgoing<'_>, spoofable: &Spoofable) -> String {
+        let host = HeaderValue::from_static("a.example");
+        let method = http::Method::GET;
+        let head = RequestHead {
+            method: &method,
+            target: "/x?y",
+            host: Some(&host),
+            identity: None,
+            upgrade: None,
+            chunked: false,
+        };
+        let mut buf = BytesMut::new();
+        write_request_head(&mut buf, &head, headers, out, spoofable);
+        String::from_utf8(buf.to_vec()).unwrap()
+    }
+
+    fn names(head: &str) -> Vec<&str> {
+        head.lines().skip(1).filter_map(|l| l.split_once(": ")).map(|(n, _)| n).collect()
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
+        }
+        h
+    }
+
+    const ADDED: [&str; 5] =
+        ["host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"];
+
+    #[test]
+    fn heads_carry_the_target_the_headers_and_the_framing() {
+        let out = outgoing("192.0.2.1", false, "192.0.2.1");
+        let spoofable = Spoofable::new(std::iter::empty());
+        let text = head(&map(&[("accept", "*/*"), ("host", "evil.example")]), &out, &spoofable);
+        assert_eq!(
+            text,
+            "GET /x?y HTTP/1.1\r\nhost: a.example\r\naccept: */*\r\nx-forwarded-for: 192.0.2.1\r\n\
+             x-forwarded-proto: https\r\nx-forwarded-host: a.example\r\nx-real-ip: 192.0.2.1\r\n\r\n"
+        );
+        let protocol = HeaderValue::from_static("websocket");
+        let (method, mut buf) = (http::Method::POST, BytesMut::new());
+        let upgrade = RequestHead {
+            method: &method,
+            target: "/ws",
+            host: None,
+            identity: None,
+            upgrade: Some(&protocol),
+            chunked: true,
+        };
+        write_request_head(&mut buf, &upgrade, &HeaderMap::new(), &out, &spoofable);
+        let text = String::from_utf8(buf.to_vec()).unwrap();
+        assert!(text.starts_with("POST /ws HTTP/1.1\r\nx-forwarded-for: "), "{text}");
+        assert!(
+            text.ends_with("connection: upgrade\r\nupgrade: websocket\r\ntransfer-encoding: chunked\r\n\r\n"),
+            "{text}"
+        );
+        assert!(!text.contains("x-forwarded-host"), "no Host, no X-Forwarded-Host: {text}");
+    }
+
     #[test]
     fn identity_spellings_are_all_stripped() {
         let configured = [HeaderName::from_static("x-user")];
         let spoofable = Spoofable::new(configured.iter());
-        let mut h = HeaderMap::new();
-        for name in
+        let mut pairs: Vec<(&str, &str)> =
             ["remote-user", "remote_user", "remote.user", "x_user", "x-pbxgate-assertion", "x_pbxgate_other"]
-        {
-            h.append(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("admin"));
-        }
-        h.insert("remote-userx", HeaderValue::from_static("keep"));
-        strip_identity(&mut h, &spoofable);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key("remote-userx"));
+                .iter()
+                .map(|n| (*n, "admin"))
+                .collect();
+        pairs.push(("remote-userx", "keep"));
+        let text = head(&map(&pairs), &outgoing("192.0.2.1", true, "192.0.2.1"), &spoofable);
+        let mut expected = vec!["host", "remote-userx"];
+        expected.extend(&ADDED[1..]);
+        assert_eq!(names(&text), expected, "{text}");
     }
 
     #[test]
     fn hop_by_hop_and_connection_tokens() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, X-Secret"));
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("te", HeaderValue::from_static("trailers"));
-        h.insert("accept", HeaderValue::from_static("*/*"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("accept"));
+        let out = outgoing("192.0.2.1", false, "192.0.2.1");
+        let spoofable = Spoofable::new(std::iter::empty());
+        let h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("accept", "*/*"),
+        ]);
+        let mut expected = vec!["host", "accept"];
+        expected.extend(&ADDED[1..]);
+        assert_eq!(names(&head(&h, &out, &spoofable)), expected);
 
-        let mut h = HeaderMap::new();
-        h.append("connection", HeaderValue::from_static("close"));
-        h.append("connection", HeaderValue::from_static(" Upgrade ,x-a,,x-b"));
-        for name in ["upgrade", "keep-alive", "x-a", "x-b", "x-c", "proxy-authorization"] {
-            h.insert(name, HeaderValue::from_static("1"));
+        let mut pairs = vec![("connection", "close"), ("connection", " Upgrade ,x-a,,x-b")];
+        for name in ["upgrade", "keep-alive", "x-a", "x-b", "x-c", "proxy-authorization", "transfer-encoding"]
+        {
+            pairs.push((name, "1"));
         }
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-c"]);
+        let mut expected = vec!["host", "x-c"];
+        expected.extend(&ADDED[1..]);
+        assert_eq!(names(&head(&map(&pairs), &out, &spoofable)), expected);
     }
 
     #[test]
     fn gateway_cookies_stay_here() {
-        let mut h = HeaderMap::new();
-        h.append(COOKIE, HeaderValue::from_static("a=1; __Host-pbxgate=secret"));
-        h.append(COOKIE, HeaderValue::from_static("__Host-pbxgate-remember=x; b=2"));
-        strip_gateway_cookies(&mut h);
-        assert_eq!(h.get(COOKIE).unwrap(), "a=1; b=2");
-        let mut h = HeaderMap::new();
-        h.append(COOKIE, HeaderValue::from_static("__HOST-PBXGATE=s"));
-        strip_gateway_cookies(&mut h);
-        assert!(h.get(COOKIE).is_none());
+        let out = outgoing("192.0.2.1", false, "192.0.2.1");
+        let spoofable = Spoofable::new(std::iter::empty());
+        let h =
+            map(&[("cookie", "a=1; __Host-pbxgate=secret"), ("cookie", "__Host-pbxgate-remember=x; b=2")]);
+        let text = head(&h, &out, &spoofable);
+        assert!(text.contains("\r\ncookie: a=1; b=2\r\n"), "{text}");
+        assert!(!text.contains("secret") && !text.contains("remember"), "{text}");
+        let text = head(&map(&[("cookie", "__HOST-PBXGATE=s")]), &out, &spoofable);
+        assert!(!text.contains("cookie"), "{text}");
     }
 
     #[test]
@@ -292,24 +438,42 @@ mod tests {
         .unwrap();
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6, 1.2.3.4, 10.0.0.2"));
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(client_ip(ip("10.0.0.1"), &h, &policy), ip("1.2.3.4"));
         assert_eq!(client_ip(ip("8.8.8.8"), &h, &policy), ip("8.8.8.8"));
         h.insert("x-forwarded-for", HeaderValue::from_static("garbage"));
         assert_eq!(client_ip(ip("10.0.0.1"), &h, &policy), ip("10.0.0.1"));
-        let out = Outgoing {
-            worker: 0,
-            peer: ip("8.8.8.8"),
-            peer_value: ip_value(ip("8.8.8.8")),
-            trusted_peer: false,
-            client: ip("8.8.8.8"),
-            proto: "https",
-            host: "a.example",
-            path: "/",
-            identity: None,
-            sockets: None,
-        };
-        set_forwarded(&mut h, &out, Some(&HeaderValue::from_static("a.example")));
-        assert_eq!(h.get("x-forwarded-for").unwrap(), "8.8.8.8");
+
+        let spoofable = Spoofable::new(std::iter::empty());
+        let sent = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "b.example"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+        ]);
+        let untrusted = head(&sent, &outgoing("8.8.8.8", false, "8.8.8.8"), &spoofable);
+        assert_eq!(
+            untrusted.lines().skip(1).filter(|l| !l.is_empty()).collect::<Vec<_>>(),
+            [
+                "host: a.example",
+                "x-forwarded-for: 8.8.8.8",
+                "x-forwarded-proto: https",
+                "x-forwarded-host: a.example",
+                "x-real-ip: 8.8.8.8"
+            ]
+        );
+        let trusted = head(&sent, &outgoing("10.0.0.1", true, "1.2.3.4"), &spoofable);
+        assert_eq!(
+            trusted.lines().skip(1).filter(|l| !l.is_empty()).collect::<Vec<_>>(),
+            [
+                "host: a.example",
+                "x-forwarded-proto: http",
+                "x-forwarded-host: b.example",
+                "forwarded: for=6.6.6.6",
+                "x-forwarded-for: 6.6.6.6, 1.2.3.4, 10.0.0.1",
+                "x-real-ip: 1.2.3.4"
+            ]
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderName, HeaderValue};
 use pbxgate_policies::{Policy, User};
 
 use crate::auth::assertion::{Signer, LIFETIME_SECS};
@@ -39,13 +39,9 @@ pub struct UpstreamIdentity {
 }
 
 impl UpstreamIdentity {
-    pub fn apply(self, headers: &mut HeaderMap) {
-        for (name, value) in self.fixed.iter() {
-            headers.insert(name.clone(), value.clone());
-        }
-        if let Some((name, value)) = self.assertion {
-            headers.insert(name, value);
-        }
+    /// The headers to send, names and values.
+    pub fn headers(&self) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
+        self.fixed.iter().chain(&self.assertion)
     }
 }
 

@@ -15,8 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::CONTENT_LENGTH;
-use http::{Method, Request, Response};
+use http::{Method, Response};
 use http_body_util::Limited;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use rustls::pki_types::ServerName;
@@ -143,8 +142,10 @@ impl Pool {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends `request` on an idle connection, or a new one, and returns the
-    /// response with its body still on the connection. A request a pooled
+    /// Sends a request (its `head` as [`super::headers::write_request_head`]
+    /// wrote it, then `body`, in chunks if `chunked`) on an idle connection,
+    /// or a new one, and returns the response with its body still on the
+    /// connection. A request a pooled
     /// connection could not take goes on the next. One already written when
     /// the PBX closed the connection goes again only if it is safe to repeat
     /// (`GET`, `HEAD`, `OPTIONS` without a body) and the connection had been
@@ -152,17 +153,14 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         connector: &Connector,
-        request: Request<Limited<Incoming>>,
+        head: &[u8],
+        method: &Method,
+        mut body: Option<Limited<Incoming>>,
+        chunked: bool,
     ) -> Result<Response<Pooled>, Failure> {
-        let (parts, body) = request.into_parts();
-        let has_body = !body.is_end_stream();
-        let chunked = has_body && !parts.headers.contains_key(CONTENT_LENGTH);
-        let mut head = BytesMut::new();
-        http1::encode_head(&parts, chunked, &mut head);
-        let mut body = has_body.then_some(body);
-        let safe = !has_body && matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let safe = body.is_none() && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
         while let Some((mut conn, idle_for)) = self.take() {
-            match http1::exchange(&mut conn, &head, &mut body, chunked, &parts.method).await {
+            match http1::exchange(&mut conn, head, &mut body, chunked, method).await {
                 Ok(answer) => return Ok(self.response(conn, answer)),
                 Err(Broken::Unsent(error)) => {
                     tracing::debug!(%error, "idle upstream connection could not take the request: next one");
@@ -176,7 +174,7 @@ impl Pool {
         // Boxed: a new connection is the rare case, and its future (resolver,
         // TLS handshake) would otherwise make every request's future large.
         let mut conn = Box::pin(connector.connect()).await?;
-        let answer = http1::exchange(&mut conn, &head, &mut body, chunked, &parts.method).await?;
+        let answer = http1::exchange(&mut conn, head, &mut body, chunked, method).await?;
         Ok(self.response(conn, answer))
     }
 
