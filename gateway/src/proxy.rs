@@ -221,9 +221,9 @@ impl Upstream {
     }
 }
 
-/// What of the upstream's response headers must not reach the client.
+/// What of the upstream's response headers must not reach the client (its
+/// hop-by-hop headers were left out as its head was read).
 fn strip_response(headers: &mut http::HeaderMap) {
-    headers::strip_hop_by_hop(headers);
     if headers::strip_gateway_set_cookies(headers) {
         tracing::warn!("the upstream tried to set pbxgate's own cookie: removed from its response");
     }

@@ -17,9 +17,12 @@ use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::{Body, Incoming, SizeHint};
+use smallvec::SmallVec;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+
+use super::headers::HOP_BY_HOP;
 
 /// Largest response head accepted from the PBX (hyper's client allows about
 /// as much).
@@ -33,7 +36,7 @@ const MAX_LINE: usize = 4096;
 
 /// Where each header's name and value lie in a response head (offset and
 /// length of each), on the stack for a typical head.
-type SmallSpans = smallvec::SmallVec<[(usize, usize, usize, usize); 24]>;
+type SmallSpans = SmallVec<[(usize, usize, usize, usize); 24]>;
 
 /// A connection to the PBX: plain TCP (left) or TLS (right). tokio-util's
 /// `Either` passes reads and writes to whichever it is.
@@ -223,15 +226,37 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Broke
             .collect();
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(spans.len());
+        let mut seen = Seen::default();
         for &(name, name_len, value, value_len) in spans.iter() {
             let name = HeaderName::from_bytes(&head[name..name + name_len])
                 .map_err(|_| Broken::Failed("bad header name in the response".into()))?;
+            let raw = &head[value..value + value_len];
+            // The framing and connection headers are read, and left out
+            // with the other hop-by-hop ones: hyper frames the client's copy.
+            if name == CONTENT_LENGTH {
+                seen.content_length(raw);
+            } else if name == TRANSFER_ENCODING {
+                seen.transfer_encoding(raw);
+                continue;
+            } else if name == CONNECTION {
+                seen.connection(raw);
+                continue;
+            } else if HOP_BY_HOP.contains(&name) {
+                continue;
+            }
             let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))
                 .map_err(|_| Broken::Failed("bad header value in the response".into()))?;
             headers.append(name, value);
         }
-        let (framing, mut reusable) = framing(method, status, &headers)?;
-        reusable &= keeps_alive(version, &headers);
+        for name in &seen.listed {
+            headers.remove(name);
+        }
+        if seen.chunked.is_some() {
+            // Transfer-Encoding overrides it, and it must not be forwarded (RFC 9112 6.3).
+            headers.remove(CONTENT_LENGTH);
+        }
+        let (framing, reusable) = seen.framing(method, status)?;
+        let reusable = reusable && seen.keeps_alive(version);
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -240,62 +265,80 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Broke
     }
 }
 
-/// How the body ends (RFC 9112 section 6.3), and whether that leaves the
-/// connection fit for another request.
-fn framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> Result<(Framing, bool), Broken> {
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        return Ok((Framing::Empty, false));
+/// What a response head's framing and connection headers said.
+#[derive(Default)]
+struct Seen {
+    /// Transfer-Encoding: whether its last coding is chunked.
+    chunked: Option<bool>,
+    /// Content-Length: every value agreed on this one (`Err` if not, or not a number).
+    length: Option<Result<u64, ()>>,
+    close: bool,
+    keep_alive: bool,
+    /// Other names `Connection` listed: hop-by-hop too.
+    listed: SmallVec<[HeaderName; 2]>,
+}
+
+impl Seen {
+    fn transfer_encoding(&mut self, value: &[u8]) {
+        let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+        self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
     }
-    if *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((Framing::Empty, true));
-    }
-    if headers.contains_key(TRANSFER_ENCODING) {
-        let last = headers.get_all(TRANSFER_ENCODING).iter().next_back().and_then(|v| v.to_str().ok());
-        let chunked =
-            last.and_then(|v| v.rsplit(',').next()).is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
-        // With a Content-Length too, the message is suspect: read it by its
-        // chunks and do not reuse the connection.
-        let alone = !headers.contains_key(CONTENT_LENGTH);
-        return Ok(if chunked { (Framing::Chunked, alone) } else { (Framing::Close, false) });
-    }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        for part in value.to_str().map_err(|_| bad_length())?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(bad_length());
-            }
-            let n: u64 = part.parse().map_err(|_| bad_length())?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad_length());
-            }
-            length = Some(n);
+
+    fn content_length(&mut self, value: &[u8]) {
+        for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|p| p.parse::<u64>().ok());
+            self.length = match (self.length, n) {
+                (None, Some(n)) => Some(Ok(n)),
+                (Some(Ok(l)), Some(n)) if l == n => Some(Ok(n)),
+                _ => Some(Err(())),
+            };
         }
     }
-    Ok(match length {
-        Some(0) => (Framing::Empty, true),
-        Some(n) => (Framing::Length(n), true),
-        None => (Framing::Close, false),
-    })
-}
 
-fn bad_length() -> Broken {
-    Broken::Failed("bad Content-Length in the response".into())
-}
+    fn connection(&mut self, value: &[u8]) {
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty()) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if let Ok(name) = HeaderName::from_bytes(token) {
+                self.listed.push(name);
+            }
+        }
+    }
 
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    if version == Version::HTTP_10 {
-        has("keep-alive")
-    } else {
-        !has("close")
+    /// How the body ends (RFC 9112 section 6.3), and whether that leaves the
+    /// connection fit for another request.
+    fn framing(&self, method: &Method, status: StatusCode) -> Result<(Framing, bool), Broken> {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok((Framing::Empty, false));
+        }
+        if *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            return Ok((Framing::Empty, true));
+        }
+        if let Some(chunked) = self.chunked {
+            // With a Content-Length too, the message is suspect: read it by
+            // its chunks and do not reuse the connection.
+            let alone = self.length.is_none();
+            return Ok(if chunked { (Framing::Chunked, alone) } else { (Framing::Close, false) });
+        }
+        Ok(match self.length {
+            Some(Err(())) => return Err(Broken::Failed("bad Content-Length in the response".into())),
+            Some(Ok(0)) => (Framing::Empty, true),
+            Some(Ok(n)) => (Framing::Length(n), true),
+            None => (Framing::Close, false),
+        })
+    }
+
+    fn keeps_alive(&self, version: Version) -> bool {
+        if version == Version::HTTP_10 {
+            self.keep_alive
+        } else {
+            !self.close
+        }
     }
 }
 
@@ -534,6 +577,29 @@ mod tests {
             assert!(head(&bytes, &Method::GET).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         assert!(head(b"NOT HTTP\r\n\r\n", &Method::GET).is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_left_out_of_the_response() {
+        let answer = head(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n\
+              X-Secret: 1\r\nUpgrade: h2c\r\nProxy-Authenticate: Basic\r\nX-Kept: 2\r\n\
+              Content-Length: 5\r\n\r\n",
+            &Method::GET,
+        )
+        .expect("ok")
+        .expect("complete");
+        let mut names: Vec<&str> = answer.response.headers().keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
+        assert_eq!((answer.framing, answer.reusable), (Framing::Length(5), true));
+        // Transfer-Encoding wins over a Content-Length, which is not passed on.
+        let answer =
+            head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", &Method::GET)
+                .expect("ok")
+                .expect("complete");
+        assert!(answer.response.headers().is_empty(), "{:?}", answer.response.headers());
+        assert_eq!((answer.framing, answer.reusable), (Framing::Chunked, false));
     }
 
     #[test]
