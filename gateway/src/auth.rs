@@ -46,15 +46,15 @@ pub const RECENT_AUTH: Duration = Duration::from_secs(5 * 60);
 
 /// Session cookie first; else a remember token silently makes a new session.
 /// A user the policy no longer names is nobody. Store errors propagate: the
-/// caller fails closed.
+/// caller fails closed. `now`: Unix milliseconds.
 pub(crate) async fn identify(
     state: &State,
     headers: &HeaderMap,
     client_ip: IpAddr,
     user_agent: &str,
+    now: u64,
 ) -> Result<Identity, StoreError> {
     let policy = state.policy.load();
-    let now = now_ms();
     if let Some(hash) = cookies::read_hash(headers, cookies::SESSION) {
         if let Some(record) = state.store.current_session(&hash, now).await? {
             if policy.user(&record.user).is_some() {

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use http::header::{ACCEPT, HOST, LOCATION, SET_COOKIE, USER_AGENT};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -81,6 +81,8 @@ pub(crate) async fn handle(
 
     // 4. identity, where the route needs a person; no store, no entry.
     let route = policy.route_for(path);
+    // One reading of the clock for the session's and the policy's times.
+    let now_ms = crate::store::now_ms();
     let needs_person = route.is_some_and(|r| !matches!(r.access, Access::Public | Access::Network));
     let mut identity = Identity::default();
     let mut basic_user = None;
@@ -88,7 +90,7 @@ pub(crate) async fn handle(
     let mut listed_grant = false;
     if needs_person {
         let looked_up = async {
-            let identity = auth::identify(state, request.headers(), client_ip, user_agent).await?;
+            let identity = auth::identify(state, request.headers(), client_ip, user_agent, now_ms).await?;
             let basic = match identity.principal {
                 Some(_) => Basic::Absent,
                 None => auth::basic::verify(state, request.headers(), client_ip).await?,
@@ -137,7 +139,7 @@ pub(crate) async fn handle(
     };
 
     // 5. decide
-    let now_secs = unix_now();
+    let now_secs = now_ms / 1000;
     let decision = decide(&policy, &facts, principal.as_ref(), now_secs);
     let return_path = || match uri.query() {
         Some(q) => format!("{path}?{q}"),
@@ -357,10 +359,6 @@ fn is_browser<B>(request: &Request<B>) -> bool {
             .get(ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|accept| accept.contains("text/html"))
-}
-
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

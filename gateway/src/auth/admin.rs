@@ -52,7 +52,7 @@ pub(crate) async fn handle(
     path: &str,
 ) -> Response<Body> {
     let api = path.starts_with("/.pbxgate/api/");
-    let principal = match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent).await {
+    let principal = match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent, now_ms()).await {
         Ok(i) => i.principal,
         Err(e) => return unavailable(&e, ctx.browser),
     };

@@ -163,7 +163,7 @@ pub(crate) async fn handle(
     match path {
         "/.pbxgate/login" => {
             let rd = safe_rd(&query(&request, "rd"));
-            match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent).await {
+            match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent, now_ms()).await {
                 Ok(identity) if identity.principal.is_some() => see_other(&rd, identity.set_cookies),
                 Ok(identity) => {
                     let view = pages::LoginView {
@@ -182,10 +182,11 @@ pub(crate) async fn handle(
         "/.pbxgate/logout" => pages::logout_form(&product),
         "/.pbxgate/passkey-offer" | "/.pbxgate/account" => {
             let here = path.to_string();
-            let principal = match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent).await {
-                Ok(identity) => identity.principal,
-                Err(e) => return unavailable(&e, true),
-            };
+            let principal =
+                match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent, now_ms()).await {
+                    Ok(identity) => identity.principal,
+                    Err(e) => return unavailable(&e, true),
+                };
             let Some(principal) = principal else {
                 return see_other(
                     &format!("/.pbxgate/login?rd={}", crate::error::encode_rd(&here)),
@@ -206,10 +207,11 @@ pub(crate) async fn handle(
             None => respond(&Refusal::NotFound, false),
         },
         "/.pbxgate/api/passkeys" | "/.pbxgate/api/sessions" | "/.pbxgate/api/me" => {
-            let principal = match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent).await {
-                Ok(identity) => identity.principal,
-                Err(e) => return unavailable(&e, false),
-            };
+            let principal =
+                match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent, now_ms()).await {
+                    Ok(identity) => identity.principal,
+                    Err(e) => return unavailable(&e, false),
+                };
             let Some(principal) = principal else {
                 return respond(&Refusal::LoginRequired { rd: String::new() }, false);
             };
@@ -349,7 +351,7 @@ async fn post(
     let Some(body) = read_body(request).await else {
         return api_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "The request is too large.");
     };
-    let identity = || identify(state, &headers, ctx.client_ip, &ctx.user_agent);
+    let identity = || identify(state, &headers, ctx.client_ip, &ctx.user_agent, now_ms());
     match path {
         "/.pbxgate/login/link" | "/.pbxgate/api/link/request" => {
             let (login, rd) = if is_json {

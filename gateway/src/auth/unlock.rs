@@ -136,7 +136,7 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
     path: &str,
 ) -> Response<Body> {
-    let principal = match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent).await {
+    let principal = match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent, now_ms()).await {
         Ok(i) => i.principal,
         Err(e) => return unavailable(&e, ctx.browser),
     };

@@ -86,7 +86,7 @@ impl Ticket {
     /// Serves `conn` until it ends; once draining begins, it finishes the
     /// request in flight and closes.
     pub(crate) fn watch<C: GracefulConnection>(self, conn: C) -> Watched<C> {
-        Watched { conn: Box::pin(conn), ticket: self, told: false }
+        Watched { conn: Box::pin(conn), ticket: self, told: false, registered: None }
     }
 }
 
@@ -107,6 +107,9 @@ pub(crate) struct Watched<C> {
     ticket: Ticket,
     /// Whether the connection was told to close.
     told: bool,
+    /// The waker last registered in the ticket's slot: its task's, which
+    /// does not change, so the slot is written once, not on every poll.
+    registered: Option<std::task::Waker>,
 }
 
 impl<C: GracefulConnection> Future for Watched<C> {
@@ -116,7 +119,10 @@ impl<C: GracefulConnection> Future for Watched<C> {
         let this = &mut *self;
         if !this.told {
             // Before reading the flag: a drain starting after the read wakes this waker.
-            this.ticket.waker.register(cx.waker());
+            if !this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                this.ticket.waker.register(cx.waker());
+                this.registered = Some(cx.waker().clone());
+            }
             if this.ticket.shared.draining.load(Ordering::SeqCst) {
                 this.told = true;
                 this.conn.as_mut().graceful_shutdown();
