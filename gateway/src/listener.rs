@@ -160,6 +160,12 @@ fn http_builder(state: &State) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(Timer)
         .header_read_timeout(state.config.listen.header_read_timeout)
+        // A client done sending (half-closed) still gets its answer; and
+        // hyper does not read the connection while a request is with the
+        // PBX, which would otherwise copy its read buffer away from the
+        // request's headers every time (about 6% of the bench's throughput).
+        // A client gone meanwhile is noticed when the answer is written.
+        .half_close(true)
         .max_buf_size(max_header.max(8192));
     builder
         .http2()

@@ -184,6 +184,21 @@ async fn upstream_down_gives_502_and_slow_upstream_504() {
 }
 
 #[tokio::test]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    let upstream = Upstream::start().await;
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "").await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.http()).await.expect("connect");
+    tcp.write_all(b"GET /slow?ms=200 HTTP/1.1\r\nHost: localhost\r\n\r\n").await.expect("request");
+    // Done sending (as `nc -N` or a shell script might): the answer still comes.
+    tcp.shutdown().await.expect("half-close");
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(read.is_ok() && reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.ends_with("slow done"), "{reply}");
+}
+
+#[tokio::test]
 async fn limits_on_header_size_and_body_size() {
     let upstream = Upstream::start().await;
     let limits = "[limits]\nmax_header_size = \"8KiB\"\nmax_request_body = \"1KiB\"\n";
