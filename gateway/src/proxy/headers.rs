@@ -301,6 +301,11 @@ mod tests {
         head.lines().skip(1).filter_map(|l| l.split_once(": ")).map(|(n, _)| n).collect()
     }
 
+    /// The header lines of a head.
+    fn lines(head: &str) -> Vec<&str> {
+        head.lines().skip(1).filter(|l| !l.is_empty()).collect()
+    }
+
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (name, value) in pairs {
@@ -419,7 +424,7 @@ mod tests {
         ]);
         let untrusted = head(&sent, &outgoing("8.8.8.8", false, "8.8.8.8"), &spoofable);
         assert_eq!(
-            untrusted.lines().skip(1).filter(|l| !l.is_empty()).collect::<Vec<_>>(),
+            lines(&untrusted),
             [
                 "host: a.example",
                 "x-forwarded-for: 8.8.8.8",
@@ -430,7 +435,7 @@ mod tests {
         );
         let trusted = head(&sent, &outgoing("10.0.0.1", true, "1.2.3.4"), &spoofable);
         assert_eq!(
-            trusted.lines().skip(1).filter(|l| !l.is_empty()).collect::<Vec<_>>(),
+            lines(&trusted),
             [
                 "host: a.example",
                 "x-forwarded-proto: http",
