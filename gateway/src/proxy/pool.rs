@@ -145,11 +145,11 @@ impl Pool {
     /// Sends a request (its `head` as [`super::headers::write_request_head`]
     /// wrote it, then `body`, in chunks if `chunked`) on an idle connection,
     /// or a new one, and returns the response with its body still on the
-    /// connection. A request a pooled
-    /// connection could not take goes on the next. One already written when
-    /// the PBX closed the connection goes again only if it is safe to repeat
-    /// (`GET`, `HEAD`, `OPTIONS` without a body) and the connection had been
-    /// idle a while, as Go's HTTP client does.
+    /// connection. A request a pooled connection could not take goes on the
+    /// next. One already written when the PBX closed the connection goes
+    /// again only if it is safe to repeat (`GET`, `HEAD`, `OPTIONS` without a
+    /// body) and the connection had been idle a while, as Go's HTTP client
+    /// does.
     pub async fn send(
         self: &Arc<Self>,
         connector: &Connector,
