@@ -7,14 +7,16 @@ mod identity;
 mod pool;
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, LOCATION, UPGRADE};
 use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
@@ -32,6 +34,17 @@ pub use headers::Spoofable;
 pub use identity::{Identities, UpstreamIdentity};
 pub use pool::Pooled;
 use pool::{Connector, Failure, Pool};
+
+/// A request ready for the PBX.
+struct Prepared {
+    head: BytesMut,
+    method: Method,
+    body: Option<Limited<Incoming>>,
+    chunked: bool,
+    /// The protocol the client asked to switch to, and its side of the switch.
+    upgrade: Option<HeaderValue>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+}
 
 /// The PBX: where it lives and a pool of connections to it per worker.
 pub struct Upstream {
@@ -98,12 +111,60 @@ impl Upstream {
 
     /// Sends the request upstream and returns the upstream's response, or the
     /// refusal to answer with (502 unreachable, 504 too slow, 413 too large).
-    pub async fn forward(
+    ///
+    /// Not an `async fn`: the request and `out` are only needed to write the
+    /// head, and an `async fn` would keep them (twice) in its future, which
+    /// is part of, and copied with, every request's.
+    pub fn forward<'a>(
+        &'a self,
+        request: Request<Incoming>,
+        out: Outgoing<'a>,
+        spoofable: &Spoofable,
+    ) -> impl Future<Output = Result<Response<Body>, Refusal>> + 'a {
+        let prepared = self.prepare(request, &out, spoofable);
+        let (worker, sockets) = (out.worker, out.sockets);
+        async move {
+            let Prepared { head, method, body, chunked, upgrade, client_upgrade } = prepared?;
+            let pool = &self.pools[worker % self.pools.len()];
+            let sending = pin!(pool.send(&self.connector, &head, &method, body, chunked));
+            let mut response = match crate::timer::timeout(self.timeout, sending).await {
+                None => return Err(Refusal::GatewayTimeout),
+                Some(Err(failure)) => return Err(classify(failure)),
+                Some(Ok(sent)) => sent,
+            };
+
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) else {
+                    tracing::warn!("upstream switched protocols without being asked");
+                    return Err(Refusal::BadGateway);
+                };
+                // The connection now belongs to the websocket: not back to the pool.
+                let Some(upstream) = response.body_mut().take_connection() else {
+                    return Err(Refusal::BadGateway);
+                };
+                let task = tokio::spawn(splice(client_upgrade, upstream));
+                if let Some((sockets, session)) = sockets {
+                    sockets.register(session.clone(), task.abort_handle());
+                }
+                let headers = response.headers_mut();
+                strip_response(headers);
+                headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(UPGRADE, protocol);
+                return Ok(response.map(Either::Left));
+            }
+            strip_response(response.headers_mut());
+            self.relocate(response.headers_mut());
+            Ok(response.map(Either::Left))
+        }
+    }
+
+    /// The request as it goes to the PBX: its head written, its body limited.
+    fn prepare(
         &self,
         mut request: Request<Incoming>,
-        out: Outgoing<'_>,
+        out: &Outgoing<'_>,
         spoofable: &Spoofable,
-    ) -> Result<Response<Body>, Refusal> {
+    ) -> Result<Prepared, Refusal> {
         if request
             .headers()
             .get(CONTENT_LENGTH)
@@ -134,40 +195,9 @@ impl Upstream {
             chunked,
         };
         let mut encoded = BytesMut::new();
-        headers::write_request_head(&mut encoded, &head, &parts.headers, &out, spoofable);
+        headers::write_request_head(&mut encoded, &head, &parts.headers, out, spoofable);
         let body = has_body.then(|| Limited::new(body, self.max_body));
-
-        let pool = &self.pools[out.worker % self.pools.len()];
-        let sending = pool.send(&self.connector, &encoded, &parts.method, body, chunked);
-        let sent = crate::timer::timeout(self.timeout, sending);
-        let mut response = match sent.await {
-            None => return Err(Refusal::GatewayTimeout),
-            Some(Err(failure)) => return Err(classify(failure)),
-            Some(Ok(sent)) => sent,
-        };
-
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) else {
-                tracing::warn!("upstream switched protocols without being asked");
-                return Err(Refusal::BadGateway);
-            };
-            // The connection now belongs to the websocket: not back to the pool.
-            let Some(upstream) = response.body_mut().take_connection() else {
-                return Err(Refusal::BadGateway);
-            };
-            let task = tokio::spawn(splice(client_upgrade, upstream));
-            if let Some((sockets, session)) = out.sockets {
-                sockets.register(session.clone(), task.abort_handle());
-            }
-            let headers = response.headers_mut();
-            strip_response(headers);
-            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            headers.insert(UPGRADE, protocol);
-            return Ok(response.map(Either::Left));
-        }
-        strip_response(response.headers_mut());
-        self.relocate(response.headers_mut());
-        Ok(response.map(Either::Left))
+        Ok(Prepared { head: encoded, method: parts.method, body, chunked, upgrade, client_upgrade })
     }
 
     /// A redirect to the PBX's own address (`upstream.url`), which browsers

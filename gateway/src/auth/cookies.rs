@@ -24,14 +24,12 @@ pub fn read_hash(headers: &HeaderMap, name: &str) -> Option<SecretHash> {
 }
 
 fn value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    // Visible ASCII only (`to_str`), so ASCII trimming is all there is to do.
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(n, _)| *n == name)
-        .map(|(_, value)| value)
+        .find_map(|v| v.split(';').find_map(|pair| pair.trim_ascii().strip_prefix(name)?.strip_prefix('=')))
 }
 
 pub fn set(name: &str, secret: &Secret, max_age: Duration) -> HeaderValue {
@@ -47,4 +45,32 @@ pub fn set(name: &str, secret: &Secret, max_age: Duration) -> HeaderValue {
 pub fn clear(name: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("{name}=; Path=/; Secure; HttpOnly; SameSite=Lax; Max-Age=0"))
         .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use http::header::COOKIE;
+    use http::HeaderMap;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(COOKIE, v.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn a_cookie_is_found_by_its_exact_name_in_any_cookie_header() {
+        use super::{value, REMEMBER, SESSION};
+        let h =
+            headers(&["__Host-pbxgate-remember=r; other=1", " __Host-pbxgate = no;__Host-pbxgate=a=b ; z=2"]);
+        assert_eq!(value(&h, SESSION), Some("a=b"));
+        assert_eq!(value(&h, REMEMBER), Some("r"));
+        assert_eq!(value(&h, "z"), Some("2"));
+        assert_eq!(value(&h, "other"), Some("1"));
+        assert_eq!(value(&h, "__Host"), None);
+        assert_eq!(value(&headers(&[SESSION]), SESSION), None);
+        assert_eq!(value(&HeaderMap::new(), SESSION), None);
+    }
 }

@@ -52,7 +52,7 @@ impl SecretHash {
     /// The hash of a secret as a client sent it ([`Secret::parse`], then
     /// [`Secret::hash`]) without a copy of the secret.
     pub fn of_sent(text: &str) -> Option<Self> {
-        let text = text.trim().as_bytes();
+        let text = text.trim_ascii().as_bytes();
         let mut lower = [0u8; 64];
         if text.len() != lower.len() || !text.iter().all(u8::is_ascii_hexdigit) {
             return None;
