@@ -22,7 +22,7 @@ impl Secret {
     /// A secret as received from a client. Anything that is not 64 hex digits
     /// cannot be one of ours and is refused before any lookup.
     pub fn parse(text: &str) -> Option<Self> {
-        let text = text.trim();
+        let text = text.trim_ascii();
         (text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
             .then(|| Self(text.to_ascii_lowercase()))
     }
