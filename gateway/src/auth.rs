@@ -27,9 +27,15 @@ use crate::State;
 /// A signed-in person, for this request.
 #[derive(Debug, Clone)]
 pub struct Principal {
-    pub user: String,
     pub session: SecretHash,
     pub record: Arc<Session>,
+}
+
+impl Principal {
+    /// The user the session belongs to.
+    pub fn user(&self) -> &str {
+        &self.record.user
+    }
 }
 
 /// The outcome of looking at a request's cookies.
@@ -59,7 +65,7 @@ pub(crate) async fn identify(
         if let Some(record) = state.store.current_session(&hash, now).await? {
             if policy.user(&record.user).is_some() {
                 return Ok(Identity {
-                    principal: Some(Principal { user: record.user.clone(), session: hash, record }),
+                    principal: Some(Principal { session: hash, record }),
                     set_cookies: Vec::new(),
                 });
             }
@@ -87,11 +93,7 @@ pub(crate) async fn identify(
     tracing::info!(target: "pbxgate::audit", user = %user.name, client = %ip, token = token_hash.short_id(),
         "new session from remember token");
     Ok(Identity {
-        principal: Some(Principal {
-            user: user.name.clone(),
-            session: secret.hash(),
-            record: Arc::new(record),
-        }),
+        principal: Some(Principal { session: secret.hash(), record: Arc::new(record) }),
         set_cookies: vec![cookies::set(cookies::SESSION, &secret, s.max_lifetime)],
     })
 }

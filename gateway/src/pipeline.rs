@@ -125,14 +125,14 @@ pub(crate) async fn handle(
         }
     }
     let who = identity.principal.as_ref();
-    log.user = who.map_or(basic_user.as_deref().unwrap_or("-"), |p| p.user.as_str());
+    log.user = who.map_or(basic_user.as_deref().unwrap_or("-"), |p| p.user());
     if who.is_some_and(|p| p.record.must_register_passkey) {
         let response = with_cookies(passkey_required(browser, path, uri.query()), identity.set_cookies);
         return Ok(log.write(response, None, "deny", "passkey_required"));
     }
     let principal = match (who, &basic_user) {
         (Some(p), _) => {
-            Some(Principal { name: &p.user, step_up_until: p.record.step_up_until_ms.map(|ms| ms / 1000) })
+            Some(Principal { name: p.user(), step_up_until: p.record.step_up_until_ms.map(|ms| ms / 1000) })
         }
         (None, Some(user)) => Some(Principal { name: user, step_up_until: None }),
         (None, None) => None,
@@ -185,7 +185,7 @@ pub(crate) async fn handle(
         sockets: who.map(|p| (&state.auth.sockets, &p.session)),
     };
     let upstream_started = Instant::now();
-    let response = match state.upstream.forward(request, out, &state.spoofable).await {
+    let response = match state.upstream.forward(request, out, &state.spoofable, upstream_started).await {
         Ok(response) => response,
         Err(refusal) => respond(&refusal, browser),
     };
@@ -337,7 +337,7 @@ fn request_host<B>(request: &Request<B>) -> Option<&str> {
 
 /// Lower case, without port or trailing dot; IPv6 without brackets.
 fn bare_host(host: &str) -> Cow<'_, str> {
-    let host = host.trim();
+    let host = host.trim_ascii();
     let name = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or_default()
     } else {

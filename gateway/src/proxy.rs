@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, LOCATION, UPGRADE};
@@ -115,19 +115,21 @@ impl Upstream {
     /// Not an `async fn`: the request and `out` are only needed to write the
     /// head, and an `async fn` would keep them (twice) in its future, which
     /// is part of, and copied with, every request's.
+    /// `now`: when the request goes, as the caller read the clock.
     pub fn forward<'a>(
         &'a self,
         request: Request<Incoming>,
         out: Outgoing<'a>,
         spoofable: &Spoofable,
+        now: Instant,
     ) -> impl Future<Output = Result<Response<Body>, Refusal>> + 'a {
         let prepared = self.prepare(request, &out, spoofable);
         let (worker, sockets) = (out.worker, out.sockets);
         async move {
             let Prepared { head, method, body, chunked, upgrade, client_upgrade } = prepared?;
             let pool = &self.pools[worker % self.pools.len()];
-            let sending = pin!(pool.send(&self.connector, &head, &method, body, chunked));
-            let mut response = match crate::timer::timeout(self.timeout, sending).await {
+            let sending = pin!(pool.send(&self.connector, &head, &method, body, chunked, now));
+            let mut response = match crate::timer::timeout_at(now + self.timeout, sending).await {
                 None => return Err(Refusal::GatewayTimeout),
                 Some(Err(failure)) => return Err(classify(failure)),
                 Some(Ok(sent)) => sent,
@@ -144,7 +146,7 @@ impl Upstream {
                 };
                 let task = tokio::spawn(splice(client_upgrade, upstream));
                 if let Some((sockets, session)) = sockets {
-                    sockets.register(session.clone(), task.abort_handle());
+                    sockets.register(*session, task.abort_handle());
                 }
                 let headers = response.headers_mut();
                 strip_response(headers);

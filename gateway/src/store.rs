@@ -268,9 +268,9 @@ enum Lookup {
     Miss,
 }
 
-/// The cache's keys are SHA-256 digests already: hashing them again (SipHash
-/// over 64 hex digits) cost more than the rest of a cache hit. Their leading
-/// digits, mixed, make as good a hash, and nobody chooses them.
+/// The cache's keys are SHA-256 digests already: hashing them again
+/// (SipHash) cost more than the rest of a cache hit. Their first eight bytes
+/// are as good a hash, and nobody chooses them.
 #[derive(Default, Clone, Copy)]
 struct Prehashed;
 
@@ -285,16 +285,20 @@ struct PrehashedHasher(u64);
 
 impl std::hash::Hasher for PrehashedHasher {
     fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8).take(2) {
+        // Only `SecretHash` keys these maps, and it hashes as one `u64`.
+        for chunk in bytes.chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);
             self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(word);
         }
     }
 
+    fn write_u64(&mut self, word: u64) {
+        self.0 = word;
+    }
+
     fn finish(&self) -> u64 {
-        // Spreads the hex digits' low bits over the whole word (Fibonacci hashing).
-        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        self.0
     }
 }
 
@@ -321,7 +325,7 @@ impl SessionCache {
     /// The read under way for this session, or a new one to start.
     fn read_for(&self, hash: &SecretHash) -> Arc<SharedRead> {
         match self.reading.lock() {
-            Ok(mut reading) => reading.entry(hash.clone()).or_default().clone(),
+            Ok(mut reading) => reading.entry(*hash).or_default().clone(),
             Err(_) => Arc::default(),
         }
     }
@@ -351,7 +355,7 @@ impl SessionCache {
             }
         }
         let cached = Cached { session: session.clone(), fetched: now, refreshing: false };
-        entries.map.insert(hash.clone(), cached);
+        entries.map.insert(*hash, cached);
     }
 
     fn evict(&self, hash: &SecretHash) {
@@ -514,9 +518,9 @@ impl Store {
             method: method.to_string(),
             must_register_passkey: false,
         };
-        let key = self.session_key(hash.as_str());
+        let key = self.session_key(&hash.hex());
         self.kv.set(&key, &encode(&session)?, Some(session_ttl(&session, now)), Durability::Durable).await?;
-        self.kv.set_add(&self.user_key("us", user), hash.as_str()).await?;
+        self.kv.set_add(&self.user_key("us", user), &hash.hex()).await?;
         Ok((secret, session))
     }
 
@@ -528,7 +532,7 @@ impl Store {
         match self.cache.get(hash, now) {
             Lookup::Fresh(session) => Ok(Some(session)),
             Lookup::Refresh(session) => {
-                let (store, hash) = (self.clone(), hash.clone());
+                let (store, hash) = (self.clone(), *hash);
                 tokio::spawn(async move {
                     // On failure the entry runs out, and the next request
                     // meets the store's error itself (and fails closed).
@@ -600,7 +604,7 @@ impl Store {
         now: u64,
         d: Durability,
     ) -> Result<bool> {
-        let key = self.session_key(hash.as_str());
+        let key = self.session_key(&hash.hex());
         self.kv.set_if_unchanged(&key, stored, &encode(session)?, session_ttl(session, now), d).await
     }
 
@@ -611,7 +615,7 @@ impl Store {
 
     /// A live session and its bytes as stored (what a rewrite compares with).
     async fn session_as_stored(&self, hash: &SecretHash, now: u64) -> Result<Option<(Session, Vec<u8>)>> {
-        let Some(stored) = self.kv.get(&self.session_key(hash.as_str())).await? else { return Ok(None) };
+        let Some(stored) = self.kv.get(&self.session_key(&hash.hex())).await? else { return Ok(None) };
         let session: Session = decode(&stored)?;
         Ok((session.ends_ms() > now).then_some((session, stored)))
     }
@@ -672,16 +676,16 @@ impl Store {
     }
 
     pub async fn delete_session(&self, hash: &SecretHash) -> Result<bool> {
-        let key = self.session_key(hash.as_str());
+        let key = self.session_key(&hash.hex());
         let session: Option<Session> = decode_opt(self.kv.get(&key).await?)?;
         let deleted = self.kv.del(&[key]).await;
         // After the delete: a read under way meanwhile puts nothing back.
         self.cache.evict(hash);
         let existed = deleted? > 0;
         if let Some(s) = session {
-            self.kv.set_remove(&self.user_key("us", &s.user), &[hash.as_str().to_string()]).await?;
+            self.kv.set_remove(&self.user_key("us", &s.user), &[hash.hex()]).await?;
         }
-        self.revoke(Revocation::Session(hash.clone())).await?;
+        self.revoke(Revocation::Session(*hash)).await?;
         Ok(existed)
     }
 
@@ -744,16 +748,14 @@ impl Store {
             user_agent: truncate(user_agent, 256),
         };
         let ttl = Some(ttl.max(Duration::from_millis(1)));
-        self.kv.set(&self.key(&["t", hash.as_str()]), &encode(&token)?, ttl, Durability::Durable).await?;
-        self.kv
-            .set(&self.key(&["tid", &token.id]), hash.as_str().as_bytes(), ttl, Durability::Durable)
-            .await?;
-        self.kv.set_add(&self.user_key("ut", user), hash.as_str()).await?;
+        self.kv.set(&self.key(&["t", &hash.hex()]), &encode(&token)?, ttl, Durability::Durable).await?;
+        self.kv.set(&self.key(&["tid", &token.id]), hash.hex().as_bytes(), ttl, Durability::Durable).await?;
+        self.kv.set_add(&self.user_key("ut", user), &hash.hex()).await?;
         Ok((secret, token))
     }
 
     pub async fn token(&self, hash: &SecretHash, now: u64) -> Result<Option<RememberToken>> {
-        let token: Option<RememberToken> = decode_opt(self.kv.get(&self.key(&["t", hash.as_str()])).await?)?;
+        let token: Option<RememberToken> = decode_opt(self.kv.get(&self.key(&["t", &hash.hex()])).await?)?;
         Ok(token.filter(|t| t.expires_ms > now))
     }
 
@@ -772,7 +774,7 @@ impl Store {
         token.last_ip = ip.to_string();
         token.user_agent = truncate(user_agent, 256);
         let ttl = Duration::from_millis(token.expires_ms.saturating_sub(now).max(1));
-        self.kv.set(&self.key(&["t", hash.as_str()]), &encode(&token)?, Some(ttl), Durability::Lazy).await?;
+        self.kv.set(&self.key(&["t", &hash.hex()]), &encode(&token)?, Some(ttl), Durability::Lazy).await?;
         Ok(true)
     }
 
@@ -804,10 +806,10 @@ impl Store {
         let Some(hash) = SecretHash::from_hex(&String::from_utf8_lossy(&hash)) else {
             return Err(StoreError::Corrupt(format!("token index {id}")));
         };
-        let token: Option<RememberToken> = decode_opt(self.kv.get(&self.key(&["t", hash.as_str()])).await?)?;
-        self.kv.del(&[self.key(&["t", hash.as_str()]), self.key(&["tid", id])]).await?;
+        let token: Option<RememberToken> = decode_opt(self.kv.get(&self.key(&["t", &hash.hex()])).await?)?;
+        self.kv.del(&[self.key(&["t", &hash.hex()]), self.key(&["tid", id])]).await?;
         if let Some(t) = &token {
-            self.kv.set_remove(&self.user_key("ut", &t.user), &[hash.as_str().to_string()]).await?;
+            self.kv.set_remove(&self.user_key("ut", &t.user), &[hash.hex()]).await?;
         }
         self.revoke(Revocation::Token(hash)).await?;
         Ok(token.map(|t| t.user))
@@ -817,7 +819,7 @@ impl Store {
         let tokens = self.tokens_of(user, now).await?;
         let mut keys = Vec::with_capacity(tokens.len() * 2 + 1);
         for (hash, token) in &tokens {
-            keys.push(self.key(&["t", hash.as_str()]));
+            keys.push(self.key(&["t", &hash.hex()]));
             keys.push(self.key(&["tid", &token.id]));
         }
         keys.push(self.user_key("ut", user));
@@ -830,13 +832,13 @@ impl Store {
 
     /// Stores `value` under the hash of `secret`, for `ttl`.
     pub async fn put_once(&self, kind: OneTime, secret: &Secret, value: &[u8], ttl: Duration) -> Result<()> {
-        let key = self.key(&["once", kind.tag(), secret.hash().as_str()]);
+        let key = self.key(&["once", kind.tag(), secret.hash().hex().as_str()]);
         self.kv.set(&key, value, Some(ttl.max(Duration::from_millis(1))), Durability::Durable).await
     }
 
     /// Takes the value exactly once: of any number of concurrent takers, one gets it.
     pub async fn take_once(&self, kind: OneTime, secret: &Secret) -> Result<Option<Vec<u8>>> {
-        self.kv.take(&self.key(&["once", kind.tag(), secret.hash().as_str()])).await
+        self.kv.take(&self.key(&["once", kind.tag(), secret.hash().hex().as_str()])).await
     }
 
     // ---- user handles ------------------------------------------------------

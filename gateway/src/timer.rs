@@ -202,10 +202,10 @@ impl hyper::rt::Timer for Timer {
     }
 }
 
-/// `future`'s output, or `None` once `duration` has passed.
-pub async fn timeout<F: Future>(duration: Duration, future: F) -> Option<F::Output> {
+/// `future`'s output, or `None` once `deadline` has passed.
+pub async fn timeout_at<F: Future>(deadline: Instant, future: F) -> Option<F::Output> {
     let mut future = pin!(future);
-    let mut sleep = Sleep::after(duration);
+    let mut sleep = Sleep::until(deadline);
     poll_fn(|cx| {
         if let Poll::Ready(output) = future.as_mut().poll(cx) {
             return Poll::Ready(Some(output));
@@ -290,14 +290,14 @@ mod tests {
     }
 
     #[test]
-    fn timeout_gives_the_output_or_none_once_due() {
+    fn timeout_at_gives_the_output_or_none_once_due() {
         let wheel = Wheel::install();
         let start = Instant::now();
         let (_, waker) = waker();
         let mut cx = Context::from_waker(&waker);
-        let mut quick = pin!(timeout(Duration::from_secs(1), async { 7 }));
+        let mut quick = pin!(timeout_at(start + Duration::from_secs(1), async { 7 }));
         assert_eq!(quick.as_mut().poll(&mut cx), Poll::Ready(Some(7)));
-        let mut slow = pin!(timeout(Duration::from_secs(1), std::future::pending::<()>()));
+        let mut slow = pin!(timeout_at(start + Duration::from_secs(1), std::future::pending::<()>()));
         assert!(slow.as_mut().poll(&mut cx).is_pending());
         wheel.advance(start + Duration::from_secs(2));
         assert_eq!(slow.as_mut().poll(&mut cx), Poll::Ready(None));
@@ -320,7 +320,8 @@ mod tests {
         assert!(reset.is_ok(), "a reset moved the deadline earlier");
 
         let started = Instant::now();
-        assert_eq!(timeout(Duration::from_millis(20), std::future::pending::<()>()).await, None);
+        let deadline = started + Duration::from_millis(20);
+        assert_eq!(timeout_at(deadline, std::future::pending::<()>()).await, None);
         assert!(started.elapsed() >= Duration::from_millis(20));
     }
 }

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use rustc_hash::FxHashMap;
 use serde::Deserialize;
 
 use crate::duration;
@@ -235,9 +236,12 @@ pub struct Policy {
     pub trusted_proxies: Vec<IpNet>,
     /// Longest path first, so the first match is the most specific.
     pub routes: Vec<Route>,
-    pub roles: HashMap<Role, RoleSettings>,
+    /// Fx-hashed here and below: every request looks these up, the keys
+    /// come from this file (not from clients), so there is no flooding to
+    /// resist and SipHash would only be slower.
+    pub roles: FxHashMap<Role, RoleSettings>,
     pub users: Vec<User>,
-    by_login: HashMap<String, usize>,
+    by_login: FxHashMap<String, usize>,
 }
 
 impl Policy {
@@ -371,7 +375,7 @@ impl Policy {
         }
         routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()).then(a.index.cmp(&b.index)));
 
-        let mut roles = HashMap::new();
+        let mut roles = FxHashMap::default();
         for (name, settings) in &raw.roles {
             let at = format!("roles.{name}");
             let Some(role) = Role::parse(name) else {
@@ -383,7 +387,7 @@ impl Policy {
         }
 
         let mut users = Vec::new();
-        let mut by_login = HashMap::new();
+        let mut by_login = FxHashMap::default();
         for (i, u) in raw.users.iter().enumerate() {
             let at = format!("user[{i}]");
             let name = u.name.trim();

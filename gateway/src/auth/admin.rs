@@ -26,13 +26,13 @@ fn refusal(
         return Some(respond(&Refusal::LoginRequired { rd: path.to_string() }, ctx.browser && !api));
     };
     let policy = state.policy.load();
-    let Some(user) = policy.user(&p.user) else {
+    let Some(user) = policy.user(p.user()) else {
         return Some(respond(&Refusal::LoginRequired { rd: path.to_string() }, ctx.browser && !api));
     };
     let facts =
         pbxgate_policies::Facts { client_ip: ctx.client_ip, host: "", method: "", path, user_agent: None };
     if user.role != Role::Admin || !pbxgate_policies::user_may_come_from(&policy, user, &facts) {
-        tracing::warn!(target: "pbxgate::audit", user = %p.user, client = %ctx.client_ip, %path, "admin area refused");
+        tracing::warn!(target: "pbxgate::audit", user = %p.user(), client = %ctx.client_ip, %path, "admin area refused");
         return Some(if api {
             api_error(StatusCode::FORBIDDEN, "forbidden", "Administrators only.")
         } else {
@@ -163,7 +163,7 @@ async fn act(state: &State, admin: &Principal, ctx: &Ctx<'_>, a: &Action) -> Res
         }
         _ => false,
     };
-    tracing::info!(target: "pbxgate::audit", admin = %admin.user, client = %ctx.client_ip, action = %a.action,
+    tracing::info!(target: "pbxgate::audit", admin = %admin.user(), client = %ctx.client_ip, action = %a.action,
         user = %a.user, id = %a.id, done, "admin action");
     Ok(done)
 }

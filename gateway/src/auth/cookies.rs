@@ -14,7 +14,7 @@ pub const REMEMBER: &str = "__Host-pbxgate-remember";
 
 /// The value of cookie `name`, when it looks like one of our secrets.
 pub fn read(headers: &HeaderMap, name: &str) -> Option<Secret> {
-    value(headers, name).and_then(Secret::parse)
+    value(headers, name).and_then(|v| std::str::from_utf8(v).ok()).and_then(Secret::parse)
 }
 
 /// The hash of cookie `name`'s secret, when it looks like one of ours: what
@@ -23,13 +23,27 @@ pub fn read_hash(headers: &HeaderMap, name: &str) -> Option<SecretHash> {
     value(headers, name).and_then(SecretHash::of_sent)
 }
 
-fn value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    // Visible ASCII only (`to_str`), so ASCII trimming is all there is to do.
-    headers
-        .get_all(COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| v.split(';').find_map(|pair| pair.trim_ascii().strip_prefix(name)?.strip_prefix('=')))
+/// The first value sent for cookie `name`, as bytes: what our secrets are
+/// made of (hex) is checked by the caller, so another cookie's odd bytes
+/// hide nothing.
+fn value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
+    headers.get_all(COOKIE).iter().find_map(|v| {
+        pairs(v.as_bytes()).find_map(|pair| pair.strip_prefix(name.as_bytes())?.strip_prefix(b"="))
+    })
+}
+
+/// A `Cookie` header's `name=value` pairs, trimmed.
+pub fn pairs(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(value);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        let (pair, next) = match memchr::memchr(b';', current) {
+            Some(end) => (&current[..end], Some(&current[end + 1..])),
+            None => (current, None),
+        };
+        rest = next;
+        Some(pair.trim_ascii())
+    })
 }
 
 pub fn set(name: &str, secret: &Secret, max_age: Duration) -> HeaderValue {
@@ -65,10 +79,10 @@ mod tests {
         use super::{value, REMEMBER, SESSION};
         let h =
             headers(&["__Host-pbxgate-remember=r; other=1", " __Host-pbxgate = no;__Host-pbxgate=a=b ; z=2"]);
-        assert_eq!(value(&h, SESSION), Some("a=b"));
-        assert_eq!(value(&h, REMEMBER), Some("r"));
-        assert_eq!(value(&h, "z"), Some("2"));
-        assert_eq!(value(&h, "other"), Some("1"));
+        assert_eq!(value(&h, SESSION), Some(&b"a=b"[..]));
+        assert_eq!(value(&h, REMEMBER), Some(&b"r"[..]));
+        assert_eq!(value(&h, "z"), Some(&b"2"[..]));
+        assert_eq!(value(&h, "other"), Some(&b"1"[..]));
         assert_eq!(value(&h, "__Host"), None);
         assert_eq!(value(&headers(&[SESSION]), SESSION), None);
         assert_eq!(value(&HeaderMap::new(), SESSION), None);

@@ -228,21 +228,21 @@ async fn account_view(state: &State, p: &Principal) -> Result<pages::AccountView
     let now = now_ms();
     let passkeys = state
         .store
-        .passkeys_of(&p.user)
+        .passkeys_of(p.user())
         .await?
         .into_iter()
         .map(|k| (k.cred_id, k.name, pages::when(Some(k.created_ms)), pages::when(k.last_used_ms)))
         .collect();
     let sessions = state
         .store
-        .sessions_of(&p.user, now)
+        .sessions_of(p.user(), now)
         .await?
         .into_iter()
         .map(|(hash, s)| {
             (hash == p.session, pages::when(Some(s.created_ms)), pages::when(Some(s.last_seen_ms)), s.ip)
         })
         .collect();
-    Ok(pages::AccountView { user: p.user.clone(), passkeys, sessions })
+    Ok(pages::AccountView { user: p.user().to_string(), passkeys, sessions })
 }
 
 async fn account_json(state: &State, p: &Principal, path: &str) -> Result<serde_json::Value, StoreError> {
@@ -250,14 +250,14 @@ async fn account_json(state: &State, p: &Principal, path: &str) -> Result<serde_
     Ok(match path {
         "/.pbxgate/api/passkeys" => serde_json::json!(state
             .store
-            .passkeys_of(&p.user)
+            .passkeys_of(p.user())
             .await?
             .into_iter()
             .map(|k| serde_json::json!({"id": k.cred_id, "name": k.name, "created_ms": k.created_ms, "last_used_ms": k.last_used_ms}))
             .collect::<Vec<_>>()),
         "/.pbxgate/api/sessions" => serde_json::json!(state
             .store
-            .sessions_of(&p.user, now)
+            .sessions_of(p.user(), now)
             .await?
             .into_iter()
             .map(|(hash, s)| serde_json::json!({
@@ -267,12 +267,12 @@ async fn account_json(state: &State, p: &Principal, path: &str) -> Result<serde_
             .collect::<Vec<_>>()),
         _ => {
             let policy = state.policy.load();
-            let user = policy.user(&p.user);
+            let user = policy.user(p.user());
             serde_json::json!({
-                "user": p.user,
+                "user": p.user(),
                 "email": user.and_then(|u| u.email.clone()),
                 "role": user.map(|u| u.role.as_str()),
-                "passkeys": state.store.passkey_count(&p.user).await?,
+                "passkeys": state.store.passkey_count(p.user()).await?,
             })
         }
     })
@@ -436,14 +436,14 @@ async fn post(
                 let display = {
                     let policy = state.policy.load();
                     policy
-                        .user(&principal.user)
+                        .user(principal.user())
                         .and_then(|u| u.display_name.clone())
-                        .unwrap_or_else(|| principal.user.clone())
+                        .unwrap_or_else(|| principal.user().to_string())
                 };
                 return match state
                     .auth
                     .passkeys
-                    .start_registration(&state.store, &principal.user, &display)
+                    .start_registration(&state.store, principal.user(), &display)
                     .await
                 {
                     Ok((ceremony, options)) => {
@@ -463,7 +463,7 @@ async fn post(
                 .passkeys
                 .finish_registration(
                     &state.store,
-                    &principal.user,
+                    principal.user(),
                     &ceremony,
                     &finish.credential,
                     &finish.name,
@@ -475,13 +475,13 @@ async fn post(
                         .store
                         .update_session(&principal.session, now_ms(), |s| s.must_register_passkey = false)
                         .await;
-                    if let Ok(mut flags) = state.store.flags(&principal.user).await {
+                    if let Ok(mut flags) = state.store.flags(principal.user()).await {
                         if flags.onboarding_required {
                             flags.onboarding_required = false;
-                            let _ = state.store.set_flags(&principal.user, &flags).await;
+                            let _ = state.store.set_flags(principal.user(), &flags).await;
                         }
                     }
-                    tracing::info!(target: "pbxgate::audit", user = %principal.user, client = %ctx.client_ip,
+                    tracing::info!(target: "pbxgate::audit", user = %principal.user(), client = %ctx.client_ip,
                         passkey = %record.name, "passkey registered");
                     json(
                         StatusCode::OK,
@@ -501,13 +501,13 @@ async fn post(
             };
             let Some(action) = parse::<PasskeyAction>(&body) else { return bad_request() };
             let done = if path.ends_with("/rename") {
-                state.store.rename_passkey(&principal.user, &action.id, &action.name).await
+                state.store.rename_passkey(principal.user(), &action.id, &action.name).await
             } else {
-                state.store.delete_passkey(&principal.user, &action.id).await
+                state.store.delete_passkey(principal.user(), &action.id).await
             };
             match done {
                 Ok(true) => {
-                    tracing::info!(target: "pbxgate::audit", user = %principal.user, client = %ctx.client_ip,
+                    tracing::info!(target: "pbxgate::audit", user = %principal.user(), client = %ctx.client_ip,
                         action = path.rsplit('/').next().unwrap_or(""), "passkey changed");
                     json(StatusCode::OK, "{\"status\":\"ok\"}")
                 }
@@ -525,7 +525,7 @@ async fn post(
             };
             let allowed = state.config.passwords.users_may_set && {
                 let policy = state.policy.load();
-                policy.user(&principal.user).is_some_and(|u| u.password_login)
+                policy.user(principal.user()).is_some_and(|u| u.password_login)
             };
             if !allowed {
                 return api_error(
@@ -552,9 +552,9 @@ async fn post(
                     return respond(&Refusal::Unavailable, false);
                 }
             };
-            match state.store.set_password_hash(&principal.user, &hash).await {
+            match state.store.set_password_hash(principal.user(), &hash).await {
                 Ok(()) => {
-                    tracing::info!(target: "pbxgate::audit", user = %principal.user, client = %ctx.client_ip, "password changed by its owner");
+                    tracing::info!(target: "pbxgate::audit", user = %principal.user(), client = %ctx.client_ip, "password changed by its owner");
                     json(StatusCode::OK, "{\"status\":\"ok\"}")
                 }
                 Err(e) => unavailable(&e, false),

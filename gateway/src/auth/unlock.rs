@@ -60,7 +60,7 @@ pub(crate) fn page(state: &State, p: &Principal, rd: &str, error: Option<&str>) 
         .collect();
     let password = {
         let policy = state.policy.load();
-        policy.user(&p.user).is_some_and(|u| u.password_login)
+        policy.user(p.user()).is_some_and(|u| u.password_login)
     };
     let password_form = if password {
         format!(
@@ -120,9 +120,9 @@ async fn unlock_for(
     let until = now + window.as_millis() as u64;
     match state.store.set_step_up(&p.session, Some(until), now).await {
         Ok(true) => {
-            tracing::info!(target: "pbxgate::audit", user = %p.user, client = %ip, method = how,
+            tracing::info!(target: "pbxgate::audit", user = %p.user(), client = %ip, method = how,
                 minutes = window.as_secs() / 60, "unlocked");
-            super::record(state, &p.user, &format!("unlock:{how}"), "success", ip, "").await;
+            super::record(state, p.user(), &format!("unlock:{how}"), "success", ip, "").await;
             Ok(until)
         }
         Ok(false) => Err(Box::new(respond(&Refusal::LoginRequired { rd: rd.to_string() }, false))),
@@ -157,11 +157,11 @@ pub(crate) async fn handle(
     };
     match path {
         "/.pbxgate/api/unlock/start" => {
-            let has_keys = state.store.passkey_count(&p.user).await.unwrap_or(0) > 0;
+            let has_keys = state.store.passkey_count(p.user()).await.unwrap_or(0) > 0;
             if !has_keys {
                 return api_error(StatusCode::BAD_REQUEST, "no_passkey", "This account has no passkey yet.");
             }
-            match state.auth.passkeys.start_login(&state.store, Some(&p.user)).await {
+            match state.auth.passkeys.start_login(&state.store, Some(p.user())).await {
                 Ok((ceremony, mut options)) => {
                     options["ceremony"] = ceremony.expose().into();
                     json(StatusCode::OK, &options.to_string())
@@ -177,7 +177,7 @@ pub(crate) async fn handle(
                 api_error(StatusCode::UNAUTHORIZED, "passkey_failed", "That passkey did not work. Try again.")
             };
             match state.auth.passkeys.finish_login(&state.store, &ceremony, &finish.credential).await {
-                Ok(signed) if signed.user == p.user => {
+                Ok(signed) if signed.user == p.user() => {
                     let rd = safe_rd(&finish.rd);
                     match unlock_for(state, &p, &rd, finish.minutes, "passkey", ctx.client_ip).await {
                         Ok(until) => json(
@@ -188,14 +188,14 @@ pub(crate) async fn handle(
                     }
                 }
                 Ok(signed) => {
-                    tracing::warn!(target: "pbxgate::audit", user = %p.user, other = %signed.user, client = %ctx.client_ip,
+                    tracing::warn!(target: "pbxgate::audit", user = %p.user(), other = %signed.user, client = %ctx.client_ip,
                         "unlock refused: another account's passkey");
                     failed()
                 }
                 Err(PasskeyError::Store(e)) => unavailable(&e, false),
                 Err(_) => {
                     let _ =
-                        regulate::count(&state.store, regulate::Kind::Failure, &p.user, ctx.client_ip).await;
+                        regulate::count(&state.store, regulate::Kind::Failure, p.user(), ctx.client_ip).await;
                     failed()
                 }
             }
@@ -204,8 +204,8 @@ pub(crate) async fn handle(
             let f = form(&body);
             let rd = safe_rd(f.get("rd").map_or("/", String::as_str));
             let minutes = f.get("minutes").and_then(|m| m.parse().ok()).unwrap_or(5);
-            let allowed = state.policy.load().user(&p.user).is_some_and(|u| u.password_login);
-            match regulate::is_locked(&state.store, regulate::Kind::Failure, &p.user, ctx.client_ip).await {
+            let allowed = state.policy.load().user(p.user()).is_some_and(|u| u.password_login);
+            match regulate::is_locked(&state.store, regulate::Kind::Failure, p.user(), ctx.client_ip).await {
                 Ok(false) => {}
                 Ok(true) => {
                     return page(
@@ -217,13 +217,13 @@ pub(crate) async fn handle(
                 }
                 Err(e) => return unavailable(&e, true),
             }
-            let hash = if allowed { state.store.password_hash(&p.user).await.ok().flatten() } else { None };
+            let hash = if allowed { state.store.password_hash(p.user()).await.ok().flatten() } else { None };
             let password = f.get("password").cloned().unwrap_or_default();
             if !passwords::check(state, password, hash).await {
-                let _ = regulate::count(&state.store, regulate::Kind::Failure, &p.user, ctx.client_ip).await;
+                let _ = regulate::count(&state.store, regulate::Kind::Failure, p.user(), ctx.client_ip).await;
                 super::record(
                     state,
-                    &p.user,
+                    p.user(),
                     "unlock:password",
                     "bad_credentials",
                     ctx.client_ip,
@@ -241,7 +241,7 @@ pub(crate) async fn handle(
             if let Err(e) = state.store.set_step_up(&p.session, None, now_ms()).await {
                 return unavailable(&e, ctx.browser);
             }
-            tracing::info!(target: "pbxgate::audit", user = %p.user, client = %ctx.client_ip, "locked again");
+            tracing::info!(target: "pbxgate::audit", user = %p.user(), client = %ctx.client_ip, "locked again");
             if path.starts_with("/.pbxgate/api/") {
                 json(StatusCode::OK, "{\"status\":\"locked\"}")
             } else {

@@ -37,6 +37,9 @@ const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 #[derive(Debug, Clone)]
 pub struct Spoofable {
     folded: Vec<String>,
+    /// Bit n set: some folded name is n bytes long (most names are not, and
+    /// are passed at once).
+    lengths: u64,
 }
 
 impl Spoofable {
@@ -46,14 +49,18 @@ impl Spoofable {
         folded.extend(defaults.iter().map(|d| d.to_string()));
         folded.sort();
         folded.dedup();
-        Self { folded }
+        let lengths = folded.iter().filter(|f| f.len() < 64).fold(0, |bits, f| bits | 1 << f.len());
+        Self { folded, lengths }
     }
 
     fn matches(&self, name: &HeaderName) -> bool {
         let name = name.as_str().as_bytes();
-        self.folded
-            .iter()
-            .any(|f| f.len() == name.len() && f.bytes().zip(name).all(|(f, &n)| f == fold_byte(n)))
+        let maybe = name.len() >= 64 || self.lengths & (1 << name.len()) != 0;
+        (maybe
+            && self
+                .folded
+                .iter()
+                .any(|f| f.len() == name.len() && f.bytes().zip(name).all(|(f, &n)| f == fold_byte(n))))
             || starts_with_folded(name, b"x-pbxgate-")
     }
 }
@@ -120,7 +127,7 @@ pub fn write_request_head(
     if let Some(host) = head.host {
         line(buf, HOST.as_str(), host.as_bytes());
     }
-    let mut cookies = String::new();
+    let mut cookies = Vec::new();
     let mut forwarded_for = String::new();
     let (mut proto_kept, mut host_kept) = (false, false);
     for (name, value) in headers {
@@ -133,13 +140,13 @@ pub fn write_request_head(
             continue;
         }
         if name == COOKIE {
-            // Not text: not a cookie the PBX could use either.
-            let pairs = value.to_str().unwrap_or_default().split(';').map(str::trim);
-            for cookie in pairs.filter(|c| !c.is_empty() && !is_gateway_cookie(c)) {
+            for cookie in crate::auth::cookies::pairs(value.as_bytes())
+                .filter(|c| !c.is_empty() && !is_gateway_cookie(c))
+            {
                 if !cookies.is_empty() {
-                    cookies.push_str("; ");
+                    cookies.extend_from_slice(b"; ");
                 }
-                cookies.push_str(cookie);
+                cookies.extend_from_slice(cookie);
             }
             continue;
         }
@@ -175,12 +182,13 @@ pub fn write_request_head(
         line(buf, X_REAL_IP.as_str(), ip_value(out.client).as_bytes());
     }
     if let Some(identity) = head.identity {
-        for (name, value) in identity.headers() {
+        buf.extend_from_slice(identity.lines());
+        if let Some((name, value)) = identity.assertion() {
             line(buf, name.as_str(), value.as_bytes());
         }
     }
     if !cookies.is_empty() {
-        line(buf, COOKIE.as_str(), cookies.as_bytes());
+        line(buf, COOKIE.as_str(), &cookies);
     }
     if let Some(protocol) = head.upgrade {
         line(buf, CONNECTION.as_str(), b"upgrade");
@@ -192,23 +200,24 @@ pub fn write_request_head(
     buf.extend_from_slice(b"\r\n");
 }
 
-fn line(buf: &mut BytesMut, name: &str, value: &[u8]) {
+pub(super) fn line(buf: &mut BytesMut, name: &str, value: &[u8]) {
     buf.extend_from_slice(name.as_bytes());
     buf.extend_from_slice(b": ");
     buf.extend_from_slice(value);
     buf.extend_from_slice(b"\r\n");
 }
 
-fn is_gateway_cookie(pair: &str) -> bool {
-    let name = pair.split_once('=').map_or(pair, |(n, _)| n).trim();
-    name.as_bytes().get(..14).is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"__host-pbxgate"))
+fn is_gateway_cookie(pair: &[u8]) -> bool {
+    // The prefix holds no `=` or space: matching the pair's start is matching its name's.
+    let start = pair.trim_ascii_start();
+    start.get(..14).is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"__host-pbxgate"))
 }
 
 /// The PBX may set its own cookies, never the gateway's: one it could plant
 /// or clear would be a session fixed or ended from behind the gateway.
 /// Returns whether any was removed.
 pub fn strip_gateway_set_cookies(headers: &mut HeaderMap) -> bool {
-    let sets_ours = |v: &HeaderValue| v.to_str().is_ok_and(is_gateway_cookie);
+    let sets_ours = |v: &HeaderValue| is_gateway_cookie(v.as_bytes());
     if !headers.get_all(SET_COOKIE).iter().any(sets_ours) {
         return false;
     }

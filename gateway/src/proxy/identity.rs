@@ -3,12 +3,13 @@
 //! configured, is reused for half of its minute: signing is the slowest thing
 //! a request could otherwise do.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue};
 use pbxgate_policies::{Policy, User};
+use rustc_hash::FxHashMap;
 
 use crate::auth::assertion::{Signer, LIFETIME_SECS};
 use crate::config::IdentityHeaders;
@@ -22,11 +23,12 @@ pub struct Identities {
 struct ForPolicy {
     /// The policy these were made from; a reload makes them anew.
     policy: Arc<Policy>,
-    users: HashMap<String, UserHeaders>,
+    /// Keyed by the policy's user names (Fx: no client chooses them).
+    users: FxHashMap<String, UserHeaders>,
 }
 
 struct UserHeaders {
-    fixed: Arc<[(HeaderName, HeaderValue)]>,
+    fixed: Bytes,
     /// The last assertion and when it was signed (Unix seconds).
     assertion: Mutex<Option<(u64, HeaderValue)>>,
 }
@@ -34,14 +36,19 @@ struct UserHeaders {
 /// What one request sends upstream, after every client-sent copy is removed.
 #[derive(Debug)]
 pub struct UpstreamIdentity {
-    fixed: Arc<[(HeaderName, HeaderValue)]>,
+    /// The user's fixed headers as head lines (`name: value\r\n` each).
+    fixed: Bytes,
     assertion: Option<(HeaderName, HeaderValue)>,
 }
 
 impl UpstreamIdentity {
-    /// The headers to send, names and values.
-    pub fn headers(&self) -> impl Iterator<Item = &(HeaderName, HeaderValue)> {
-        self.fixed.iter().chain(&self.assertion)
+    /// The fixed headers, written as head lines once per user.
+    pub fn lines(&self) -> &[u8] {
+        &self.fixed
+    }
+
+    pub fn assertion(&self) -> Option<&(HeaderName, HeaderValue)> {
+        self.assertion.as_ref()
     }
 }
 
@@ -63,7 +70,7 @@ impl Identities {
         }
         let Some(headers) = current.as_ref().and_then(|c| c.users.get(&user.name)) else {
             // Only while another thread swaps in a newer policy's headers.
-            return UpstreamIdentity { fixed: fixed_headers(user, names).into(), assertion: None };
+            return UpstreamIdentity { fixed: fixed_lines(user, names), assertion: None };
         };
         let assertion = match (&names.assertion, signer) {
             (Some(name), Some(signer)) => {
@@ -81,8 +88,7 @@ impl ForPolicy {
             .users
             .iter()
             .map(|user| {
-                let headers =
-                    UserHeaders { fixed: fixed_headers(user, names).into(), assertion: Mutex::new(None) };
+                let headers = UserHeaders { fixed: fixed_lines(user, names), assertion: Mutex::new(None) };
                 (user.name.clone(), headers)
             })
             .collect();
@@ -107,18 +113,20 @@ impl UserHeaders {
     }
 }
 
-/// Values a header cannot carry (not visible ASCII) are left out.
-fn fixed_headers(user: &User, names: &IdentityHeaders) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out = vec![(names.groups.clone(), HeaderValue::from_static(user.role.as_str()))];
+/// The user's fixed identity headers as head lines. Values a header cannot
+/// carry (not visible ASCII) are left out.
+fn fixed_lines(user: &User, names: &IdentityHeaders) -> Bytes {
+    let mut lines = BytesMut::new();
     let values = [
-        (&names.user, Some(&user.name)),
-        (&names.email, user.email.as_ref()),
-        (&names.name, user.display_name.as_ref()),
+        (&names.groups, Some(user.role.as_str())),
+        (&names.user, Some(user.name.as_str())),
+        (&names.email, user.email.as_deref()),
+        (&names.name, user.display_name.as_deref()),
     ];
     for (name, value) in values {
         if let Some(value) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
-            out.push((name.clone(), value));
+            super::headers::line(&mut lines, name.as_str(), value.as_bytes());
         }
     }
-    out
+    lines.freeze()
 }

@@ -157,9 +157,10 @@ impl Pool {
         method: &Method,
         mut body: Option<Limited<Incoming>>,
         chunked: bool,
+        now: Instant,
     ) -> Result<Response<Pooled>, Failure> {
         let safe = body.is_none() && matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
-        while let Some((mut conn, idle_for)) = self.take() {
+        while let Some((mut conn, idle_for)) = self.take(now) {
             match http1::exchange(&mut conn, head, &mut body, chunked, method).await {
                 Ok(answer) => return Ok(self.response(conn, answer)),
                 Err(Broken::Unsent(error)) => {
@@ -190,11 +191,11 @@ impl Pool {
         answer.response.map(|()| body)
     }
 
-    /// The most recently used live connection, and how long it was idle.
-    fn take(&self) -> Option<(Conn, Duration)> {
+    /// The most recently used live connection, and how long it was idle by `now`.
+    fn take(&self, now: Instant) -> Option<(Conn, Duration)> {
         let mut slots = self.slots();
         while let Some(Idle { conn, since }) = slots.idle.pop_back() {
-            let idle_for = since.elapsed();
+            let idle_for = now.saturating_duration_since(since);
             if idle_for < self.idle_timeout && !conn.is_stale() {
                 return Some((conn, idle_for));
             }

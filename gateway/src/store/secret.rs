@@ -10,9 +10,16 @@ use ring::rand::{SecureRandom, SystemRandom};
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
-/// The SHA-256 of a secret, hex: what the store keys on.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub struct SecretHash(String);
+/// The SHA-256 of a secret: what the store keys on (in hex). Kept as bytes,
+/// so looking a session up costs no allocation.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SecretHash([u8; 32]);
+
+impl std::hash::Hash for SecretHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.prefix());
+    }
+}
 
 impl Secret {
     pub fn generate() -> Self {
@@ -38,7 +45,7 @@ impl Secret {
     }
 
     pub fn hash(&self) -> SecretHash {
-        SecretHash(hex(ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes()).as_ref()))
+        SecretHash::of(self.0.as_bytes())
     }
 }
 
@@ -51,30 +58,65 @@ impl fmt::Debug for Secret {
 impl SecretHash {
     /// The hash of a secret as a client sent it ([`Secret::parse`], then
     /// [`Secret::hash`]) without a copy of the secret.
-    pub fn of_sent(text: &str) -> Option<Self> {
-        let text = text.trim_ascii().as_bytes();
+    pub fn of_sent(text: &[u8]) -> Option<Self> {
+        let text = text.trim_ascii();
         let mut lower = [0u8; 64];
-        if text.len() != lower.len() || !text.iter().all(u8::is_ascii_hexdigit) {
+        if text.len() != lower.len() {
             return None;
         }
-        for (l, b) in lower.iter_mut().zip(text) {
-            *l = b.to_ascii_lowercase();
+        let mut hex = true;
+        for (l, &b) in lower.iter_mut().zip(text) {
+            hex &= b.is_ascii_hexdigit();
+            // Digits have this bit already; it makes A-F a-f.
+            *l = b | 0x20;
         }
-        Some(Self(hex(ring::digest::digest(&ring::digest::SHA256, &lower).as_ref())))
+        hex.then(|| Self::of(&lower))
     }
 
+    fn of(secret: &[u8]) -> Self {
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, secret).as_ref());
+        Self(hash)
+    }
+
+    /// A hash as the store writes it: 64 hex digits, either case.
     pub fn from_hex(text: &str) -> Option<Self> {
-        (text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| Self(text.to_ascii_lowercase()))
+        let text = text.as_bytes();
+        if text.len() != 64 {
+            return None;
+        }
+        let mut hash = [0u8; 32];
+        for (byte, pair) in hash.iter_mut().zip(text.chunks_exact(2)) {
+            *byte = (hex_value(pair[0])? << 4) | hex_value(pair[1])?;
+        }
+        Some(Self(hash))
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
+    /// Lower-case hex, as the store keys on it.
+    pub fn hex(&self) -> String {
+        hex(&self.0)
     }
 
     /// The first 8 hex digits: enough to tell secrets apart in logs, useless to an attacker.
-    pub fn short_id(&self) -> &str {
-        &self.0[..8]
+    pub fn short_id(&self) -> String {
+        hex(&self.0[..4])
+    }
+
+    /// The hash's first eight bytes: already uniformly spread, so maps key
+    /// on them without hashing again.
+    pub fn prefix(&self) -> u64 {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&self.0[..8]);
+        u64::from_le_bytes(word)
+    }
+}
+
+fn hex_value(digit: u8) -> Option<u8> {
+    match digit {
+        b'0'..=b'9' => Some(digit - b'0'),
+        b'a'..=b'f' => Some(digit - b'a' + 10),
+        b'A'..=b'F' => Some(digit - b'A' + 10),
+        _ => None,
     }
 }
 
@@ -86,7 +128,7 @@ impl fmt::Debug for SecretHash {
 
 impl fmt::Display for SecretHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.hex())
     }
 }
 
@@ -126,11 +168,26 @@ mod tests {
         let secret = Secret::generate();
         let upper = secret.expose().to_ascii_uppercase();
         for sent in [secret.expose().to_string(), upper, format!(" {} ", secret.expose())] {
-            assert_eq!(SecretHash::of_sent(&sent), Some(secret.hash()), "{sent}");
+            assert_eq!(SecretHash::of_sent(sent.as_bytes()), Some(secret.hash()), "{sent}");
         }
         for bad in ["", "abc", &"g".repeat(64), &"a".repeat(63), &"a".repeat(65), &"é".repeat(32)] {
-            assert_eq!(SecretHash::of_sent(bad), None, "{bad}");
+            assert_eq!(SecretHash::of_sent(bad.as_bytes()), None, "{bad}");
             assert!(Secret::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_hash_is_written_and_read_as_hex() {
+        let hash = Secret::generate().hash();
+        let hex = hash.hex();
+        assert_eq!(hex.len(), 64);
+        assert!(hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{hex}");
+        assert_eq!(hash.to_string(), hex);
+        assert_eq!(hash.short_id(), hex[..8]);
+        assert_eq!(SecretHash::from_hex(&hex), Some(hash));
+        assert_eq!(SecretHash::from_hex(&hex.to_ascii_uppercase()), Some(hash));
+        for bad in [&hex[1..], &format!("{hex}0"), &format!("g{}", &hex[1..]), &format!("é{}", &hex[2..])] {
+            assert_eq!(SecretHash::from_hex(bad), None, "{bad}");
         }
     }
 }
