@@ -60,10 +60,22 @@ pub(crate) async fn identify(
     user_agent: &str,
     now: u64,
 ) -> Result<Identity, StoreError> {
-    let policy = state.policy.load();
-    if let Some(hash) = cookies::read_hash(headers, cookies::SESSION) {
+    identify_on(state, headers, None, client_ip, user_agent, now).await
+}
+
+/// [`identify`] for a request of a connection that remembers the session
+/// cookie it sent last (`last`), so a cookie sent again is not hashed again.
+pub(crate) async fn identify_on(
+    state: &State,
+    headers: &HeaderMap,
+    last: Option<&cookies::LastSession>,
+    client_ip: IpAddr,
+    user_agent: &str,
+    now: u64,
+) -> Result<Identity, StoreError> {
+    if let Some(hash) = cookies::read_session_hash(headers, last) {
         if let Some(record) = state.store.current_session(&hash, now).await? {
-            if policy.user(&record.user).is_some() {
+            if state.policy.load().user(&record.user).is_some() {
                 return Ok(Identity {
                     principal: Some(Principal { session: hash, record }),
                     set_cookies: Vec::new(),
@@ -71,13 +83,26 @@ pub(crate) async fn identify(
             }
         }
     }
-    let Some(remember) = cookies::read(headers, cookies::REMEMBER) else {
-        return Ok(Identity::default());
-    };
+    match cookies::read(headers, cookies::REMEMBER) {
+        // Boxed: rare, and its future would otherwise be part of every request's.
+        Some(remember) => Box::pin(remembered(state, remember, client_ip, user_agent, now)).await,
+        None => Ok(Identity::default()),
+    }
+}
+
+/// A new session from a remember token, when it is still good.
+async fn remembered(
+    state: &State,
+    remember: Secret,
+    client_ip: IpAddr,
+    user_agent: &str,
+    now: u64,
+) -> Result<Identity, StoreError> {
     let token_hash = remember.hash();
     let Some(token) = state.store.token(&token_hash, now).await? else {
         return Ok(Identity { principal: None, set_cookies: vec![cookies::clear(cookies::REMEMBER)] });
     };
+    let policy = state.policy.load();
     let Some(user) = policy.user(&token.user) else {
         return Ok(Identity::default());
     };

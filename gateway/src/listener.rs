@@ -56,13 +56,16 @@ pub struct Connection {
     pub peer_value: http::HeaderValue,
     /// The worker serving it (and whose upstream connections it uses).
     pub worker: usize,
+    /// The session cookie it sent last, hashed once.
+    pub last_session: crate::auth::cookies::LastSession,
     dropped: AtomicBool,
 }
 
 impl Connection {
     fn new(peer: SocketAddr, proto: &'static str, worker: usize) -> Self {
         let peer_value = crate::proxy::headers::ip_value(peer.ip());
-        Self { peer, proto, peer_value, worker, dropped: AtomicBool::new(false) }
+        let last_session = Default::default();
+        Self { peer, proto, peer_value, worker, last_session, dropped: AtomicBool::new(false) }
     }
 
     /// Asks for this connection to be closed with no (further) response

@@ -90,7 +90,15 @@ pub(crate) async fn handle(
     let mut listed_grant = false;
     if needs_person {
         let looked_up = async {
-            let identity = auth::identify(state, request.headers(), client_ip, user_agent, now_ms).await?;
+            let identity = auth::identify_on(
+                state,
+                request.headers(),
+                Some(&conn.last_session),
+                client_ip,
+                user_agent,
+                now_ms,
+            )
+            .await?;
             let basic = match identity.principal {
                 Some(_) => Basic::Absent,
                 None => auth::basic::verify(state, request.headers(), client_ip).await?,

@@ -529,8 +529,18 @@ impl Store {
     /// half-way through its time in the cache is read again in the
     /// background while this request goes on with it.
     pub async fn current_session(&self, hash: &SecretHash, now: u64) -> Result<Option<Arc<Session>>> {
+        match self.cached_session(hash, now) {
+            Some(session) => Ok(Some(session)),
+            // Boxed: a miss is rare under load, and its future would
+            // otherwise be part of (and copied with) every request's.
+            None => Box::pin(self.read_shared(hash, now)).await,
+        }
+    }
+
+    /// The session from the in-process cache, when fresh there.
+    fn cached_session(&self, hash: &SecretHash, now: u64) -> Option<Arc<Session>> {
         match self.cache.get(hash, now) {
-            Lookup::Fresh(session) => Ok(Some(session)),
+            Lookup::Fresh(session) => Some(session),
             Lookup::Refresh(session) => {
                 let (store, hash) = (self.clone(), *hash);
                 tokio::spawn(async move {
@@ -540,21 +550,25 @@ impl Store {
                         tracing::debug!(%error, "session refresh failed");
                     }
                 });
-                Ok(Some(session))
+                Some(session)
             }
-            Lookup::Miss => {
-                let read = self.cache.read_for(hash);
-                let outcome = read
-                    .get_or_init(|| async {
-                        let outcome = self.read_session_into_cache(hash, now).await;
-                        // Requests from now on read afresh (those waiting share this).
-                        self.cache.read_done(hash);
-                        outcome
-                    })
-                    .await;
-                outcome.clone()
-            }
+            Lookup::Miss => None,
         }
+    }
+
+    /// Reads the session from the store into the cache, one read shared by
+    /// the requests that miss together.
+    async fn read_shared(&self, hash: &SecretHash, now: u64) -> Result<Option<Arc<Session>>> {
+        let read = self.cache.read_for(hash);
+        let outcome = read
+            .get_or_init(|| async {
+                let outcome = self.read_session_into_cache(hash, now).await;
+                // Requests from now on read afresh (those waiting share this).
+                self.cache.read_done(hash);
+                outcome
+            })
+            .await;
+        outcome.clone()
     }
 
     async fn read_session_into_cache(&self, hash: &SecretHash, now: u64) -> Result<Option<Arc<Session>>> {

@@ -106,13 +106,28 @@ pub(crate) async fn verify(
     if let Some(user) = cache.cached(&tag, state) {
         return Ok(Basic::Verified(user));
     }
+    // Boxed: rare once verified, and its future would otherwise be part of
+    // every request's.
+    Box::pin(verify_in_turn(state, &login, password, client_ip, tag)).await
+}
+
+/// Verifies a credential the cache does not hold, one request per credential
+/// at a time.
+async fn verify_in_turn(
+    state: &State,
+    login: &str,
+    password: String,
+    client_ip: IpAddr,
+    tag: Vec<u8>,
+) -> Result<Basic, StoreError> {
+    let cache = &state.auth.basic;
     let turn = cache.turn(&tag);
     let _turn = turn.lock().await;
     // Whoever went first may have verified it meanwhile.
     if let Some(user) = cache.cached(&tag, state) {
         return Ok(Basic::Verified(user));
     }
-    let outcome = verify_uncached(state, &login, password, client_ip, &tag).await;
+    let outcome = verify_uncached(state, login, password, client_ip, &tag).await;
     // Also on an error (`?` inside): the next request takes a fresh turn.
     cache.done(&tag);
     outcome

@@ -2,6 +2,7 @@
 //! Path=/, no Domain. HttpOnly keeps scripts away; SameSite=Lax keeps them off
 //! cross-site POSTs.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use http::header::COOKIE;
@@ -17,10 +18,49 @@ pub fn read(headers: &HeaderMap, name: &str) -> Option<Secret> {
     value(headers, name).and_then(|v| std::str::from_utf8(v).ok()).and_then(Secret::parse)
 }
 
-/// The hash of cookie `name`'s secret, when it looks like one of ours: what
-/// the store is asked about, with no copy of the secret made.
-pub fn read_hash(headers: &HeaderMap, name: &str) -> Option<SecretHash> {
-    value(headers, name).and_then(SecretHash::of_sent)
+/// The hash of the session cookie's secret, when it looks like one of ours:
+/// what the store is asked about.
+pub fn read_session_hash(headers: &HeaderMap, last: Option<&LastSession>) -> Option<SecretHash> {
+    let sent = value(headers, SESSION)?;
+    match last {
+        Some(last) => last.hash_of(sent),
+        None => SecretHash::of_sent(sent),
+    }
+}
+
+/// The session cookie a connection sent last, and its hash. A client sends
+/// the same cookie on every request of a connection, and its SHA-256 was the
+/// largest part of identifying it. Kept only while the connection lasts.
+#[derive(Default)]
+pub struct LastSession(Mutex<Option<([u8; 64], SecretHash)>>);
+
+impl LastSession {
+    fn hash_of(&self, sent: &[u8]) -> Option<SecretHash> {
+        let sent: &[u8; 64] = sent.trim_ascii().try_into().ok()?;
+        // `try_lock`: HTTP/2 requests of one connection may meet here; one
+        // of them just hashes.
+        if let Ok(Some((last, hash))) = self.0.try_lock().as_deref() {
+            if same(last, sent) {
+                return Some(*hash);
+            }
+        }
+        let hash = SecretHash::of_sent(sent)?;
+        if let Ok(mut last) = self.0.try_lock() {
+            *last = Some((*sent, hash));
+        }
+        Some(hash)
+    }
+}
+
+impl std::fmt::Debug for LastSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LastSession(..)")
+    }
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &[u8; 64], b: &[u8; 64]) -> bool {
+    a.iter().zip(b).fold(0, |differ, (x, y)| differ | (x ^ y)) == 0
 }
 
 /// The first value sent for cookie `name`, as bytes: what our secrets are
@@ -72,6 +112,28 @@ mod tests {
             headers.append(COOKIE, v.parse().unwrap());
         }
         headers
+    }
+
+    #[test]
+    fn a_connection_remembers_the_hash_of_the_session_cookie_it_sent_last() {
+        use super::{read_session_hash, LastSession, SESSION};
+        use crate::store::Secret;
+        let last = LastSession::default();
+        let (a, b) = (Secret::generate(), Secret::generate());
+        for (secret, cookie) in [
+            (&a, format!("{SESSION}={}", a.expose())),
+            (&a, format!("x=1; {SESSION}={}", a.expose())),
+            (&b, format!("{SESSION}={}", b.expose())),
+            (&a, format!("{SESSION}={}", a.expose().to_ascii_uppercase())),
+            (&a, format!("{SESSION}={}", a.expose())),
+        ] {
+            assert_eq!(read_session_hash(&headers(&[&cookie]), Some(&last)), Some(secret.hash()), "{cookie}");
+            assert_eq!(read_session_hash(&headers(&[&cookie]), None), Some(secret.hash()), "{cookie}");
+            assert_eq!(last.0.lock().unwrap().as_ref().map(|(_, hash)| *hash), Some(secret.hash()));
+        }
+        let bad = format!("{SESSION}={}", "g".repeat(64));
+        assert_eq!(read_session_hash(&headers(&[&bad]), Some(&last)), None);
+        assert_eq!(read_session_hash(&headers(&[]), Some(&last)), None);
     }
 
     #[test]
