@@ -65,14 +65,23 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
 /// No escapes, nothing refused, no `.`/`..` segment and no empty segment
 /// (but the last, a trailing slash): the normal form of itself.
 fn is_normal(raw: &str) -> bool {
-    let plain = raw.bytes().all(|b| !matches!(b, b'%' | b'#' | b'\\' | 0..=0x1f | 0x7f));
-    let mut segments = raw.split('/').skip(1).peekable();
-    let mut tidy = true;
-    while let Some(segment) = segments.next() {
-        let last = segments.peek().is_none();
-        tidy &= !matches!(segment, "." | "..") && (last || !segment.is_empty());
+    // One pass: every request's path comes here.
+    let bytes = raw.as_bytes();
+    let tidy = |segment: &[u8], last: bool| !matches!(segment, b"." | b"..") && (last || !segment.is_empty());
+    let mut start = 1;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'%' | b'#' | b'\\' | 0..=0x1f | 0x7f => return false,
+            b'/' if i > 0 => {
+                if !tidy(&bytes[start..i], false) {
+                    return false;
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
     }
-    plain && tidy
+    tidy(bytes.get(start..).unwrap_or_default(), true)
 }
 
 fn decode_unreserved(raw: &str) -> Result<String, PathError> {
