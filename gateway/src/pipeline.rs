@@ -282,6 +282,9 @@ fn passkey_required(browser: bool, path: &str, query: Option<&str>) -> Response<
 }
 
 fn with_cookies(mut response: Response<Body>, cookies: Vec<HeaderValue>) -> Response<Body> {
+    if cookies.is_empty() {
+        return response;
+    }
     for cookie in cookies {
         response.headers_mut().append(SET_COOKIE, cookie);
     }

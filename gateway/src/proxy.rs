@@ -149,12 +149,10 @@ impl Upstream {
                     sockets.register(*session, task.abort_handle());
                 }
                 let headers = response.headers_mut();
-                strip_response(headers);
                 headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
                 headers.insert(UPGRADE, protocol);
                 return Ok(response.map(Either::Left));
             }
-            strip_response(response.headers_mut());
             self.relocate(response.headers_mut());
             Ok(response.map(Either::Left))
         }
@@ -250,14 +248,6 @@ impl Upstream {
                 Ok(Cow::Owned(target))
             }
         }
-    }
-}
-
-/// What of the upstream's response headers must not reach the client (its
-/// hop-by-hop headers were left out as its head was read).
-fn strip_response(headers: &mut http::HeaderMap) {
-    if headers::strip_gateway_set_cookies(headers) {
-        tracing::warn!("the upstream tried to set pbxgate's own cookie: removed from its response");
     }
 }
 

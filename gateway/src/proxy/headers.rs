@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use bytes::BytesMut;
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, FORWARDED, HOST, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use smallvec::SmallVec;
 
@@ -207,27 +207,11 @@ pub(super) fn line(buf: &mut BytesMut, name: &str, value: &[u8]) {
     buf.extend_from_slice(b"\r\n");
 }
 
-fn is_gateway_cookie(pair: &[u8]) -> bool {
+/// Whether a `Cookie` pair or a `Set-Cookie` value names one of the gateway's cookies.
+pub(super) fn is_gateway_cookie(pair: &[u8]) -> bool {
     // The prefix holds no `=` or space: matching the pair's start is matching its name's.
     let start = pair.trim_ascii_start();
     start.get(..14).is_some_and(|prefix| prefix.eq_ignore_ascii_case(b"__host-pbxgate"))
-}
-
-/// The PBX may set its own cookies, never the gateway's: one it could plant
-/// or clear would be a session fixed or ended from behind the gateway.
-/// Returns whether any was removed.
-pub fn strip_gateway_set_cookies(headers: &mut HeaderMap) -> bool {
-    let sets_ours = |v: &HeaderValue| is_gateway_cookie(v.as_bytes());
-    if !headers.get_all(SET_COOKIE).iter().any(sets_ours) {
-        return false;
-    }
-    let kept: Vec<HeaderValue> =
-        headers.get_all(SET_COOKIE).iter().filter(|v| !sets_ours(v)).cloned().collect();
-    headers.remove(SET_COOKIE);
-    for value in kept {
-        headers.append(SET_COOKIE, value);
-    }
-    true
 }
 
 /// The client's address: the socket peer, unless the peer is a trusted proxy,

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, SET_COOKIE, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Response, StatusCode, Version};
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::{Body, Incoming, SizeHint};
@@ -22,7 +22,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use super::headers::HOP_BY_HOP;
+use super::headers::{is_gateway_cookie, HOP_BY_HOP};
 
 /// Largest response head accepted from the PBX (hyper's client allows about
 /// as much).
@@ -243,6 +243,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Broke
                 continue;
             } else if HOP_BY_HOP.contains(&name) {
                 continue;
+            } else if name == SET_COOKIE && is_gateway_cookie(raw) {
+                // One the PBX could plant or clear would be a session fixed
+                // or ended from behind the gateway.
+                seen.planted_cookie = true;
+                continue;
             }
             let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))
                 .map_err(|_| Broken::Failed("bad header value in the response".into()))?;
@@ -250,6 +255,9 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, Broke
         }
         for name in &seen.listed {
             headers.remove(name);
+        }
+        if seen.planted_cookie {
+            tracing::warn!("the upstream tried to set pbxgate's own cookie: removed from its response");
         }
         if seen.chunked.is_some() {
             // Transfer-Encoding overrides it, and it must not be forwarded (RFC 9112 6.3).
@@ -276,6 +284,8 @@ struct Seen {
     keep_alive: bool,
     /// Other names `Connection` listed: hop-by-hop too.
     listed: SmallVec<[HeaderName; 2]>,
+    /// A `Set-Cookie` for the gateway's own cookies was left out.
+    planted_cookie: bool,
 }
 
 impl Seen {
@@ -600,6 +610,19 @@ mod tests {
                 .expect("complete");
         assert!(answer.response.headers().is_empty(), "{:?}", answer.response.headers());
         assert_eq!((answer.framing, answer.reusable), (Framing::Chunked, false));
+    }
+
+    #[test]
+    fn the_pbx_cannot_set_the_gateways_cookies() {
+        let answer = head(
+            b"HTTP/1.1 302 Found\r\nSet-Cookie: pbxlang=de; Path=/\r\nSet-Cookie: __Host-pbxgate=planted\r\n\
+              set-cookie:  __HOST-PBXGATE-remember=x\r\nContent-Length: 0\r\n\r\n",
+            &Method::GET,
+        )
+        .expect("ok")
+        .expect("complete");
+        let set: Vec<_> = answer.response.headers().get_all(http::header::SET_COOKIE).iter().collect();
+        assert_eq!(set, ["pbxlang=de; Path=/"]);
     }
 
     #[test]
