@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{ACCEPT, HOST, LOCATION, SET_COOKIE, USER_AGENT};
+use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use pbxgate_policies::{decide, normalize_path, screen, Access, Facts, Principal, Screen, Verdict};
 
 use crate::auth::basic::Basic;
@@ -27,20 +29,24 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Dropped> {
     let policy = state.policy.load_full();
+    // The head is kept here and lent on: what is borrowed from it (host,
+    // path) lasts the whole request, with no copies.
+    let (mut head, body) = request.into_parts();
+    let upgrade = head.extensions.remove::<OnUpgrade>();
+    let parts = &head;
 
     // 1. facts
     let peer = conn.peer.ip();
     let trusted_peer = policy.is_trusted_proxy(peer);
-    let client_ip = headers::client_ip(peer, request.headers(), &policy);
-    // Cheap copies (shared buffers), so what is borrowed below outlives the request.
-    let (uri, host_value) = (request.uri().clone(), request.headers().get(HOST).cloned());
-    let host_header = uri.authority().map(|a| a.as_str()).or_else(|| host_value.as_ref()?.to_str().ok());
+    let client_ip = headers::client_ip(peer, &parts.headers, &policy);
+    let host_header =
+        parts.uri.authority().map(|a| a.as_str()).or_else(|| parts.headers.get(HOST)?.to_str().ok());
     let host_header = host_header.unwrap_or_default();
     let host = bare_host(host_header);
-    let method = request.method().clone();
-    let normalized = normalize_path(uri.path());
-    let user_agent = request.headers().get(USER_AGENT).and_then(|v| v.to_str().ok());
-    let browser = is_browser(&request);
+    let method = &parts.method;
+    let normalized = normalize_path(parts.uri.path());
+    let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok());
+    let browser = is_browser(parts);
     let facts = Facts {
         client_ip,
         host: &host,
@@ -48,7 +54,7 @@ pub(crate) async fn handle(
         path: normalized.as_deref().unwrap_or(""),
         user_agent,
     };
-    let mut log = Log { state, method: &method, host: &host, path: "-", client: client_ip, user: "-" };
+    let mut log = Log { state, method, host: &host, path: "-", client: client_ip, user: "-" };
 
     // 2. screen
     if let Screen::Drop(reason) = screen(&policy, &facts) {
@@ -70,12 +76,16 @@ pub(crate) async fn handle(
 
     // 3. the gateway's own endpoints
     if reserved::is_reserved(path) {
-        let host_header = host_header.to_string();
+        // The handlers take the request whole: what the log needs is copied.
+        let (host_header, host, path, method) =
+            (host_header.to_string(), host.to_string(), path.to_string(), method.clone());
         let ctx =
             Ctx { client_ip, proto: conn.proto, host: &host_header, user_agent: user_agent.into(), browser };
+        let request = Request::from_parts(head, body);
         // Boxed: sign-in is rare next to proxying, and its large future would
         // otherwise be part of (and copied with) every request's.
-        let response = Box::pin(reserved::handle(state, &ctx, request, path)).await;
+        let response = Box::pin(reserved::handle(state, &ctx, request, &path)).await;
+        let log = Log { state, method: &method, host: &host, path: &path, client: client_ip, user: "-" };
         return Ok(log.write(response, None, "reserved", "reserved"));
     }
 
@@ -92,7 +102,7 @@ pub(crate) async fn handle(
         let looked_up = async {
             let identity = auth::identify_on(
                 state,
-                request.headers(),
+                &parts.headers,
                 Some(&conn.last_session),
                 client_ip,
                 user_agent,
@@ -101,7 +111,7 @@ pub(crate) async fn handle(
             .await?;
             let basic = match identity.principal {
                 Some(_) => Basic::Absent,
-                None => auth::basic::verify(state, request.headers(), client_ip).await?,
+                None => auth::basic::verify(state, &parts.headers, client_ip).await?,
             };
             Ok::<_, crate::store::StoreError>((identity, basic))
         };
@@ -110,7 +120,7 @@ pub(crate) async fn handle(
                 identity = found;
                 let listed = route.is_some_and(|r| {
                     r.access == Access::Api
-                        && auth::basic::listed_form(request.headers())
+                        && auth::basic::listed_form(&parts.headers)
                             .is_some_and(|c| r.basic_credentials.contains(&c))
                 });
                 match basic {
@@ -135,7 +145,7 @@ pub(crate) async fn handle(
     let who = identity.principal.as_ref();
     log.user = who.map_or(basic_user.as_deref().unwrap_or("-"), |p| p.user());
     if who.is_some_and(|p| p.record.must_register_passkey) {
-        let response = with_cookies(passkey_required(browser, path, uri.query()), identity.set_cookies);
+        let response = with_cookies(passkey_required(browser, path, parts.uri.query()), identity.set_cookies);
         return Ok(log.write(response, None, "deny", "passkey_required"));
     }
     let principal = match (who, &basic_user) {
@@ -149,7 +159,7 @@ pub(crate) async fn handle(
     // 5. decide
     let now_secs = now_ms / 1000;
     let decision = decide(&policy, &facts, principal.as_ref(), now_secs);
-    let return_path = || match uri.query() {
+    let return_path = || match parts.uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     };
@@ -183,7 +193,7 @@ pub(crate) async fn handle(
     let out = Outgoing {
         worker: conn.worker,
         peer,
-        peer_value: conn.peer_value.clone(),
+        peer_value: &conn.peer_value,
         trusted_peer,
         client: client_ip,
         proto: conn.proto,
@@ -191,9 +201,10 @@ pub(crate) async fn handle(
         path,
         identity: upstream_identity,
         sockets: who.map(|p| (&state.auth.sockets, &p.session)),
+        upgrade,
     };
     let upstream_started = Instant::now();
-    let response = match state.upstream.forward(request, out, &state.spoofable, upstream_started).await {
+    let response = match state.upstream.forward(parts, body, out, &state.spoofable, upstream_started).await {
         Ok(response) => response,
         Err(refusal) => respond(&refusal, browser),
     };
@@ -363,10 +374,10 @@ fn bare_host(host: &str) -> Cow<'_, str> {
 }
 
 /// A person's browser navigating: they get pages and redirects, programs get JSON.
-fn is_browser<B>(request: &Request<B>) -> bool {
-    matches!(*request.method(), Method::GET | Method::HEAD)
+fn is_browser(request: &Parts) -> bool {
+    matches!(request.method, Method::GET | Method::HEAD)
         && request
-            .headers()
+            .headers
             .get(ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|accept| accept.contains("text/html"))

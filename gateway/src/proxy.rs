@@ -15,10 +15,12 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, LOCATION, UPGRADE};
+use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Limited};
 use hyper::body::{Body as _, Incoming};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -43,7 +45,7 @@ struct Prepared {
     chunked: bool,
     /// The protocol the client asked to switch to, and its side of the switch.
     upgrade: Option<HeaderValue>,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<OnUpgrade>,
 }
 
 /// The PBX: where it lives and a pool of connections to it per worker.
@@ -68,7 +70,7 @@ pub struct Outgoing<'a> {
     pub worker: usize,
     pub peer: IpAddr,
     /// `peer` as a header value, made once per connection.
-    pub peer_value: HeaderValue,
+    pub peer_value: &'a HeaderValue,
     pub trusted_peer: bool,
     pub client: IpAddr,
     /// `https` or `http`: how the client reached us.
@@ -81,6 +83,8 @@ pub struct Outgoing<'a> {
     pub identity: Option<UpstreamIdentity>,
     /// Where to register an upgraded connection, so it closes with its session.
     pub sockets: Option<(&'a crate::auth::sockets::Sockets, &'a crate::store::SecretHash)>,
+    /// The client's side of a protocol switch, when it asked for one.
+    pub upgrade: Option<OnUpgrade>,
 }
 
 impl Upstream {
@@ -109,21 +113,23 @@ impl Upstream {
         })
     }
 
-    /// Sends the request upstream and returns the upstream's response, or the
-    /// refusal to answer with (502 unreachable, 504 too slow, 413 too large).
+    /// Sends the request (`parts` and `body`) upstream and returns the
+    /// upstream's response, or the refusal to answer with (502 unreachable,
+    /// 504 too slow, 413 too large).
     ///
-    /// Not an `async fn`: the request and `out` are only needed to write the
-    /// head, and an `async fn` would keep them (twice) in its future, which
-    /// is part of, and copied with, every request's.
+    /// Not an `async fn`: the request's head and `out` are only needed to
+    /// write the PBX's head, and an `async fn` would keep them in its future,
+    /// which is part of, and copied with, every request's.
     /// `now`: when the request goes, as the caller read the clock.
     pub fn forward<'a>(
         &'a self,
-        request: Request<Incoming>,
-        out: Outgoing<'a>,
+        parts: &Parts,
+        body: Incoming,
+        mut out: Outgoing<'a>,
         spoofable: &Spoofable,
         now: Instant,
     ) -> impl Future<Output = Result<Response<Body>, Refusal>> + 'a {
-        let prepared = self.prepare(request, &out, spoofable);
+        let prepared = self.prepare(parts, body, &mut out, spoofable);
         let (worker, sockets) = (out.worker, out.sockets);
         async move {
             let Prepared { head, method, body, chunked, upgrade, client_upgrade } = prepared?;
@@ -161,35 +167,39 @@ impl Upstream {
     /// The request as it goes to the PBX: its head written, its body limited.
     fn prepare(
         &self,
-        mut request: Request<Incoming>,
-        out: &Outgoing<'_>,
+        parts: &Parts,
+        body: Incoming,
+        out: &mut Outgoing<'_>,
         spoofable: &Spoofable,
     ) -> Result<Prepared, Refusal> {
-        if request
-            .headers()
+        if parts
+            .headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .is_some_and(|len| len > self.max_body as u64)
         {
             return Err(Refusal::PayloadTooLarge);
         }
-        let upgrade = requested_upgrade(&request);
-        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
+        let upgrade = requested_upgrade(parts);
+        let client_upgrade = upgrade.as_ref().and(out.upgrade.take());
 
-        let (parts, body) = request.into_parts();
         let target = self.upstream_target(&parts.uri, out.path)?;
         let has_body = !body.is_end_stream();
         let chunked = has_body && !parts.headers.contains_key(CONTENT_LENGTH);
         // HTTP/2 clients send :authority, not Host; the PBX sees the name the
         // client used (its own Host value when it says that: no copy).
+        let made;
         let host = match parts.headers.get(HOST) {
-            Some(value) if value.as_bytes() == out.host.as_bytes() => Some(value.clone()),
-            _ => HeaderValue::from_str(out.host).ok(),
+            Some(value) if value.as_bytes() == out.host.as_bytes() => Some(value),
+            _ => {
+                made = HeaderValue::from_str(out.host).ok();
+                made.as_ref()
+            }
         };
         let head = headers::RequestHead {
             method: &parts.method,
             target: &target,
-            host: host.as_ref(),
+            host,
             identity: out.identity.as_ref(),
             upgrade: upgrade.as_ref(),
             chunked,
@@ -197,7 +207,7 @@ impl Upstream {
         let mut encoded = BytesMut::new();
         headers::write_request_head(&mut encoded, &head, &parts.headers, out, spoofable);
         let body = has_body.then(|| Limited::new(body, self.max_body));
-        Ok(Prepared { head: encoded, method: parts.method, body, chunked, upgrade, client_upgrade })
+        Ok(Prepared { head: encoded, method: parts.method.clone(), body, chunked, upgrade, client_upgrade })
     }
 
     /// A redirect to the PBX's own address (`upstream.url`), which browsers
@@ -252,23 +262,23 @@ impl Upstream {
 }
 
 /// The protocol an HTTP/1.1 client asks to switch to (`Connection: upgrade`).
-fn requested_upgrade(request: &Request<Incoming>) -> Option<HeaderValue> {
-    if request.version() != Version::HTTP_11 {
+fn requested_upgrade(request: &Parts) -> Option<HeaderValue> {
+    if request.version != Version::HTTP_11 {
         return None;
     }
     let wants = request
-        .headers()
+        .headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    wants.then(|| request.headers().get(UPGRADE).cloned()).flatten()
+    wants.then(|| request.headers.get(UPGRADE).cloned()).flatten()
 }
 
 /// Copies bytes both ways between the client and the upstream until either
 /// closes, starting with what the upstream sent right after its `101`.
-async fn splice(client: hyper::upgrade::OnUpgrade, mut upstream: http1::Conn) {
+async fn splice(client: OnUpgrade, mut upstream: http1::Conn) {
     match client.await {
         Ok(client) => {
             let mut client = TokioIo::new(client);

@@ -262,7 +262,7 @@ mod tests {
         Outgoing {
             worker: 0,
             peer: ip(peer),
-            peer_value: ip_value(ip(peer)),
+            peer_value: Box::leak(Box::new(ip_value(ip(peer)))),
             trusted_peer,
             client: ip(client),
             proto: "https",
@@ -270,6 +270,7 @@ mod tests {
             path: "/",
             identity: None,
             sockets: None,
+            upgrade: None,
         }
     }
 
