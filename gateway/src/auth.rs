@@ -60,13 +60,15 @@ pub(crate) async fn identify(
     user_agent: &str,
     now: u64,
 ) -> Result<Identity, StoreError> {
-    identify_on(state, headers, None, client_ip, user_agent, now).await
+    identify_on(state, &state.policy.load(), headers, None, client_ip, user_agent, now).await
 }
 
 /// [`identify`] for a request of a connection that remembers the session
 /// cookie it sent last (`last`), so a cookie sent again is not hashed again.
+/// `policy`: the one the request is decided on.
 pub(crate) async fn identify_on(
     state: &State,
+    policy: &pbxgate_policies::Policy,
     headers: &HeaderMap,
     last: Option<&cookies::LastSession>,
     client_ip: IpAddr,
@@ -75,7 +77,7 @@ pub(crate) async fn identify_on(
 ) -> Result<Identity, StoreError> {
     if let Some(hash) = cookies::read_session_hash(headers, last) {
         if let Some(record) = state.store.current_session(&hash, now).await? {
-            if state.policy.load().user(&record.user).is_some() {
+            if policy.user(&record.user).is_some() {
                 return Ok(Identity {
                     principal: Some(Principal { session: hash, record }),
                     set_cookies: Vec::new(),

@@ -11,7 +11,7 @@ use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use pbxgate_policies::{decide, normalize_path, screen, Access, Facts, Principal, Screen, Verdict};
+use pbxgate_policies::{decide_on_route, normalize_path, screen, Access, Facts, Principal, Screen, Verdict};
 
 use crate::auth::basic::Basic;
 use crate::auth::routes::Ctx;
@@ -39,8 +39,8 @@ pub(crate) async fn handle(
     let peer = conn.peer.ip();
     let trusted_peer = policy.is_trusted_proxy(peer);
     let client_ip = headers::client_ip(peer, &parts.headers, &policy);
-    let host_header =
-        parts.uri.authority().map(|a| a.as_str()).or_else(|| parts.headers.get(HOST)?.to_str().ok());
+    let host_value = parts.headers.get(HOST);
+    let host_header = parts.uri.authority().map(|a| a.as_str()).or_else(|| host_value?.to_str().ok());
     let host_header = host_header.unwrap_or_default();
     let host = bare_host(host_header);
     let method = &parts.method;
@@ -102,6 +102,7 @@ pub(crate) async fn handle(
         let looked_up = async {
             let identity = auth::identify_on(
                 state,
+                &policy,
                 &parts.headers,
                 Some(&conn.last_session),
                 client_ip,
@@ -158,7 +159,7 @@ pub(crate) async fn handle(
 
     // 5. decide
     let now_secs = now_ms / 1000;
-    let decision = decide(&policy, &facts, principal.as_ref(), now_secs);
+    let decision = decide_on_route(&policy, route, &facts, principal.as_ref(), now_secs);
     let return_path = || match parts.uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
@@ -198,6 +199,7 @@ pub(crate) async fn handle(
         client: client_ip,
         proto: conn.proto,
         host: host_header,
+        host_value,
         path,
         identity: upstream_identity,
         sockets: who.map(|p| (&state.auth.sockets, &p.session)),
@@ -360,13 +362,18 @@ fn request_host<B>(request: &Request<B>) -> Option<&str> {
 /// Lower case, without port or trailing dot; IPv6 without brackets.
 fn bare_host(host: &str) -> Cow<'_, str> {
     let host = host.trim_ascii();
+    let bytes = host.as_bytes();
+    // Byte searches: every request's host comes here.
     let name = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or_default()
     } else {
-        host.rsplit_once(':')
-            .map_or(host, |(name, port)| if port.bytes().all(|b| b.is_ascii_digit()) { name } else { host })
+        match bytes.iter().rposition(|&b| b == b':') {
+            Some(colon) if bytes[colon + 1..].iter().all(u8::is_ascii_digit) => &host[..colon],
+            _ => host,
+        }
     };
-    let name = name.trim_end_matches('.');
+    let dots = name.bytes().rev().take_while(|&b| b == b'.').count();
+    let name = &name[..name.len() - dots];
     match name.bytes().any(|b| b.is_ascii_uppercase()) {
         true => Cow::Owned(name.to_ascii_lowercase()),
         false => Cow::Borrowed(name),
@@ -393,6 +400,10 @@ mod tests {
             ("[::1]:8443", "::1"),
             ("[::1]", "::1"),
             ("example.com.", "example.com"),
+            ("example.com..:80", "example.com"),
+            ("a:b", "a:b"),
+            ("host:", "host"),
+            (" Host ", "host"),
             ("", ""),
         ] {
             assert_eq!(super::bare_host(input), want, "{input}");

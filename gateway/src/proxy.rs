@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, LOCATION, UPGRADE};
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, LOCATION, UPGRADE};
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Response, StatusCode, Uri, Version};
@@ -77,6 +77,8 @@ pub struct Outgoing<'a> {
     pub proto: &'static str,
     /// The Host as the client sent it (with port).
     pub host: &'a str,
+    /// The client's `Host` header, when it sent one.
+    pub host_value: Option<&'a HeaderValue>,
     /// The normalised path: the upstream routes what the policy decided on.
     pub path: &'a str,
     /// Identity headers to send (after every client-sent copy is removed).
@@ -180,7 +182,8 @@ impl Upstream {
         {
             return Err(Refusal::PayloadTooLarge);
         }
-        let upgrade = requested_upgrade(parts);
+        let listed = headers::connection_tokens(&parts.headers);
+        let upgrade = requested_upgrade(parts, &listed);
         let client_upgrade = upgrade.as_ref().and(out.upgrade.take());
 
         let target = self.upstream_target(&parts.uri, out.path)?;
@@ -189,7 +192,7 @@ impl Upstream {
         // HTTP/2 clients send :authority, not Host; the PBX sees the name the
         // client used (its own Host value when it says that: no copy).
         let made;
-        let host = match parts.headers.get(HOST) {
+        let host = match out.host_value {
             Some(value) if value.as_bytes() == out.host.as_bytes() => Some(value),
             _ => {
                 made = HeaderValue::from_str(out.host).ok();
@@ -203,6 +206,7 @@ impl Upstream {
             identity: out.identity.as_ref(),
             upgrade: upgrade.as_ref(),
             chunked,
+            listed: &listed,
         };
         let mut encoded = BytesMut::new();
         headers::write_request_head(&mut encoded, &head, &parts.headers, out, spoofable);
@@ -261,18 +265,11 @@ impl Upstream {
     }
 }
 
-/// The protocol an HTTP/1.1 client asks to switch to (`Connection: upgrade`).
-fn requested_upgrade(request: &Parts) -> Option<HeaderValue> {
-    if request.version != Version::HTTP_11 {
-        return None;
-    }
-    let wants = request
-        .headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+/// The protocol an HTTP/1.1 client asks to switch to (`Connection: upgrade`,
+/// among the names its `Connection` header `listed`).
+fn requested_upgrade(request: &Parts, listed: &[&str]) -> Option<HeaderValue> {
+    let wants =
+        request.version == Version::HTTP_11 && listed.iter().any(|t| t.eq_ignore_ascii_case("upgrade"));
     wants.then(|| request.headers.get(UPGRADE).cloned()).flatten()
 }
 

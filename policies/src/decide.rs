@@ -88,9 +88,21 @@ pub fn decide<'p>(
     principal: Option<&Principal<'_>>,
     now: u64,
 ) -> Decision<'p> {
+    decide_on_route(policy, policy.route_for(facts.path), facts, principal, now)
+}
+
+/// [`decide`] with the route already looked up: `route` must be
+/// `policy.route_for(facts.path)`.
+pub fn decide_on_route<'p>(
+    policy: &'p Policy,
+    route: Option<&'p Route>,
+    facts: &Facts<'_>,
+    principal: Option<&Principal<'_>>,
+    now: u64,
+) -> Decision<'p> {
     // A principal the policy no longer names (user removed) is nobody.
     let user = principal.and_then(|p| policy.user(p.name));
-    let Some(route) = policy.route_for(facts.path) else {
+    let Some(route) = route else {
         return Decision { verdict: Verdict::Deny(DenyReason::NoRoute), rule: Rule::NoRoute, user };
     };
     let verdict = verdict_for(policy, route, facts, principal.zip(user), now);

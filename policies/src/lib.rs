@@ -10,7 +10,9 @@ mod path;
 mod policy;
 mod screen;
 
-pub use decide::{decide, user_may_come_from, Decision, DenyReason, Principal, Rule, Verdict};
+pub use decide::{
+    decide, decide_on_route, user_may_come_from, Decision, DenyReason, Principal, Rule, Verdict,
+};
 pub use path::{normalize_path, PathError};
 pub use policy::{Access, Domain, Policy, PolicyError, Role, RoleSettings, Route, User};
 pub use screen::{screen, DropReason, Screen};

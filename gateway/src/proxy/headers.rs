@@ -92,6 +92,20 @@ pub struct RequestHead<'a> {
     pub upgrade: Option<&'a HeaderValue>,
     /// A body of unknown length, sent in chunks.
     pub chunked: bool,
+    /// The names the client's `Connection` header lists ([`connection_tokens`]).
+    pub listed: &'a [&'a str],
+}
+
+/// The names a `Connection` header lists: rare beyond "keep-alive" and "close".
+pub fn connection_tokens(headers: &HeaderMap) -> SmallVec<[&str; 4]> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 /// Writes the request head for the PBX in one pass over the client's headers
@@ -109,16 +123,7 @@ pub fn write_request_head(
     out: &Outgoing<'_>,
     spoofable: &Spoofable,
 ) {
-    let trusted = out.trusted_peer;
-    // Names `Connection` lists: rare beyond "keep-alive" and "close".
-    let listed: SmallVec<[&str; 4]> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .collect();
+    let (trusted, listed) = (out.trusted_peer, head.listed);
     buf.reserve(256 + head.target.len() + headers.len() * 48);
     buf.extend_from_slice(head.method.as_str().as_bytes());
     buf.extend_from_slice(b" ");
@@ -267,6 +272,7 @@ mod tests {
             client: ip(client),
             proto: "https",
             host: "a.example",
+            host_value: None,
             path: "/",
             identity: None,
             sockets: None,
@@ -278,6 +284,7 @@ mod tests {
     fn head(headers: &HeaderMap, out: &Outgoing<'_>, spoofable: &Spoofable) -> String {
         let host = HeaderValue::from_static("a.example");
         let method = http::Method::GET;
+        let listed = connection_tokens(headers);
         let head = RequestHead {
             method: &method,
             target: "/x?y",
@@ -285,6 +292,7 @@ mod tests {
             identity: None,
             upgrade: None,
             chunked: false,
+            listed: &listed,
         };
         let mut buf = BytesMut::new();
         write_request_head(&mut buf, &head, headers, out, spoofable);
@@ -336,6 +344,7 @@ mod tests {
             identity: None,
             upgrade: Some(&protocol),
             chunked: true,
+            listed: &[],
         };
         write_request_head(&mut buf, &upgrade, &HeaderMap::new(), &out, &spoofable);
         let text = String::from_utf8(buf.to_vec()).unwrap();
