@@ -307,6 +307,19 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 
     #[test]
+    fn scanner_search_finds_what_comparing_every_window_finds(
+        ua in "[a-zA-Z/ .é;()-]{0,80}|\\PC{0,600}",
+        needles in proptest::collection::vec("[a-z/ é-]{1,6}", 0..4),
+    ) {
+        // The obvious search, as the oracle: every window against every needle.
+        let naive = needles.iter().position(|n| {
+            let (h, n) = (ua.as_bytes(), n.as_bytes());
+            n.len() <= h.len() && h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+        });
+        prop_assert_eq!(crate::screen::find_any_ignore_case(&ua, &needles), naive);
+    }
+
+    #[test]
     fn normalize_never_panics_and_is_idempotent(raw in "\\PC{0,40}|/[a-z%0-9./\\\\#]{0,30}") {
         if let Ok(once) = normalize_path(&raw) {
             prop_assert!(once.starts_with('/'));
