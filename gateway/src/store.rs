@@ -285,7 +285,7 @@ struct PrehashedHasher(u64);
 
 impl std::hash::Hasher for PrehashedHasher {
     fn write(&mut self, bytes: &[u8]) {
-        // Only `SecretHash` keys these maps, and it hashes as one `u64`.
+        // `SecretHash` hashes as one `u64` (below); other keys still work.
         for chunk in bytes.chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);

@@ -73,7 +73,7 @@ fn value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
 }
 
 /// A `Cookie` header's `name=value` pairs, trimmed.
-pub fn pairs(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn pairs(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = Some(value);
     std::iter::from_fn(move || {
         let current = rest?;

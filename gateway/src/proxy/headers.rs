@@ -97,7 +97,7 @@ pub struct RequestHead<'a> {
 }
 
 /// The names a `Connection` header lists: rare beyond "keep-alive" and "close".
-pub fn connection_tokens(headers: &HeaderMap) -> SmallVec<[&str; 4]> {
+pub(super) fn connection_tokens(headers: &HeaderMap) -> SmallVec<[&str; 4]> {
     headers
         .get_all(CONNECTION)
         .iter()

@@ -104,7 +104,7 @@ impl SecretHash {
 
     /// The hash's first eight bytes: already uniformly spread, so maps key
     /// on them without hashing again.
-    pub fn prefix(&self) -> u64 {
+    fn prefix(&self) -> u64 {
         let mut word = [0u8; 8];
         word.copy_from_slice(&self.0[..8]);
         u64::from_le_bytes(word)
