@@ -77,8 +77,7 @@ def main():
     b.nginx(tmp, "upstream", f"listen 127.0.0.1:{up_port} reuseport backlog=4096; "
             f"default_type text/plain; location / {{ return 200 '{b.BODY}'; }}")
     upstream = f"upstream up {{ server 127.0.0.1:{up_port}; keepalive 128; }}"
-    proxy = "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection '';"
-    plain = b.nginx(tmp, "plain", f"listen 127.0.0.1:{plain_port}; location / {{ {proxy} }}", upstream)
+    plain = b.nginx(tmp, "plain", f"listen 127.0.0.1:{plain_port}; location / {{ {b.PROXY} }}", upstream)
     b.write(f"{tmp}/policy.toml", 'domains = ["localhost"]\n[[route]]\npath = "/"\naccess = "user"\n'
             '[[user]]\nname = "bench"\npassword_login = true\n')
     b.wait_port(plain_port)

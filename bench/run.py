@@ -11,6 +11,17 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "3"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
 BODY = "x" * 1024
+# nginx in front of a PBX as operators configure it: keep-alive to the PBX,
+# and the Host, client address and scheme passed on, as pbxgate passes them.
+PROXY = ("proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ''; "
+         "proxy_set_header Host $host; proxy_set_header X-Real-IP $remote_addr; "
+         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; "
+         "proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $host;")
+# And the forward-auth pattern as Authelia documents it for nginx: the check's
+# answer says who the user is, and that goes to the PBX.
+AUTH_REQUEST = ("auth_request /_auth; auth_request_set $user $upstream_http_remote_user; "
+                "auth_request_set $groups $upstream_http_remote_groups; "
+                "proxy_set_header Remote-User $user; proxy_set_header Remote-Groups $groups;")
 procs = []
 
 
@@ -161,17 +172,16 @@ def run(tmp):
     up = f"default_type text/plain; location / {{ return 200 '{BODY}'; }}"
     nginx(tmp, "upstream", f"listen 127.0.0.1:{ports['up']} reuseport backlog=4096; {up}")
     upstream = f"upstream up {{ server 127.0.0.1:{ports['up']}; keepalive 128; }}"
-    proxy = "proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection '';"
     masters = {}
-    masters["nginx-plain"] = nginx(tmp, "plain", f"listen 127.0.0.1:{ports['plain']}; location / {{ {proxy} }}", upstream)
+    masters["nginx-plain"] = nginx(tmp, "plain", f"listen 127.0.0.1:{ports['plain']}; location / {{ {PROXY} }}", upstream)
     start([os.path.join(RELEASE, "examples", "session-check"), f"127.0.0.1:{ports['check']}", f"redis://127.0.0.1:{ports['redis']}/0"])
     auth_up = upstream + f" upstream check {{ server 127.0.0.1:{ports['check']}; keepalive 128; }}"
-    auth = (f"listen 127.0.0.1:{ports['auth']}; location / {{ auth_request /_auth; {proxy} }} "
+    auth = (f"listen 127.0.0.1:{ports['auth']}; location / {{ {AUTH_REQUEST} {PROXY} }} "
             "location = /_auth { internal; proxy_pass http://check; proxy_http_version 1.1; proxy_set_header Connection ''; "
             "proxy_pass_request_body off; proxy_set_header Content-Length ''; }")
     masters["nginx-auth_request"] = nginx(tmp, "auth", auth, auth_up)
     ssl = (f"listen 127.0.0.1:{ports['ssl']} ssl http2; ssl_certificate {tmp}/cert.pem; ssl_certificate_key {tmp}/key.pem; "
-           f"location / {{ {proxy} }}")
+           f"location / {{ {PROXY} }}")
     masters["nginx-ssl"] = nginx(tmp, "ssl", ssl, upstream)
 
     write(f"{tmp}/policy.toml", 'domains = ["localhost"]\n'

@@ -1,6 +1,7 @@
 //! The forward-auth pattern's session check (as Authelia or oauth2-proxy are
 //! deployed behind nginx `auth_request`), for the benchmark: 204 when the
-//! `s` cookie names a key in Redis, 401 otherwise.
+//! `s` cookie names a key in Redis, with the user it holds in `Remote-User`
+//! and `Remote-Groups` (as Authelia answers), 401 otherwise.
 //!
 //! cargo run --release --example session-check -- LISTEN_ADDR REDIS_URL
 
@@ -36,19 +37,26 @@ async fn main() {
                         .and_then(|v| v.to_str().ok())
                         .and_then(|c| c.split(';').find_map(|p| p.trim().strip_prefix("s=")))
                         .map(str::to_string);
-                    let known = match session {
+                    let user = match session {
                         Some(s) => redis::cmd("GET")
                             .arg(format!("session:{s}"))
                             .query_async::<Option<String>>(&mut redis)
                             .await
                             .ok()
-                            .flatten()
-                            .is_some(),
-                        None => false,
+                            .flatten(),
+                        None => None,
                     };
                     let mut response = Response::new(Full::new(Bytes::new()));
-                    *response.status_mut() =
-                        if known { StatusCode::NO_CONTENT } else { StatusCode::UNAUTHORIZED };
+                    match user.and_then(|u| http::HeaderValue::try_from(u).ok()) {
+                        Some(user) => {
+                            *response.status_mut() = StatusCode::NO_CONTENT;
+                            response.headers_mut().insert("remote-user", user);
+                            response
+                                .headers_mut()
+                                .insert("remote-groups", http::HeaderValue::from_static("user"));
+                        }
+                        None => *response.status_mut() = StatusCode::UNAUTHORIZED,
+                    }
                     Ok::<_, Infallible>(response)
                 }
             });
