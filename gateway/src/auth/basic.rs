@@ -1,7 +1,10 @@
 //! HTTP Basic for API accounts (role `api`, `basic_auth = true`, limited to
 //! networks): verified against the account's argon2id hash, then remembered
 //! for a minute under a keyed hash of the credentials, so a script's steady
-//! stream of requests does not pay argon2 each time.
+//! stream of requests does not pay argon2 each time. A credential still in
+//! use half-way through its minute is verified again in the background, so
+//! a busy script never waits for argon2 once it is verified (all its
+//! connections would otherwise stall together, once a minute).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -20,6 +23,7 @@ use crate::store::StoreError;
 use crate::State;
 
 const CACHE_TTL: Duration = Duration::from_secs(60);
+const REFRESH_AFTER: Duration = Duration::from_secs(30);
 const CACHE_MAX: usize = 10_000;
 
 pub struct BasicCache {
@@ -41,12 +45,59 @@ impl Default for BasicCache {
     }
 }
 
+/// What the cache holds for a credential.
+#[derive(Debug, PartialEq)]
+enum Cached {
+    Fresh(String),
+    /// Still good, and due to be verified again.
+    Refresh(String),
+    Miss,
+}
+
 impl BasicCache {
     fn cached(&self, tag: &[u8], state: &State) -> Option<String> {
-        let verified = self.verified.lock().ok()?;
-        let (user, at) = verified.get(tag)?;
-        (at.elapsed() < CACHE_TTL && state.policy.load().user(user).is_some_and(|u| u.basic_auth))
-            .then(|| user.clone())
+        match self.lookup(tag, Instant::now()) {
+            Cached::Fresh(user) | Cached::Refresh(user) if still_basic(state, &user) => Some(user),
+            _ => None,
+        }
+    }
+
+    fn lookup(&self, tag: &[u8], now: Instant) -> Cached {
+        let Ok(verified) = self.verified.lock() else { return Cached::Miss };
+        let Some((user, at)) = verified.get(tag) else { return Cached::Miss };
+        match now.saturating_duration_since(*at) {
+            age if age >= CACHE_TTL => Cached::Miss,
+            age if age >= REFRESH_AFTER => Cached::Refresh(user.clone()),
+            _ => Cached::Fresh(user.clone()),
+        }
+    }
+
+    fn remember(&self, tag: &[u8], user: &str, at: Instant) {
+        if let Ok(mut verified) = self.verified.lock() {
+            if verified.len() >= CACHE_MAX {
+                verified.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
+            }
+            verified.insert(tag.to_vec(), (user.to_string(), at));
+        }
+    }
+
+    fn forget(&self, tag: &[u8]) {
+        if let Ok(mut verified) = self.verified.lock() {
+            verified.remove(tag);
+        }
+    }
+
+    /// This credential's turn, taken now, or `None` when a verification of
+    /// it is already under way.
+    fn claim(&self, tag: &[u8]) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let mut in_flight = self.in_flight.lock().ok()?;
+        if in_flight.contains_key(tag) {
+            return None;
+        }
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        let taken = turn.clone().try_lock_owned().ok()?;
+        in_flight.insert(tag.to_vec(), turn);
+        Some(taken)
     }
 
     /// This credential's turn to be verified (shared by concurrent requests).
@@ -94,7 +145,7 @@ pub fn listed_form(headers: &HeaderMap) -> Option<String> {
 }
 
 pub(crate) async fn verify(
-    state: &State,
+    state: &Arc<State>,
     headers: &HeaderMap,
     client_ip: IpAddr,
 ) -> Result<Basic, StoreError> {
@@ -103,12 +154,42 @@ pub(crate) async fn verify(
     };
     let cache = &state.auth.basic;
     let tag = hmac::sign(&cache.key, format!("{login}\0{password}").as_bytes()).as_ref().to_vec();
-    if let Some(user) = cache.cached(&tag, state) {
-        return Ok(Basic::Verified(user));
+    match cache.lookup(&tag, Instant::now()) {
+        Cached::Fresh(user) if still_basic(state, &user) => return Ok(Basic::Verified(user)),
+        Cached::Refresh(user) if still_basic(state, &user) => {
+            verify_in_background(state, login, password, tag);
+            return Ok(Basic::Verified(user));
+        }
+        _ => {}
     }
     // Boxed: rare once verified, and its future would otherwise be part of
     // every request's.
     Box::pin(verify_in_turn(state, &login, password, client_ip, tag)).await
+}
+
+/// Whether the policy still lets `user` use Basic (a reload may have taken it away).
+fn still_basic(state: &State, user: &str) -> bool {
+    state.policy.load().user(user).is_some_and(|u| u.basic_auth)
+}
+
+/// Verifies a cached credential again, unless that is under way already:
+/// kept for another minute when it still holds, forgotten when it no longer
+/// does (the client's next request then meets the refusal, counted as a
+/// failure). On a store error the entry runs out as it would have.
+fn verify_in_background(state: &Arc<State>, login: String, password: String, tag: Vec<u8>) {
+    let Some(turn) = state.auth.basic.claim(&tag) else { return };
+    let state = state.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let cache = &state.auth.basic;
+        match password_holds(&state, &login, password).await {
+            Ok(Some(user)) => cache.remember(&tag, &user, started),
+            Ok(None) => cache.forget(&tag),
+            Err(error) => tracing::debug!(%error, "re-verifying Basic credentials failed"),
+        }
+        cache.done(&tag);
+        drop(turn);
+    });
 }
 
 /// Verifies a credential the cache does not hold, one request per credential
@@ -144,6 +225,22 @@ async fn verify_uncached(
     if regulate::is_locked(&state.store, regulate::Kind::Failure, login, client_ip).await? {
         return Ok(Basic::Regulated);
     }
+    match password_holds(state, login, password).await? {
+        Some(user) => {
+            cache.remember(tag, &user, Instant::now());
+            Ok(Basic::Verified(user))
+        }
+        None => {
+            regulate::count(&state.store, regulate::Kind::Failure, login, client_ip).await?;
+            tracing::info!(target: "pbxgate::audit", client = %client_ip, "Basic credentials refused");
+            Ok(Basic::Refused)
+        }
+    }
+}
+
+/// The API account `login` names, when `password` is its password. An
+/// unknown account takes as long (argon2 on the dummy hash).
+async fn password_holds(state: &State, login: &str, password: String) -> Result<Option<String>, StoreError> {
     let account = state
         .policy
         .load()
@@ -154,17 +251,46 @@ async fn verify_uncached(
         Some(user) => state.store.password_hash(user).await?,
         None => None,
     };
-    if !passwords::check(state, password, hash).await {
-        regulate::count(&state.store, regulate::Kind::Failure, login, client_ip).await?;
-        tracing::info!(target: "pbxgate::audit", client = %client_ip, "Basic credentials refused");
-        return Ok(Basic::Refused);
+    Ok(if passwords::check(state, password, hash).await { account } else { None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ago(seconds: u64) -> Instant {
+        Instant::now().checked_sub(Duration::from_secs(seconds)).unwrap_or_else(Instant::now)
     }
-    let Some(user) = account else { return Ok(Basic::Refused) };
-    if let Ok(mut verified) = cache.verified.lock() {
-        if verified.len() >= CACHE_MAX {
-            verified.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
-        }
-        verified.insert(tag.to_vec(), (user.clone(), Instant::now()));
+
+    #[test]
+    fn a_credential_is_fresh_then_due_again_then_gone() {
+        let cache = BasicCache::default();
+        let now = Instant::now();
+        assert_eq!(cache.lookup(b"tag", now), Cached::Miss);
+        cache.remember(b"tag", "svc", ago(1));
+        assert_eq!(cache.lookup(b"tag", now), Cached::Fresh("svc".into()));
+        cache.remember(b"tag", "svc", ago(31));
+        assert_eq!(cache.lookup(b"tag", now), Cached::Refresh("svc".into()), "verified again, still served");
+        cache.remember(b"tag", "svc", ago(61));
+        assert_eq!(cache.lookup(b"tag", now), Cached::Miss, "never served past its minute");
+        assert_eq!(cache.lookup(b"other", now), Cached::Miss);
+        cache.remember(b"tag", "svc", ago(1));
+        cache.forget(b"tag");
+        assert_eq!(cache.lookup(b"tag", now), Cached::Miss);
     }
-    Ok(Basic::Verified(user))
+
+    #[tokio::test]
+    async fn one_verification_of_a_credential_at_a_time() {
+        let cache = BasicCache::default();
+        let taken = cache.claim(b"tag").expect("free");
+        assert!(cache.claim(b"tag").is_none(), "a second background check waits for none");
+        assert!(cache.claim(b"other").is_some(), "other credentials are their own");
+        // A request that must verify inline waits for the background check.
+        let turn = cache.turn(b"tag");
+        assert!(turn.try_lock().is_err());
+        drop(taken);
+        assert!(turn.try_lock().is_ok());
+        cache.done(b"tag");
+        assert!(cache.claim(b"tag").is_some(), "free again once done");
+    }
 }
