@@ -55,10 +55,16 @@ enum Cached {
 }
 
 impl BasicCache {
-    fn cached(&self, tag: &[u8], state: &State) -> Option<String> {
+    /// The credential's standing, for a user the policy still lets use Basic
+    /// (a reload may have taken that away).
+    fn cached(&self, tag: &[u8], state: &State) -> Cached {
         match self.lookup(tag, Instant::now()) {
-            Cached::Fresh(user) | Cached::Refresh(user) if still_basic(state, &user) => Some(user),
-            _ => None,
+            Cached::Fresh(user) | Cached::Refresh(user)
+                if !state.policy.load().user(&user).is_some_and(|u| u.basic_auth) =>
+            {
+                Cached::Miss
+            }
+            cached => cached,
         }
     }
 
@@ -154,22 +160,17 @@ pub(crate) async fn verify(
     };
     let cache = &state.auth.basic;
     let tag = hmac::sign(&cache.key, format!("{login}\0{password}").as_bytes()).as_ref().to_vec();
-    match cache.lookup(&tag, Instant::now()) {
-        Cached::Fresh(user) if still_basic(state, &user) => return Ok(Basic::Verified(user)),
-        Cached::Refresh(user) if still_basic(state, &user) => {
+    match cache.cached(&tag, state) {
+        Cached::Fresh(user) => return Ok(Basic::Verified(user)),
+        Cached::Refresh(user) => {
             verify_in_background(state, login, password, tag);
             return Ok(Basic::Verified(user));
         }
-        _ => {}
+        Cached::Miss => {}
     }
     // Boxed: rare once verified, and its future would otherwise be part of
     // every request's.
     Box::pin(verify_in_turn(state, &login, password, client_ip, tag)).await
-}
-
-/// Whether the policy still lets `user` use Basic (a reload may have taken it away).
-fn still_basic(state: &State, user: &str) -> bool {
-    state.policy.load().user(user).is_some_and(|u| u.basic_auth)
 }
 
 /// Verifies a cached credential again, unless that is under way already:
@@ -205,7 +206,7 @@ async fn verify_in_turn(
     let turn = cache.turn(&tag);
     let _turn = turn.lock().await;
     // Whoever went first may have verified it meanwhile.
-    if let Some(user) = cache.cached(&tag, state) {
+    if let Cached::Fresh(user) | Cached::Refresh(user) = cache.cached(&tag, state) {
         return Ok(Basic::Verified(user));
     }
     let outcome = verify_uncached(state, login, password, client_ip, &tag).await;
