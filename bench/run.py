@@ -10,6 +10,8 @@ SESSIONS = 10_000
 SECONDS = int(os.environ.get("BENCH_SECONDS", "3"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(ROOT, "target", "release")
+# The session check behind nginx auth_request, and the passkey and session clients.
+TOOLS = os.path.join(RELEASE, "examples", "bench-tools")
 BODY = "x" * 1024
 # nginx in front of a PBX as operators configure it: keep-alive to the PBX,
 # and the Host, client address and scheme passed on, as pbxgate passes them.
@@ -174,7 +176,7 @@ def run(tmp):
     upstream = f"upstream up {{ server 127.0.0.1:{ports['up']}; keepalive 128; }}"
     masters = {}
     masters["nginx-plain"] = nginx(tmp, "plain", f"listen 127.0.0.1:{ports['plain']}; location / {{ {PROXY} }}", upstream)
-    start([os.path.join(RELEASE, "examples", "session-check"), f"127.0.0.1:{ports['check']}", f"redis://127.0.0.1:{ports['redis']}/0"])
+    start([TOOLS, "session-check", f"127.0.0.1:{ports['check']}", f"redis://127.0.0.1:{ports['redis']}/0"])
     auth_up = upstream + f" upstream check {{ server 127.0.0.1:{ports['check']}; keepalive 128; }}"
     auth = (f"listen 127.0.0.1:{ports['auth']}; location / {{ {AUTH_REQUEST} {PROXY} }} "
             "location = /_auth { internal; proxy_pass http://check; proxy_http_version 1.1; proxy_set_header Connection ''; "
@@ -311,8 +313,7 @@ format = "json"
 
     # Passkey sign-ins through the JSON API, a software authenticator per client.
     p, _, _, http, https, admin, store = gateways["redis"]
-    client = os.path.join(RELEASE, "examples", "bench-client")
-    out = subprocess.run([client, "passkeys", f"127.0.0.1:{http}", f"https://localhost:{https}", store,
+    out = subprocess.run([TOOLS, "passkeys", f"127.0.0.1:{http}", f"https://localhost:{https}", store,
                           str(LOGIN_CLIENTS), str(SECONDS)], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"passkey benchmark failed:\n{out.stdout}{out.stderr}")
@@ -320,7 +321,7 @@ format = "json"
 
     # Memory: the gateway's resident set with many live sessions in its cache.
     before = rss_mb(p.pid)
-    out = subprocess.run([client, "sessions", f"127.0.0.1:{http}", store, str(SESSIONS)], capture_output=True, text=True)
+    out = subprocess.run([TOOLS, "sessions", f"127.0.0.1:{http}", store, str(SESSIONS)], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"session benchmark failed:\n{out.stdout}{out.stderr}")
     print(f"- RSS with {SESSIONS} live sessions: {rss_mb(p.pid):.1f} MB (before them, after the runs above: {before:.1f} MB)")

@@ -1,19 +1,5 @@
-//! The benchmark's own clients, for what wrk cannot do:
-//!
-//! - `passkeys GATEWAY ORIGIN STORE_URL USERS SECONDS`: registers a software
-//!   passkey for each of `USERS` accounts (`bench-0`, `bench-1`, …) through the
-//!   JSON API, then signs them in over and over, one client per account, and
-//!   prints logins per second with p50/p99 latency (start + finish).
-//! - `sessions GATEWAY STORE_URL COUNT`: starts `COUNT` sessions for `bench-0`
-//!   and sends one request with each through the gateway, so all are live in
-//!   it (for its memory footprint).
-//!
-//! GATEWAY is the plain-HTTP listener (`127.0.0.1:PORT`), ORIGIN the gateway's
-//! public URL origin; sessions are made directly in the gateway's store.
-//!
-//! cargo run --release --example bench-client -- passkeys 127.0.0.1:8000 https://localhost:8443 redis://127.0.0.1/1 16 5
-
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The clients wrk cannot be: software passkeys signing in through the JSON
+//! API, and sessions made in the store for the gateway's memory footprint.
 
 use std::time::{Duration, Instant};
 
@@ -116,63 +102,54 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-        ["passkeys", addr, origin, store_url, users, seconds] => {
-            let store = Store::open(store_url, "pbxgate:", std::path::Path::new(".")).await.unwrap();
-            let gateway = Gateway { client, base: format!("http://{addr}"), origin: origin.to_string() };
-            let users: usize = users.parse().unwrap();
-            let seconds: u64 = seconds.parse().unwrap();
-            let mut keys = Vec::new();
-            for i in 0..users {
-                let user = format!("bench-{i}");
-                keys.push((user.clone(), register(&gateway, &store, &user).await));
-            }
-            let gateway = std::sync::Arc::new(gateway);
-            let end = Instant::now() + Duration::from_secs(seconds);
-            let started = Instant::now();
-            let mut clients = tokio::task::JoinSet::new();
-            for (user, mut passkey) in keys {
-                let gateway = gateway.clone();
-                clients.spawn(async move {
-                    let mut took = Vec::new();
-                    while Instant::now() < end {
-                        let t = Instant::now();
-                        login(&gateway, &mut passkey, &user).await;
-                        took.push(t.elapsed());
-                    }
-                    took
-                });
-            }
-            let mut took: Vec<Duration> = clients.join_all().await.into_iter().flatten().collect();
-            let elapsed = started.elapsed().as_secs_f64();
-            took.sort();
-            println!(
-                "passkey logins: {} in {elapsed:.1}s, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms ({users} clients)",
-                took.len(),
-                took.len() as f64 / elapsed,
-                percentile(&took, 0.5),
-                percentile(&took, 0.99),
-            );
-        }
-        ["sessions", addr, store_url, count] => {
-            let store = Store::open(store_url, "pbxgate:", std::path::Path::new(".")).await.unwrap();
-            let gateway = Gateway { client, base: format!("http://{addr}"), origin: String::new() };
-            let count: usize = count.parse().unwrap();
-            for _ in 0..count {
-                let cookie = session_cookie(&store, "bench-0").await;
-                let (status, _, _) = gateway.send(Method::GET, "/", "", Some(&cookie)).await;
-                assert_eq!(status, 200, "request with a fresh session");
-            }
-            println!("{count} sessions live");
-        }
-        _ => {
-            eprintln!("usage: bench-client passkeys GATEWAY ORIGIN STORE_URL USERS SECONDS");
-            eprintln!("       bench-client sessions GATEWAY STORE_URL COUNT");
-            std::process::exit(2);
-        }
+pub(crate) async fn passkeys(addr: &str, origin: &str, store_url: &str, users: usize, seconds: u64) {
+    let store = Store::open(store_url, "pbxgate:", std::path::Path::new(".")).await.unwrap();
+    let gateway =
+        Gateway { client: http_client(), base: format!("http://{addr}"), origin: origin.to_string() };
+    let mut keys = Vec::new();
+    for i in 0..users {
+        let user = format!("bench-{i}");
+        keys.push((user.clone(), register(&gateway, &store, &user).await));
     }
+    let gateway = std::sync::Arc::new(gateway);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for (user, mut passkey) in keys {
+        let gateway = gateway.clone();
+        clients.spawn(async move {
+            let mut took = Vec::new();
+            while Instant::now() < end {
+                let t = Instant::now();
+                login(&gateway, &mut passkey, &user).await;
+                took.push(t.elapsed());
+            }
+            took
+        });
+    }
+    let mut took: Vec<Duration> = clients.join_all().await.into_iter().flatten().collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    took.sort();
+    println!(
+        "passkey logins: {} in {elapsed:.1}s, {:.0}/s, p50 {:.2} ms, p99 {:.2} ms ({users} clients)",
+        took.len(),
+        took.len() as f64 / elapsed,
+        percentile(&took, 0.5),
+        percentile(&took, 0.99),
+    );
+}
+
+pub(crate) async fn sessions(addr: &str, store_url: &str, count: usize) {
+    let store = Store::open(store_url, "pbxgate:", std::path::Path::new(".")).await.unwrap();
+    let gateway = Gateway { client: http_client(), base: format!("http://{addr}"), origin: String::new() };
+    for _ in 0..count {
+        let cookie = session_cookie(&store, "bench-0").await;
+        let (status, _, _) = gateway.send(Method::GET, "/", "", Some(&cookie)).await;
+        assert_eq!(status, 200, "request with a fresh session");
+    }
+    println!("{count} sessions live");
+}
+
+fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
 }

@@ -2,10 +2,6 @@
 //! deployed behind nginx `auth_request`), for the benchmark: 204 when the
 //! `s` cookie names a key in Redis, with the user it holds in `Remote-User`
 //! and `Remote-Groups` (as Authelia answers), 401 otherwise.
-//!
-//! cargo run --release --example session-check -- LISTEN_ADDR REDIS_URL
-
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
 
@@ -16,14 +12,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-#[tokio::main]
-async fn main() {
-    let mut args = std::env::args().skip(1);
-    let listen = args.next().expect("listen address");
-    let redis_url = args.next().expect("redis url");
+pub(crate) async fn serve(listen: &str, redis_url: &str) {
     let client = redis::Client::open(redis_url).expect("redis url");
     let redis = client.get_multiplexed_async_connection().await.expect("redis");
-    let listener = tokio::net::TcpListener::bind(&listen).await.expect("bind");
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
     loop {
         let (tcp, _) = listener.accept().await.expect("accept");
         let redis = redis.clone();

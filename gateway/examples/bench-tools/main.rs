@@ -1,0 +1,58 @@
+//! The benchmark's own programs (`bench/run`), for what wrk and nginx cannot
+//! do. One binary, so the release build links (and LTO-compiles) one tool
+//! instead of two.
+//!
+//! - `session-check LISTEN_ADDR REDIS_URL`: the forward-auth pattern's session
+//!   check behind nginx `auth_request`.
+//! - `passkeys GATEWAY ORIGIN STORE_URL USERS SECONDS`: registers a software
+//!   passkey for each of `USERS` accounts (`bench-0`, `bench-1`, …) through the
+//!   JSON API, then signs them in over and over, one client per account, and
+//!   prints logins per second with p50/p99 latency (start + finish).
+//! - `sessions GATEWAY STORE_URL COUNT`: starts `COUNT` sessions for `bench-0`
+//!   and sends one request with each through the gateway, so all are live in
+//!   it (for its memory footprint).
+//!
+//! GATEWAY is the plain-HTTP listener (`127.0.0.1:PORT`), ORIGIN the gateway's
+//! public URL origin; sessions are made directly in the gateway's store.
+//!
+//! cargo run --release --example bench-tools -- passkeys 127.0.0.1:8000 https://localhost:8443 redis://127.0.0.1/1 16 5
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod clients;
+mod session_check;
+
+use std::future::Future;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        // A server under load: tokio's default multi-threaded runtime, as such a service runs.
+        ["session-check", listen, redis_url] => {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(session_check::serve(listen, redis_url));
+        }
+        ["passkeys", addr, origin, store_url, users, seconds] => client(clients::passkeys(
+            addr,
+            origin,
+            store_url,
+            users.parse().unwrap(),
+            seconds.parse().unwrap(),
+        )),
+        ["sessions", addr, store_url, count] => {
+            client(clients::sessions(addr, store_url, count.parse().unwrap()))
+        }
+        _ => {
+            eprintln!("usage: bench-tools session-check LISTEN_ADDR REDIS_URL");
+            eprintln!("       bench-tools passkeys GATEWAY ORIGIN STORE_URL USERS SECONDS");
+            eprintln!("       bench-tools sessions GATEWAY STORE_URL COUNT");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The clients run on one thread, leaving the gateway the machine's cores.
+fn client(work: impl Future<Output = ()>) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(work);
+}
