@@ -55,6 +55,12 @@ enum Cached {
 }
 
 impl BasicCache {
+    /// What a credential is remembered under: a keyed hash, so the cache
+    /// holds no password and nobody can guess their way to an entry.
+    fn tag(&self, login: &str, password: &str) -> Vec<u8> {
+        hmac::sign(&self.key, format!("{login}\0{password}").as_bytes()).as_ref().to_vec()
+    }
+
     /// The credential's standing, for a user the policy still lets use Basic
     /// (a reload may have taken that away).
     fn cached(&self, tag: &[u8], state: &State) -> Cached {
@@ -159,7 +165,7 @@ pub(crate) async fn verify(
         return Ok(Basic::Absent);
     };
     let cache = &state.auth.basic;
-    let tag = hmac::sign(&cache.key, format!("{login}\0{password}").as_bytes()).as_ref().to_vec();
+    let tag = cache.tag(&login, &password);
     match cache.cached(&tag, state) {
         Cached::Fresh(user) => return Ok(Basic::Verified(user)),
         Cached::Refresh(user) => {
@@ -293,5 +299,89 @@ mod tests {
         assert!(turn.try_lock().is_ok());
         cache.done(b"tag");
         assert!(cache.claim(b"tag").is_some(), "free again once done");
+    }
+
+    /// The background check on a real gateway's state (embedded store): the
+    /// entry is kept while the password holds, dropped once it changed, and
+    /// the old password is then refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_due_credential_is_verified_again_in_the_background() {
+        let dir = std::env::temp_dir().join(format!("pbxgate-basic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("policy.toml"),
+            "domains = [\"localhost\"]\n[[route]]\npath = \"/\"\naccess = \"api\"\n\
+             [[user]]\nname = \"svc\"\nrole = \"api\"\nbasic_auth = true\nnetworks = [\"127.0.0.1/32\"]\n",
+        )
+        .unwrap();
+        let store = dir.join("store.db");
+        let _ = std::fs::remove_file(&store);
+        std::fs::write(
+            dir.join("gateway.toml"),
+            format!(
+                "policy_file = \"policy.toml\"\n[listen]\nhttps = \"\"\nhttp = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+                 [store]\nurl = \"embedded://{}\"\n",
+                store.display()
+            ),
+        )
+        .unwrap();
+        let config = crate::Config::load(&dir.join("gateway.toml")).unwrap();
+        let state = crate::Gateway::bind(config).await.unwrap().state;
+        let hash = |p: &str| passwords::hash(p.to_string());
+        state.store.set_password_hash("svc", &hash("first secret 1").await.unwrap()).await.unwrap();
+        let headers = |password: &str| {
+            let mut headers = HeaderMap::new();
+            let value = format!("Basic {}", STANDARD.encode(format!("svc:{password}")));
+            headers.insert(AUTHORIZATION, value.parse().unwrap());
+            headers
+        };
+        let client: IpAddr = [127, 0, 0, 1].into();
+        let verifications =
+            || state.metrics.password_verifications.load(std::sync::atomic::Ordering::Relaxed);
+        let cache = &state.auth.basic;
+        let tag = cache.tag("svc", "first secret 1");
+        // Waits until no check of the credential is under way.
+        let settled = || async {
+            for _ in 0..500 {
+                if cache.claim(&tag).is_some() {
+                    cache.done(&tag);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("the background check never finished");
+        };
+
+        assert!(
+            matches!(verify(&state, &headers("first secret 1"), client).await, Ok(Basic::Verified(u)) if u == "svc")
+        );
+        assert_eq!(verifications(), 1, "verified inline once");
+        assert!(matches!(verify(&state, &headers("first secret 1"), client).await, Ok(Basic::Verified(_))));
+        assert_eq!(verifications(), 1, "then served from the cache");
+
+        // Half-way through its minute: served at once, verified again behind it.
+        cache.remember(&tag, "svc", ago(31));
+        assert!(matches!(verify(&state, &headers("first secret 1"), client).await, Ok(Basic::Verified(_))));
+        settled().await;
+        assert_eq!(verifications(), 2);
+        assert_eq!(
+            cache.lookup(&tag, Instant::now()),
+            Cached::Fresh("svc".into()),
+            "kept for another minute"
+        );
+
+        // The password changes: the next check drops the entry.
+        state.store.set_password_hash("svc", &hash("second secret 2").await.unwrap()).await.unwrap();
+        cache.remember(&tag, "svc", ago(31));
+        assert!(
+            matches!(verify(&state, &headers("first secret 1"), client).await, Ok(Basic::Verified(_))),
+            "still inside its minute"
+        );
+        settled().await;
+        assert_eq!(verifications(), 3);
+        assert_eq!(cache.lookup(&tag, Instant::now()), Cached::Miss, "forgotten");
+        assert!(matches!(verify(&state, &headers("first secret 1"), client).await, Ok(Basic::Refused)));
+        assert!(matches!(verify(&state, &headers("second secret 2"), client).await, Ok(Basic::Verified(_))));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
