@@ -102,14 +102,7 @@ impl BasicCache {
     /// This credential's turn, taken now, or `None` when a verification of
     /// it is already under way.
     fn claim(&self, tag: &[u8]) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        let mut in_flight = self.in_flight.lock().ok()?;
-        if in_flight.contains_key(tag) {
-            return None;
-        }
-        let turn = Arc::new(tokio::sync::Mutex::new(()));
-        let taken = turn.clone().try_lock_owned().ok()?;
-        in_flight.insert(tag.to_vec(), turn);
-        Some(taken)
+        self.turn(tag).try_lock_owned().ok()
     }
 
     /// This credential's turn to be verified (shared by concurrent requests).
