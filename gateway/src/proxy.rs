@@ -297,6 +297,11 @@ fn classify(failure: Failure) -> Refusal {
         Failure::Connect(error) => tracing::warn!(%error, "upstream unreachable"),
         Failure::Exchange(error) => tracing::warn!(%error, "upstream request failed"),
         Failure::TooLarge => return Refusal::PayloadTooLarge,
+        // Not the PBX's fault: no warning about it, and a 400 in the access line.
+        Failure::ClientBody(error) => {
+            tracing::debug!(%error, "the client's request body broke off");
+            return Refusal::BadRequest;
+        }
     }
     Refusal::BadGateway
 }

@@ -84,6 +84,9 @@ pub enum Broken {
     Closed(io::Error),
     /// The client's body went over `limits.max_request_body`.
     TooLarge,
+    /// The client's body broke off or was badly framed (a bad chunk size):
+    /// the client's doing, not the PBX's.
+    ClientBody(String),
     /// Anything else: a read or write error mid-way, or not HTTP.
     Failed(String),
 }
@@ -94,6 +97,7 @@ impl std::fmt::Display for Broken {
             Broken::Unsent(e) => write!(f, "request not sent: {e}"),
             Broken::Closed(e) => write!(f, "connection closed before the response: {e}"),
             Broken::TooLarge => f.write_str("request body too large"),
+            Broken::ClientBody(e) => write!(f, "reading the client's body: {e}"),
             Broken::Failed(e) => f.write_str(e),
         }
     }
@@ -404,9 +408,7 @@ impl Upload {
                     };
                 }
                 Some(Err(e)) if e.is::<LengthLimitError>() => return Poll::Ready(Err(Broken::TooLarge)),
-                Some(Err(e)) => {
-                    return Poll::Ready(Err(Broken::Failed(format!("reading the client's body: {e}"))))
-                }
+                Some(Err(e)) => return Poll::Ready(Err(Broken::ClientBody(e.to_string()))),
                 None => {
                     self.done = true;
                     if self.chunked {

@@ -46,12 +46,15 @@ pub enum Failure {
     Exchange(String),
     /// The client's body went over `limits.max_request_body`.
     TooLarge,
+    /// The client's body broke off or was badly framed.
+    ClientBody(String),
 }
 
 impl From<Broken> for Failure {
     fn from(broken: Broken) -> Self {
         match broken {
             Broken::TooLarge => Failure::TooLarge,
+            Broken::ClientBody(error) => Failure::ClientBody(error),
             other => Failure::Exchange(other.to_string()),
         }
     }

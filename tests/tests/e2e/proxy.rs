@@ -230,6 +230,33 @@ async fn limits_on_header_size_and_body_size() {
     assert_eq!((reply.status.as_u16(), reply.text()), (200, "1000".to_string()));
 }
 
+#[tokio::test]
+async fn a_badly_framed_request_body_is_the_clients_error_not_the_pbxs() {
+    let upstream = Upstream::start().await;
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "").await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.http()).await.expect("connect");
+    // A good chunk, then a size that is not hexadecimal: found only once the
+    // head has gone to the PBX and the body is streaming.
+    let request =
+        "POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\nzz\r\n";
+    tcp.write_all(request.as_bytes()).await.expect("request");
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(read.is_ok() && reply.starts_with("HTTP/1.1 400"), "400, not 502: {reply}");
+
+    // The PBX connection the broken body was going to is not reused half-way.
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(gw.http()).await.expect("connect");
+        let request = Request::post("/upload")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::from(vec![0u8; 10])))
+            .expect("req");
+        let reply = send_h1(tcp, request).await.expect("reply");
+        assert_eq!((reply.status.as_u16(), reply.text()), (200, "10".to_string()));
+    }
+}
+
 /// `count` chunks of `size` bytes, produced as they are sent.
 fn chunks(
     count: usize,
