@@ -209,11 +209,7 @@ async fn limits_on_header_size_and_body_size() {
     assert!(matches!(status, Ok(431) | Err(_)), "oversized headers refused: {status:?}");
 
     let tcp = tokio::net::TcpStream::connect(gw.http()).await.expect("connect");
-    let request = Request::post("/upload")
-        .header("host", "localhost")
-        .body(Full::new(Bytes::from(vec![0u8; 4096])))
-        .expect("req");
-    assert_eq!(send_h1(tcp, request).await.expect("reply").status, 413);
+    assert_eq!(send_h1(tcp, upload(4096)).await.expect("reply").status, 413);
 
     // Without Content-Length (chunked), the limit is enforced while streaming.
     let tcp = tokio::net::TcpStream::connect(gw.http()).await.expect("connect");
@@ -222,11 +218,7 @@ async fn limits_on_header_size_and_body_size() {
     assert!(matches!(status, Ok(413) | Err(_)), "{status:?}");
 
     let tcp = tokio::net::TcpStream::connect(gw.http()).await.expect("connect");
-    let request = Request::post("/upload")
-        .header("host", "localhost")
-        .body(Full::new(Bytes::from(vec![0u8; 1000])))
-        .expect("req");
-    let reply = send_h1(tcp, request).await.expect("reply");
+    let reply = send_h1(tcp, upload(1000)).await.expect("reply");
     assert_eq!((reply.status.as_u16(), reply.text()), (200, "1000".to_string()));
 }
 
@@ -248,13 +240,17 @@ async fn a_badly_framed_request_body_is_the_clients_error_not_the_pbxs() {
     // The PBX connection the broken body was going to is not reused half-way.
     for _ in 0..3 {
         let tcp = tokio::net::TcpStream::connect(gw.http()).await.expect("connect");
-        let request = Request::post("/upload")
-            .header("host", "localhost")
-            .body(Full::new(Bytes::from(vec![0u8; 10])))
-            .expect("req");
-        let reply = send_h1(tcp, request).await.expect("reply");
+        let reply = send_h1(tcp, upload(10)).await.expect("reply");
         assert_eq!((reply.status.as_u16(), reply.text()), (200, "10".to_string()));
     }
+}
+
+/// A POST of `size` bytes to the test upstream's `/upload`, which answers with the count.
+fn upload(size: usize) -> Request<Full<Bytes>> {
+    Request::post("/upload")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::from(vec![0u8; size])))
+        .expect("req")
 }
 
 /// `count` chunks of `size` bytes, produced as they are sent.
