@@ -296,15 +296,15 @@ format = "json"
 
     print()
     for gw in ["pbxgate-embedded", "pbxgate-redis"]:
-        print(f"- {gw} / nginx-plain: {rps[gw] / rps['nginx-plain']:.2f}x (rounds {rounds(gw, 'nginx-plain')}); "
-              f"/ nginx-auth_request: {rps[gw] / rps['nginx-auth_request']:.2f}x "
+        print(f"- {gw} / nginx-plain: {rps[gw] / rps['nginx-plain']:.3f}x (rounds {rounds(gw, 'nginx-plain')}); "
+              f"/ nginx-auth_request: {rps[gw] / rps['nginx-auth_request']:.3f}x "
               f"(rounds {rounds(gw, 'nginx-auth_request')}); p99 @64 vs nginx-plain: "
               f"{med(results[gw]['p99']) - med(results['nginx-plain']['p99']):+.2f} ms; p50 @1: "
               f"{med(results[gw]['p50_1']) - med(results['nginx-plain']['p50_1']):+.3f} ms; p99 @1: "
               f"{med(results[gw]['p99_1']) - med(results['nginx-plain']['p99_1']):+.3f} ms")
     tls, ssl = results["pbxgate-redis-tls"], results["nginx-ssl"]
-    print(f"- pbxgate-redis-tls / nginx-ssl: {rps['pbxgate-redis-tls'] / rps['nginx-ssl']:.2f}x (h1, rounds "
-          f"{rounds('pbxgate-redis-tls', 'nginx-ssl')}); h2: {med(tls['h2']) / med(ssl['h2']):.2f}x; "
+    print(f"- pbxgate-redis-tls / nginx-ssl: {rps['pbxgate-redis-tls'] / rps['nginx-ssl']:.3f}x (h1, rounds "
+          f"{rounds('pbxgate-redis-tls', 'nginx-ssl')}); h2: {med(tls['h2']) / med(ssl['h2']):.3f}x; "
           f"p99 @64 vs nginx-ssl: {med(tls['p99']) - med(ssl['p99']):+.2f} ms; "
           f"p50 @1: {med(tls['p50_1']) - med(ssl['p50_1']):+.3f} ms")
     print(f"- Basic-auth API requests / cookie sessions: {rps['pbxgate-redis-basic'] / rps['pbxgate-redis']:.2f}x; "
