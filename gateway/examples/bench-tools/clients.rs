@@ -103,9 +103,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 pub(crate) async fn passkeys(addr: &str, origin: &str, store_url: &str, users: usize, seconds: u64) {
-    let store = Store::open(store_url, "pbxgate:", std::path::Path::new(".")).await.unwrap();
-    let gateway =
-        Gateway { client: http_client(), base: format!("http://{addr}"), origin: origin.to_string() };
+    let (store, gateway) = connect(addr, origin, store_url).await;
     let mut keys = Vec::new();
     for i in 0..users {
         let user = format!("bench-{i}");
@@ -140,8 +138,7 @@ pub(crate) async fn passkeys(addr: &str, origin: &str, store_url: &str, users: u
 }
 
 pub(crate) async fn sessions(addr: &str, store_url: &str, count: usize) {
-    let store = Store::open(store_url, "pbxgate:", std::path::Path::new(".")).await.unwrap();
-    let gateway = Gateway { client: http_client(), base: format!("http://{addr}"), origin: String::new() };
+    let (store, gateway) = connect(addr, "", store_url).await;
     for _ in 0..count {
         let cookie = session_cookie(&store, "bench-0").await;
         let (status, _, _) = gateway.send(Method::GET, "/", "", Some(&cookie)).await;
@@ -150,6 +147,9 @@ pub(crate) async fn sessions(addr: &str, store_url: &str, count: usize) {
     println!("{count} sessions live");
 }
 
-fn http_client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).build_http()
+/// The gateway's store, opened beside it, and a client for its plain-HTTP listener.
+async fn connect(addr: &str, origin: &str, store_url: &str) -> (Store, Gateway) {
+    let store = Store::open(store_url, "pbxgate:", std::path::Path::new(".")).await.unwrap();
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    (store, Gateway { client, base: format!("http://{addr}"), origin: origin.to_string() })
 }
