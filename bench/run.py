@@ -1,15 +1,19 @@
 """Runs the benchmark cases, alternating and repeated, and prints medians.
 
 Every server listens on a free 127.0.0.1 port; everything stops at the end.
+With --train, runs each case once, briefly, with more shapes of request:
+the training load of the profile-guided build (scripts/build-release).
 """
-import base64, json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
+import base64, http.client, json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
 
-REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
+TRAIN = "--train" in sys.argv[1:]
+REPEATS = 1 if TRAIN else int(os.environ.get("BENCH_REPEATS", "5"))
 LOGIN_CLIENTS = 16
-SESSIONS = 10_000
-SECONDS = int(os.environ.get("BENCH_SECONDS", "3"))
+SESSIONS = 2_000 if TRAIN else 10_000
+SECONDS = 2 if TRAIN else int(os.environ.get("BENCH_SECONDS", "3"))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RELEASE = os.path.join(ROOT, "target", "release")
+# The optimized build (scripts/build-release), or another given.
+RELEASE = os.path.abspath(os.environ.get("BENCH_RELEASE", os.path.join(ROOT, "target", "pgo", "release")))
 # The session check behind nginx auth_request, and the passkey and session clients.
 TOOLS = os.path.join(RELEASE, "examples", "bench-tools")
 BODY = "x" * 1024
@@ -273,6 +277,10 @@ format = "json"
                 r["h2"].append(h2load(url.replace("127.0.0.1", "localhost"), cookie))
             print(f"round {round_ + 1}/{REPEATS} {name}: {rps:.0f} req/s", file=sys.stderr)
 
+    if TRAIN:
+        shapes(gateways["redis"][3], gateways["redis"][1])
+        clients(gateways["redis"])
+        return
     med = lambda xs: statistics.median(xs) if xs else float("nan")
     print(f"\npbxgate benchmark, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, loopback, "
           f"{REPEATS} alternated runs of {SECONDS}s, medians; 1 KiB responses\n")
@@ -313,21 +321,50 @@ format = "json"
     for name in ["embedded", "redis"]:
         print(f"- start-up to ready ({name} store): {gateways[name][2]:.0f} ms")
 
+    print(clients(gateways["redis"]))
+
+
+def clients(gateway):
+    """Passkey sign-ins and memory against one gateway; their lines."""
     # Passkey sign-ins through the JSON API, a software authenticator per client.
-    p, _, _, http, https, admin, store = gateways["redis"]
+    p, _, _, http, https, admin, store = gateway
     out = subprocess.run([TOOLS, "passkeys", f"127.0.0.1:{http}", f"https://localhost:{https}", store,
                           str(LOGIN_CLIENTS), str(SECONDS)], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"passkey benchmark failed:\n{out.stdout}{out.stderr}")
-    print(f"- {out.stdout.strip()} (Redis store)")
+    lines = f"- {out.stdout.strip()} (Redis store)\n"
 
     # Memory: the gateway's resident set with many live sessions in its cache.
     before = rss_mb(p.pid)
     out = subprocess.run([TOOLS, "sessions", f"127.0.0.1:{http}", store, str(SESSIONS)], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"session benchmark failed:\n{out.stdout}{out.stderr}")
-    print(f"- RSS with {SESSIONS} live sessions: {rss_mb(p.pid):.1f} MB (before them, after the runs above: {before:.1f} MB)")
+    return lines + f"- RSS with {SESSIONS} live sessions: {rss_mb(p.pid):.1f} MB (before them, after the runs above: {before:.1f} MB)"
 
+
+def shapes(port, cookie):
+    """For training: what a PBX's users send besides small GETs: uploads
+    (sized and chunked), HEAD, a refused route, sign-in pages and redirects
+    for the signed-out, an unknown cookie."""
+    def send(method, path, headers=None, body=None, chunked=False):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request(method, path, body=body, headers={"Host": "localhost", **(headers or {})},
+                     encode_chunked=chunked)
+        conn.getresponse().read()
+        conn.close()
+    signed_in = {"Cookie": cookie}
+    browser = {"Accept": "text/html", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0"}
+    upload = b"x" * 20_000
+    for i in range(100):
+        send("GET", f"/admin/users/{i}?page={i}&sort=name", signed_in)
+        send("HEAD", "/", signed_in)
+        send("POST", f"/upload/{i}", {**signed_in, "Content-Type": "application/octet-stream"}, upload)
+        send("PUT", "/stream", {**signed_in, "Content-Type": "application/octet-stream"},
+             iter([upload[:8000], upload[8000:]]), chunked=True)
+        send("GET", f"/calls?day={i}", browser)
+        send("GET", "/api/cdr", signed_in)
+        send("GET", "/", {**browser, "Cookie": "__Host-pbxgate=not-a-session"})
+        send("GET", "/.pbxgate/login?rd=%2F", browser)
 
 if __name__ == "__main__":
     main()

@@ -24,13 +24,23 @@ mod session_check;
 
 use std::future::Future;
 
+use tokio::signal::unix::{signal, SignalKind};
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         // A server under load: tokio's default multi-threaded runtime, as such a service runs.
         ["session-check", listen, redis_url] => {
             let runtime = tokio::runtime::Runtime::new().unwrap();
-            runtime.block_on(session_check::serve(listen, redis_url));
+            // Until SIGTERM, as bench/run stops it: a clean exit, so the
+            // optimized build's training run gets this tool's profile too.
+            runtime.block_on(async {
+                let mut stop = signal(SignalKind::terminate()).unwrap();
+                tokio::select! {
+                    () = session_check::serve(listen, redis_url) => {}
+                    _ = stop.recv() => {}
+                }
+            });
         }
         ["passkeys", addr, origin, store_url, users, seconds] => client(clients::passkeys(
             addr,
