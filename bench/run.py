@@ -197,14 +197,14 @@ def run(tmp):
           + "".join(f'[[user]]\nname = "bench-{i}"\n' for i in range(LOGIN_CLIENTS)))
     pbx = os.path.join(RELEASE, "pbxgate")
     gateways = {}
-    for name, store, http, https, admin in [("embedded", "embedded://store-e.db", "pe", "pet", "ae"),
+    for name, store, plain, https, admin in [("embedded", "embedded://store-e.db", "pe", "pet", "ae"),
                                             ("redis", f"redis://127.0.0.1:{ports['redis']}/1", "pr", "prt", "ar")]:
         conf = write(f"{tmp}/gateway-{name}.toml", f"""
 policy_file = "policy.toml"
 public_url = "https://localhost:{ports[https]}"
 [listen]
 https = "127.0.0.1:{ports[https]}"
-http = "127.0.0.1:{ports[http]}"
+http = "127.0.0.1:{ports[plain]}"
 admin = "127.0.0.1:{ports[admin]}"
 [tls]
 self_signed = true
@@ -229,7 +229,7 @@ format = "json"
             if time.time() - started > 20:
                 sys.exit("pbxgate did not get ready")
         ready_ms = (time.time() - started) * 1000
-        req = urllib.request.Request(f"http://127.0.0.1:{ports[http]}/.pbxgate/api/password/login",
+        req = urllib.request.Request(f"http://127.0.0.1:{ports[plain]}/.pbxgate/api/password/login",
                                      data=b'{"login":"bench","password":"Bench password 42!"}',
                                      headers={"Host": "localhost", "Origin": "http://localhost",
                                               "Content-Type": "application/json"}, method="POST")
@@ -238,7 +238,7 @@ format = "json"
             for k, v in r.headers.items():
                 if k.lower() == "set-cookie" and v.startswith("__Host-pbxgate="):
                     cookie = v.split(";")[0]
-        gateways[name] = (p, cookie, ready_ms, ports[http], ports[https], ports[admin], store)
+        gateways[name] = (p, cookie, ready_ms, ports[plain], ports[https], ports[admin], store)
 
     BASIC = "Authorization: Basic " + base64.b64encode(b"api:Bench password 42!").decode()
     cases = [
@@ -327,8 +327,8 @@ format = "json"
 def clients(gateway):
     """Passkey sign-ins and memory against one gateway; their lines."""
     # Passkey sign-ins through the JSON API, a software authenticator per client.
-    p, _, _, http, https, admin, store = gateway
-    out = subprocess.run([TOOLS, "passkeys", f"127.0.0.1:{http}", f"https://localhost:{https}", store,
+    p, _, _, plain, https, admin, store = gateway
+    out = subprocess.run([TOOLS, "passkeys", f"127.0.0.1:{plain}", f"https://localhost:{https}", store,
                           str(LOGIN_CLIENTS), str(SECONDS)], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"passkey benchmark failed:\n{out.stdout}{out.stderr}")
@@ -336,7 +336,7 @@ def clients(gateway):
 
     # Memory: the gateway's resident set with many live sessions in its cache.
     before = rss_mb(p.pid)
-    out = subprocess.run([TOOLS, "sessions", f"127.0.0.1:{http}", store, str(SESSIONS)], capture_output=True, text=True)
+    out = subprocess.run([TOOLS, "sessions", f"127.0.0.1:{plain}", store, str(SESSIONS)], capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"session benchmark failed:\n{out.stdout}{out.stderr}")
     return lines + f"- RSS with {SESSIONS} live sessions: {rss_mb(p.pid):.1f} MB (before them, after the runs above: {before:.1f} MB)"
@@ -350,8 +350,11 @@ def shapes(port, cookie):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request(method, path, body=body, headers={"Host": "localhost", **(headers or {})},
                      encode_chunked=chunked)
-        conn.getresponse().read()
+        response = conn.getresponse()
+        response.read()
         conn.close()
+        if response.status >= 500:
+            sys.exit(f"training: {method} {path}: {response.status}")
     signed_in = {"Cookie": cookie}
     browser = {"Accept": "text/html", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0"}
     upload = b"x" * 20_000
@@ -365,6 +368,7 @@ def shapes(port, cookie):
         send("GET", "/api/cdr", signed_in)
         send("GET", "/", {**browser, "Cookie": "__Host-pbxgate=not-a-session"})
         send("GET", "/.pbxgate/login?rd=%2F", browser)
+
 
 if __name__ == "__main__":
     main()
