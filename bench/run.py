@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The optimized build (scripts/build-release), or another given.
 RELEASE = os.path.abspath(os.environ.get("BENCH_RELEASE", os.path.join(ROOT, "target", "pgo", "release")))
 # The session check behind nginx auth_request, and the passkey and session clients.
-TOOLS = os.path.join(RELEASE, "examples", "bench-tools")
+TOOLS = os.path.join(RELEASE, "bench-tools")
+PASSWORD = "Bench password 42!"
 BODY = "x" * 1024
 # nginx in front of a PBX as operators configure it: keep-alive to the PBX,
 # and the Host, client address and scheme passed on, as pbxgate passes them.
@@ -194,7 +195,7 @@ def run(tmp):
           '[[route]]\npath = "/api/"\naccess = "api"\n[[route]]\npath = "/"\naccess = "user"\n'
           '[[user]]\nname = "bench"\npassword_login = true\n'
           '[[user]]\nname = "api"\nrole = "api"\nbasic_auth = true\nnetworks = ["127.0.0.1/32"]\n'
-          + "".join(f'[[user]]\nname = "bench-{i}"\n' for i in range(LOGIN_CLIENTS)))
+          + "".join(f'[[user]]\nname = "bench-{i}"\npassword_login = true\n' for i in range(LOGIN_CLIENTS)))
     pbx = os.path.join(RELEASE, "pbxgate")
     gateways = {}
     for name, store, plain, https, admin in [("embedded", "embedded://store-e.db", "pe", "pet", "ae"),
@@ -218,8 +219,10 @@ url = "{store}"
 [log]
 format = "{'pretty' if logged else 'json'}"
 """)
-        for user in ["bench", "api"]:
-            subprocess.run([pbx, "user", "set-password", user, "--config", conf], input="Bench password 42!\n",
+        # The passkey clients (bench-N) sign in with it first, to register their passkeys.
+        users = ["bench", "api"] + ([f"bench-{i}" for i in range(LOGIN_CLIENTS)] if name == "redis" else [])
+        for user in users:
+            subprocess.run([pbx, "user", "set-password", user, "--config", conf], input=PASSWORD + "\n",
                            text=True, check=True, capture_output=True)
         started = time.time()
         p = start([pbx, "serve", "--config", conf], env=dict(os.environ, RUST_LOG="info" if logged else "warn"))
@@ -233,7 +236,7 @@ format = "{'pretty' if logged else 'json'}"
                 sys.exit("pbxgate did not get ready")
         ready_ms = (time.time() - started) * 1000
         req = urllib.request.Request(f"http://127.0.0.1:{ports[plain]}/.pbxgate/api/password/login",
-                                     data=b'{"login":"bench","password":"Bench password 42!"}',
+                                     data=json.dumps({"login": "bench", "password": PASSWORD}).encode(),
                                      headers={"Host": "localhost", "Origin": "http://localhost",
                                               "Content-Type": "application/json"}, method="POST")
         cookie = None
@@ -243,7 +246,7 @@ format = "{'pretty' if logged else 'json'}"
                     cookie = v.split(";")[0]
         gateways[name] = (p, cookie, ready_ms, ports[plain], ports[https], ports[admin], store)
 
-    BASIC = "Authorization: Basic " + base64.b64encode(b"api:Bench password 42!").decode()
+    BASIC = "Authorization: Basic " + base64.b64encode(f"api:{PASSWORD}".encode()).decode()
     cases = [
         ("direct", f"http://127.0.0.1:{ports['up']}/", None, None),
         ("nginx-auth_request", f"http://127.0.0.1:{ports['auth']}/", "s=bench", masters["nginx-auth_request"].pid),
@@ -330,16 +333,17 @@ format = "{'pretty' if logged else 'json'}"
 def clients(gateway):
     """Passkey sign-ins and memory against one gateway; their lines."""
     # Passkey sign-ins through the JSON API, a software authenticator per client.
-    p, _, _, plain, https, admin, store = gateway
-    out = subprocess.run([TOOLS, "passkeys", f"127.0.0.1:{plain}", f"https://localhost:{https}", store,
-                          str(LOGIN_CLIENTS), str(SECONDS)], capture_output=True, text=True)
+    p, _, _, plain, https, *_ = gateway
+    gateway_args = [f"127.0.0.1:{plain}", f"https://localhost:{https}", str(LOGIN_CLIENTS)]
+    env = dict(os.environ, BENCH_PASSWORD=PASSWORD)
+    out = subprocess.run([TOOLS, "passkeys", *gateway_args, str(SECONDS)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"passkey benchmark failed:\n{out.stdout}{out.stderr}")
     lines = f"- {out.stdout.strip()} (Redis store)\n"
 
     # Memory: the gateway's resident set with many live sessions in its cache.
     before = rss_mb(p.pid)
-    out = subprocess.run([TOOLS, "sessions", f"127.0.0.1:{plain}", store, str(SESSIONS)], capture_output=True, text=True)
+    out = subprocess.run([TOOLS, "sessions", *gateway_args, str(SESSIONS)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"session benchmark failed:\n{out.stdout}{out.stderr}")
     return lines + f"- RSS with {SESSIONS} live sessions: {rss_mb(p.pid):.1f} MB (before them, after the runs above: {before:.1f} MB)"

@@ -1,21 +1,22 @@
 //! The benchmark's own programs (`bench/run`), for what wrk and nginx cannot
 //! do. One binary, so the release build links (and LTO-compiles) one tool
-//! instead of two.
+//! instead of three.
 //!
 //! - `session-check LISTEN_ADDR REDIS_URL`: the forward-auth pattern's session
 //!   check behind nginx `auth_request`.
-//! - `passkeys GATEWAY ORIGIN STORE_URL USERS SECONDS`: registers a software
-//!   passkey for each of `USERS` accounts (`bench-0`, `bench-1`, …) through the
-//!   JSON API, then signs them in over and over, one client per account, and
+//! - `passkeys GATEWAY ORIGIN USERS SECONDS`: signs in each of `USERS`
+//!   accounts (`bench-0`, `bench-1`, …) with its password and registers a
+//!   software passkey in that session, all through the JSON API, then signs
+//!   them in with their passkeys over and over, one client per account, and
 //!   prints logins per second with p50/p99 latency (start + finish).
-//! - `sessions GATEWAY STORE_URL COUNT`: starts `COUNT` sessions for `bench-0`
-//!   and sends one request with each through the gateway, so all are live in
-//!   it (for its memory footprint).
+//! - `sessions GATEWAY ORIGIN USERS COUNT`: the same clients make `COUNT`
+//!   passkey sign-ins and send one request with each new session, so all are
+//!   live in the gateway (for its memory footprint).
 //!
 //! GATEWAY is the plain-HTTP listener (`127.0.0.1:PORT`), ORIGIN the gateway's
-//! public URL origin; sessions are made directly in the gateway's store.
+//! public URL origin. The accounts' password is read from `BENCH_PASSWORD`.
 //!
-//! cargo run --release --example bench-tools -- passkeys 127.0.0.1:8000 https://localhost:8443 redis://127.0.0.1/1 16 5
+//! BENCH_PASSWORD=... target/pgo/release/bench-tools passkeys 127.0.0.1:8000 https://localhost:8443 16 5
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -42,20 +43,16 @@ fn main() {
                 }
             });
         }
-        ["passkeys", addr, origin, store_url, users, seconds] => client(clients::passkeys(
-            addr,
-            origin,
-            store_url,
-            users.parse().unwrap(),
-            seconds.parse().unwrap(),
-        )),
-        ["sessions", addr, store_url, count] => {
-            client(clients::sessions(addr, store_url, count.parse().unwrap()))
+        ["passkeys", addr, origin, users, seconds] => {
+            client(clients::passkeys(addr, origin, users.parse().unwrap(), seconds.parse().unwrap()))
+        }
+        ["sessions", addr, origin, users, count] => {
+            client(clients::sessions(addr, origin, users.parse().unwrap(), count.parse().unwrap()))
         }
         _ => {
             eprintln!("usage: bench-tools session-check LISTEN_ADDR REDIS_URL");
-            eprintln!("       bench-tools passkeys GATEWAY ORIGIN STORE_URL USERS SECONDS");
-            eprintln!("       bench-tools sessions GATEWAY STORE_URL COUNT");
+            eprintln!("       bench-tools passkeys GATEWAY ORIGIN USERS SECONDS");
+            eprintln!("       bench-tools sessions GATEWAY ORIGIN USERS COUNT");
             std::process::exit(2);
         }
     }

@@ -1,31 +1,36 @@
-//! The clients wrk cannot be: software passkeys signing in through the JSON
-//! API, and sessions made in the store for the gateway's memory footprint.
+//! The clients wrk cannot be: software passkeys registered and signing in
+//! through the JSON API, as a browser's would, and the sessions they start.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use pbxgate::store::{now_ms, Store};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use webauthn_authenticator_rs::softpasskey::SoftPasskey;
 use webauthn_authenticator_rs::WebauthnAuthenticator;
 use webauthn_rs::prelude::{CreationChallengeResponse, RequestChallengeResponse, Url};
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-
+/// One client's keep-alive HTTP/1.1 connection to the gateway, as a
+/// browser's would be; its requests go one after another.
 struct Gateway {
-    client: HttpClient,
-    base: String,
+    sender: SendRequest<Full<Bytes>>,
     origin: String,
 }
 
 impl Gateway {
+    async fn connect(addr: &str, origin: &str) -> Self {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("gateway reachable");
+        tcp.set_nodelay(true).unwrap();
+        let (sender, connection) = http1::handshake(TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(connection);
+        Self { sender, origin: origin.to_string() }
+    }
+
     async fn send(
-        &self,
+        &mut self,
         method: Method,
         path: &str,
         body: &str,
@@ -33,7 +38,7 @@ impl Gateway {
     ) -> (StatusCode, Value, Vec<String>) {
         let mut request = Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.base))
+            .uri(path)
             .header("host", "localhost")
             .header("origin", &self.origin)
             .header("content-type", "application/json");
@@ -41,7 +46,8 @@ impl Gateway {
             request = request.header("cookie", cookie);
         }
         let request = request.body(Full::new(Bytes::from(body.to_string()))).unwrap();
-        let response = self.client.request(request).await.expect("gateway reachable");
+        self.sender.ready().await.expect("connection open");
+        let response = self.sender.send_request(request).await.expect("gateway answers");
         let status = response.status();
         let cookies = response
             .headers()
@@ -53,20 +59,33 @@ impl Gateway {
         (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), cookies)
     }
 
-    async fn post(&self, path: &str, body: &Value, cookie: Option<&str>) -> (StatusCode, Value, Vec<String>) {
+    async fn post(
+        &mut self,
+        path: &str,
+        body: &Value,
+        cookie: Option<&str>,
+    ) -> (StatusCode, Value, Vec<String>) {
         self.send(Method::POST, path, &body.to_string(), cookie).await
     }
 }
 
-async fn session_cookie(store: &Store, user: &str) -> String {
-    let day = Duration::from_secs(86_400);
-    let (secret, _) = store.create_session(user, "127.0.0.1", "bench", day, day, now_ms()).await.unwrap();
-    format!("__Host-pbxgate={}", secret.expose())
+/// A session for `user`, signed in with its password (`BENCH_PASSWORD`).
+async fn password_session(gateway: &mut Gateway, user: &str) -> String {
+    let password = std::env::var("BENCH_PASSWORD").expect("BENCH_PASSWORD");
+    let (status, body, cookies) = gateway
+        .post("/.pbxgate/api/password/login", &json!({"login": user, "password": password}), None)
+        .await;
+    assert_eq!(status, 200, "password sign-in for {user}: {body}");
+    session_cookie(&cookies)
+}
+
+fn session_cookie(cookies: &[String]) -> String {
+    cookies.iter().find(|c| c.starts_with("__Host-pbxgate=")).expect("a session cookie").clone()
 }
 
 /// A software passkey for `user`, registered through the API.
-async fn register(gateway: &Gateway, store: &Store, user: &str) -> SoftPasskey {
-    let cookie = session_cookie(store, user).await;
+async fn register(gateway: &mut Gateway, user: &str) -> SoftPasskey {
+    let cookie = password_session(gateway, user).await;
     let (status, start, _) =
         gateway.post("/.pbxgate/api/passkey/register/start", &json!({}), Some(&cookie)).await;
     assert_eq!(status, 200, "register/start for {user}: {start}");
@@ -84,8 +103,9 @@ async fn register(gateway: &Gateway, store: &Store, user: &str) -> SoftPasskey {
     passkey
 }
 
-/// Signs in once: the two API calls, the authenticator's signature between them.
-async fn login(gateway: &Gateway, passkey: &mut SoftPasskey, user: &str) {
+/// Signs in once: the two API calls, the authenticator's signature between
+/// them. The new session's cookie.
+async fn login(gateway: &mut Gateway, passkey: &mut SoftPasskey, user: &str) -> String {
     let (status, start, _) =
         gateway.post("/.pbxgate/api/passkey/login/start", &json!({"login": user}), None).await;
     assert_eq!(status, 200, "login/start: {start}");
@@ -94,7 +114,7 @@ async fn login(gateway: &Gateway, passkey: &mut SoftPasskey, user: &str) {
     let finish = json!({"ceremony": start["ceremony"], "credential": credential});
     let (status, body, cookies) = gateway.post("/.pbxgate/api/passkey/login/finish", &finish, None).await;
     assert_eq!(status, 200, "login/finish: {body}");
-    assert!(cookies.iter().any(|c| c.starts_with("__Host-pbxgate=")), "no session cookie");
+    session_cookie(&cookies)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -102,24 +122,29 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
 }
 
-pub(crate) async fn passkeys(addr: &str, origin: &str, store_url: &str, users: usize, seconds: u64) {
-    let (store, gateway) = connect(addr, origin, store_url).await;
-    let mut keys = Vec::new();
+/// The clients: for each account, a connection and a registered passkey.
+async fn clients(addr: &str, origin: &str, users: usize) -> Vec<(Gateway, String, SoftPasskey)> {
+    let mut clients = Vec::new();
     for i in 0..users {
         let user = format!("bench-{i}");
-        keys.push((user.clone(), register(&gateway, &store, &user).await));
+        let mut gateway = Gateway::connect(addr, origin).await;
+        let passkey = register(&mut gateway, &user).await;
+        clients.push((gateway, user, passkey));
     }
-    let gateway = std::sync::Arc::new(gateway);
+    clients
+}
+
+pub(crate) async fn passkeys(addr: &str, origin: &str, users: usize, seconds: u64) {
+    let keys = clients(addr, origin, users).await;
     let end = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut clients = tokio::task::JoinSet::new();
-    for (user, mut passkey) in keys {
-        let gateway = gateway.clone();
+    for (mut gateway, user, mut passkey) in keys {
         clients.spawn(async move {
             let mut took = Vec::new();
             while Instant::now() < end {
                 let t = Instant::now();
-                login(&gateway, &mut passkey, &user).await;
+                login(&mut gateway, &mut passkey, &user).await;
                 took.push(t.elapsed());
             }
             took
@@ -137,19 +162,20 @@ pub(crate) async fn passkeys(addr: &str, origin: &str, store_url: &str, users: u
     );
 }
 
-pub(crate) async fn sessions(addr: &str, store_url: &str, count: usize) {
-    let (store, gateway) = connect(addr, "", store_url).await;
-    for _ in 0..count {
-        let cookie = session_cookie(&store, "bench-0").await;
-        let (status, _, _) = gateway.send(Method::GET, "/", "", Some(&cookie)).await;
-        assert_eq!(status, 200, "request with a fresh session");
+pub(crate) async fn sessions(addr: &str, origin: &str, users: usize, count: usize) {
+    let keys = clients(addr, origin, users).await;
+    let mut clients = tokio::task::JoinSet::new();
+    for (i, (mut gateway, user, mut passkey)) in keys.into_iter().enumerate() {
+        // `count` split among the clients, the first ones taking the remainder.
+        let share = count / users + usize::from(i < count % users);
+        clients.spawn(async move {
+            for _ in 0..share {
+                let cookie = login(&mut gateway, &mut passkey, &user).await;
+                let (status, _, _) = gateway.send(Method::GET, "/", "", Some(&cookie)).await;
+                assert_eq!(status, 200, "request with a new session");
+            }
+        });
     }
+    clients.join_all().await;
     println!("{count} sessions live");
-}
-
-/// The gateway's store, opened beside it, and a client for its plain-HTTP listener.
-async fn connect(addr: &str, origin: &str, store_url: &str) -> (Store, Gateway) {
-    let store = Store::open(store_url, "pbxgate:", std::path::Path::new(".")).await.unwrap();
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    (store, Gateway { client, base: format!("http://{addr}"), origin: origin.to_string() })
 }

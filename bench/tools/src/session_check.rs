@@ -10,11 +10,23 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
+use redis::IntoConnectionInfo;
 
 pub(crate) async fn serve(listen: &str, redis_url: &str) {
-    let client = redis::Client::open(redis_url).expect("redis url");
-    let redis = client.get_multiplexed_async_connection().await.expect("redis");
+    // One multiplexed connection, on a socket opened here: the client's own
+    // connect would link its TLS and cluster code into this small tool.
+    let info = redis_url.into_connection_info().expect("redis url");
+    let redis::ConnectionAddr::Tcp(host, port) = info.addr() else { panic!("redis over plain TCP") };
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await.expect("redis");
+    tcp.set_nodelay(true).unwrap();
+    let (redis, driver) =
+        MultiplexedConnection::new_with_config(info.redis_settings(), tcp, AsyncConnectionConfig::new())
+            .await
+            .expect("redis");
+    tokio::spawn(driver);
     let listener = tokio::net::TcpListener::bind(listen).await.expect("bind");
     loop {
         let (tcp, _) = listener.accept().await.expect("accept");
@@ -52,9 +64,9 @@ pub(crate) async fn serve(listen: &str, redis_url: &str) {
                     Ok::<_, Infallible>(response)
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
+            // nginx asks over HTTP/1.1 keep-alive.
+            let _ =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
         });
     }
 }
