@@ -20,8 +20,8 @@ pub(crate) async fn serve(listen: &str, redis_url: &str) {
     // connect would link its TLS and cluster code into this small tool.
     let info = redis_url.into_connection_info().expect("redis url");
     let redis::ConnectionAddr::Tcp(host, port) = info.addr() else { panic!("redis over plain TCP") };
+    // Nagle left on, as the client's own connect leaves it.
     let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await.expect("redis");
-    tcp.set_nodelay(true).unwrap();
     let (redis, driver) =
         MultiplexedConnection::new_with_config(info.redis_settings(), tcp, AsyncConnectionConfig::new())
             .await
