@@ -4,7 +4,7 @@ Every server listens on a free 127.0.0.1 port; everything stops at the end.
 With --train, runs each case once, briefly, with more shapes of request:
 the training load of the profile-guided build (scripts/build-release).
 """
-import base64, http.client, json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
+import base64, collections, http.client, json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
 
 TRAIN = "--train" in sys.argv[1:]
 REPEATS = 1 if TRAIN else int(os.environ.get("BENCH_REPEATS", "5"))
@@ -30,6 +30,9 @@ AUTH_REQUEST = ("auth_request /_auth; auth_request_set $user $upstream_http_remo
                 "auth_request_set $groups $upstream_http_remote_groups; "
                 "proxy_set_header Remote-User $user; proxy_set_header Remote-Groups $groups;")
 procs = []
+# A started gateway: its process, a signed-in session's cookie, how long it took to
+# get ready, and its ports.
+Gateway = collections.namedtuple("Gateway", "proc cookie ready_ms plain https admin")
 
 
 def free_port():
@@ -244,22 +247,22 @@ format = "{'pretty' if logged else 'json'}"
             for k, v in r.headers.items():
                 if k.lower() == "set-cookie" and v.startswith("__Host-pbxgate="):
                     cookie = v.split(";")[0]
-        gateways[name] = (p, cookie, ready_ms, ports[plain], ports[https], ports[admin], store)
+        gateways[name] = Gateway(p, cookie, ready_ms, ports[plain], ports[https], ports[admin])
 
     BASIC = "Authorization: Basic " + base64.b64encode(f"api:{PASSWORD}".encode()).decode()
     cases = [
         ("direct", f"http://127.0.0.1:{ports['up']}/", None, None),
         ("nginx-auth_request", f"http://127.0.0.1:{ports['auth']}/", "s=bench", masters["nginx-auth_request"].pid),
-        ("pbxgate-embedded", f"http://127.0.0.1:{ports['pe']}/", gateways["embedded"][1], gateways["embedded"][0].pid),
+        ("pbxgate-embedded", f"http://127.0.0.1:{ports['pe']}/", gateways["embedded"].cookie, gateways["embedded"].proc.pid),
         # Between the two gateways: each ratio to it compares neighbours, as
         # the machine's speed drifts over the seconds a round takes.
         ("nginx-plain", f"http://127.0.0.1:{ports['plain']}/", None, masters["nginx-plain"].pid),
-        ("pbxgate-redis", f"http://127.0.0.1:{ports['pr']}/", gateways["redis"][1], gateways["redis"][0].pid),
-        ("pbxgate-redis-basic", f"http://127.0.0.1:{ports['pr']}/api/", BASIC, gateways["redis"][0].pid),
+        ("pbxgate-redis", f"http://127.0.0.1:{ports['pr']}/", gateways["redis"].cookie, gateways["redis"].proc.pid),
+        ("pbxgate-redis-basic", f"http://127.0.0.1:{ports['pr']}/api/", BASIC, gateways["redis"].proc.pid),
         ("nginx-ssl", f"https://127.0.0.1:{ports['ssl']}/", None, masters["nginx-ssl"].pid),
-        ("pbxgate-redis-tls", f"https://127.0.0.1:{ports['prt']}/", gateways["redis"][1], gateways["redis"][0].pid),
+        ("pbxgate-redis-tls", f"https://127.0.0.1:{ports['prt']}/", gateways["redis"].cookie, gateways["redis"].proc.pid),
     ]
-    before_basic = metric(gateways["redis"][5], "pbxgate_password_verifications_total")
+    before_basic = metric(gateways["redis"].admin, "pbxgate_password_verifications_total")
     results = {name: {"rps": [], "p50": [], "p99": [], "p50_1": [], "p99_1": [], "cpu_us": [], "rest_us": [], "h2": []}
                for name, *_ in cases}
     for round_ in range(REPEATS):
@@ -284,7 +287,7 @@ format = "{'pretty' if logged else 'json'}"
             print(f"round {round_ + 1}/{REPEATS} {name}: {rps:.0f} req/s", file=sys.stderr)
 
     if TRAIN:
-        shapes(gateways["redis"][3], gateways["redis"][1])
+        shapes(gateways["redis"].plain, gateways["redis"].cookie)
         clients(gateways["redis"])
         return
     med = lambda xs: statistics.median(xs) if xs else float("nan")
@@ -323,9 +326,9 @@ format = "{'pretty' if logged else 'json'}"
           f"p50 @1: {med(tls['p50_1']) - med(ssl['p50_1']):+.3f} ms")
     print(f"- Basic-auth API requests / cookie sessions: {rps['pbxgate-redis-basic'] / rps['pbxgate-redis']:.2f}x; "
           f"argon2 runs during {REPEATS * 2} Basic runs: "
-          f"{metric(gateways['redis'][5], 'pbxgate_password_verifications_total') - before_basic:.0f}")
+          f"{metric(gateways['redis'].admin, 'pbxgate_password_verifications_total') - before_basic:.0f}")
     for name in ["embedded", "redis"]:
-        print(f"- start-up to ready ({name} store): {gateways[name][2]:.0f} ms")
+        print(f"- start-up to ready ({name} store): {gateways[name].ready_ms:.0f} ms")
 
     print(clients(gateways["redis"]))
 
@@ -333,8 +336,7 @@ format = "{'pretty' if logged else 'json'}"
 def clients(gateway):
     """Passkey sign-ins and memory against one gateway; their lines."""
     # Passkey sign-ins through the JSON API, a software authenticator per client.
-    p, _, _, plain, https, *_ = gateway
-    gateway_args = [f"127.0.0.1:{plain}", f"https://localhost:{https}", str(LOGIN_CLIENTS)]
+    gateway_args = [f"127.0.0.1:{gateway.plain}", f"https://localhost:{gateway.https}", str(LOGIN_CLIENTS)]
     env = dict(os.environ, BENCH_PASSWORD=PASSWORD)
     out = subprocess.run([TOOLS, "passkeys", *gateway_args, str(SECONDS)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -342,11 +344,11 @@ def clients(gateway):
     lines = f"- {out.stdout.strip()} (Redis store)\n"
 
     # Memory: the gateway's resident set with many live sessions in its cache.
-    before = rss_mb(p.pid)
+    before = rss_mb(gateway.proc.pid)
     out = subprocess.run([TOOLS, "sessions", *gateway_args, str(SESSIONS)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"session benchmark failed:\n{out.stdout}{out.stderr}")
-    return lines + f"- RSS with {SESSIONS} live sessions: {rss_mb(p.pid):.1f} MB (before them, after the runs above: {before:.1f} MB)"
+    return lines + f"- RSS with {SESSIONS} live sessions: {rss_mb(gateway.proc.pid):.1f} MB (before them, after the runs above: {before:.1f} MB)"
 
 
 def shapes(port, cookie):
