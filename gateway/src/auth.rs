@@ -15,13 +15,14 @@ pub(crate) mod routes;
 pub mod sockets;
 pub(crate) mod unlock;
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 
-use crate::store::{now_ms, HistoryEvent, Secret, SecretHash, Session, StoreError, UserFlags};
+use crate::store::{now_ms, Conditions, HistoryEvent, Secret, SecretHash, Session, StoreError, UserFlags};
 use crate::State;
 
 /// A signed-in person, for this request.
@@ -36,6 +37,18 @@ impl Principal {
     pub fn user(&self) -> &str {
         &self.record.user
     }
+
+    /// The person as the policy sees them: with what their session says of
+    /// how and when they proved who they are, and what is still required.
+    pub fn conditions(&self) -> pbxgate_policies::Principal<'_> {
+        let r = &self.record;
+        pbxgate_policies::Principal {
+            name: &r.user,
+            unlocked: &r.unlocked,
+            passkey_pending: r.must_register_passkey,
+            authenticated_at: (r.authenticated_ms > 0).then_some(r.authenticated_ms / 1000),
+        }
+    }
 }
 
 /// The outcome of looking at a request's cookies.
@@ -46,9 +59,31 @@ pub struct Identity {
     pub set_cookies: Vec<HeaderValue>,
 }
 
-/// A session made within this long counts as a fresh sign-in (passkey
-/// registration, password change).
-pub const RECENT_AUTH: Duration = Duration::from_secs(5 * 60);
+/// Requests of one browser that arrive together with only a remember token
+/// share the session the first of them made, for this long.
+const RENEWAL_SHARED_MS: u64 = 10_000;
+
+/// The session each remember token made last, briefly (see
+/// [`RENEWAL_SHARED_MS`]), and one renewal per token at a time.
+#[derive(Default)]
+pub struct Renewals(Mutex<HashMap<SecretHash, Arc<RenewalSlot>>>);
+
+/// A token's last renewal: the session secret it made, and when.
+type RenewalSlot = tokio::sync::Mutex<Option<(Secret, u64)>>;
+
+impl Renewals {
+    fn slot(&self, token: &SecretHash, now: u64) -> Arc<RenewalSlot> {
+        let mut slots = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Only renewals under way or just made are kept.
+        slots.retain(|_, slot| {
+            Arc::strong_count(slot) > 1
+                || slot
+                    .try_lock()
+                    .is_ok_and(|s| s.as_ref().is_some_and(|(_, at)| now < at + RENEWAL_SHARED_MS))
+        });
+        slots.entry(*token).or_default().clone()
+    }
+}
 
 /// Session cookie first; else a remember token silently makes a new session.
 /// A user the policy no longer names is nobody. Store errors propagate: the
@@ -92,7 +127,11 @@ pub(crate) async fn identify_on(
     }
 }
 
-/// A new session from a remember token, when it is still good.
+/// A new session from a remember token, when it is still good. The session
+/// carries what is still required of the person and is no fresh sign-in.
+/// Bounded: one renewal per token at a time, shared by the requests that
+/// arrive together; the token's previous session ends; a token renewing
+/// faster than a browser would is refused for a while.
 async fn remembered(
     state: &State,
     remember: Secret,
@@ -101,28 +140,56 @@ async fn remembered(
     now: u64,
 ) -> Result<Identity, StoreError> {
     let token_hash = remember.hash();
+    let s = &state.config.session;
+    let slot = state.auth.renewals.slot(&token_hash, now);
+    let mut last = slot.lock().await;
+    if let Some((secret, _)) = last.as_ref().filter(|(_, at)| now < at + RENEWAL_SHARED_MS) {
+        let hash = secret.hash();
+        let token_good = state.store.token(&token_hash, now).await?.is_some();
+        if let (true, Some(record)) = (token_good, state.store.current_session(&hash, now).await?) {
+            let set_cookies = vec![cookies::set(cookies::SESSION, secret, s.max_lifetime)];
+            return Ok(Identity { principal: Some(Principal { session: hash, record }), set_cookies });
+        }
+    }
+    let gone = || Identity { principal: None, set_cookies: vec![cookies::clear(cookies::REMEMBER)] };
     let Some(token) = state.store.token(&token_hash, now).await? else {
-        return Ok(Identity { principal: None, set_cookies: vec![cookies::clear(cookies::REMEMBER)] });
+        return Ok(gone());
     };
-    let policy = state.policy.load();
-    let Some(user) = policy.user(&token.user) else {
-        return Ok(Identity::default());
+    let user = {
+        let policy = state.policy.load();
+        match policy.user(&token.user) {
+            Some(user) if user.role != pbxgate_policies::Role::Api => user.name.clone(),
+            _ => return Ok(Identity::default()),
+        }
     };
-    if user.role == pbxgate_policies::Role::Api {
+    let ip = client_ip.to_string();
+    if !regulate::attempt(&state.store, regulate::Kind::Renewal, &token_hash.hex(), client_ip).await? {
+        tracing::warn!(target: "pbxgate::audit", %user, client = %ip, token = token_hash.short_id(),
+            "remember token refused: too many new sessions from it");
         return Ok(Identity::default());
     }
-    let s = &state.config.session;
-    let ip = client_ip.to_string();
-    let (secret, record) =
-        state.store.create_session(&user.name, &ip, "remember", s.idle_timeout, s.max_lifetime, now).await?;
-    state.store.record_token_use(&token_hash, &ip, user_agent, now).await?;
+    let conditions =
+        Conditions { fresh: false, passkey_pending: passkey_pending(state, &user, false).await? };
+    let (secret, record) = state
+        .store
+        .start_session(&user, &ip, "remember", conditions, s.idle_timeout, s.max_lifetime, now)
+        .await?;
+    let hash = secret.hash();
+    // The token is checked again now that the session exists: a sign-out
+    // that revoked it meanwhile either sees this session or is seen here.
+    if !state.store.record_token_use(&token_hash, &ip, user_agent, &hash, now).await? {
+        state.store.delete_session(&hash).await?;
+        return Ok(gone());
+    }
+    if let Some(previous) = token.session.as_deref().and_then(SecretHash::from_hex) {
+        state.store.delete_session(&previous).await?;
+    }
     state.metrics.login("remember", true);
-    tracing::info!(target: "pbxgate::audit", user = %user.name, client = %ip, token = token_hash.short_id(),
-        "new session from remember token");
-    Ok(Identity {
-        principal: Some(Principal { session: secret.hash(), record: Arc::new(record) }),
-        set_cookies: vec![cookies::set(cookies::SESSION, &secret, s.max_lifetime)],
-    })
+    tracing::info!(target: "pbxgate::audit", %user, client = %ip, token = token_hash.short_id(),
+        session = hash.short_id(), "new session from remember token");
+    let set_cookies = vec![cookies::set(cookies::SESSION, &secret, s.max_lifetime)];
+    *last = Some((secret, now));
+    Ok(Identity { principal: Some(Principal { session: hash, record: Arc::new(record) }), set_cookies })
 }
 
 /// After a successful sign-in: a fresh session (never the old id) and a
@@ -141,16 +208,18 @@ pub(crate) async fn establish(
     if let Some(old) = previous {
         state.store.delete_session(&old.hash()).await?;
     }
+    let pending = method != "passkey" && passkey_pending(state, user, method == "one_time_password").await?;
+    let conditions = Conditions { fresh: true, passkey_pending: pending };
     let (session, _) =
-        state.store.create_session(user, &ip, method, s.idle_timeout, s.max_lifetime, now).await?;
-    if method != "passkey" && must_register_passkey(state, user, method).await? {
-        state.store.update_session(&session.hash(), now, |s| s.must_register_passkey = true).await?;
-    }
+        state.store.start_session(user, &ip, method, conditions, s.idle_timeout, s.max_lifetime, now).await?;
     let mut set = vec![cookies::set(cookies::SESSION, &session, s.max_lifetime)];
-    if !s.login_token_ttl.is_zero() {
+    // No remember token while something is still required of the person.
+    if !pending && !s.login_token_ttl.is_zero() {
         let (token, _) = state.store.create_token(user, &ip, user_agent, s.login_token_ttl, now).await?;
         set.push(cookies::set(cookies::REMEMBER, &token, s.login_token_ttl));
     }
+    let account = regulate::account(&state.policy.load(), user);
+    regulate::succeeded(&state.store, &account).await?;
     let mut flags = state.store.flags(user).await?;
     flags.last_login_ms = Some(now);
     state.store.set_flags(user, &UserFlags { v: 1, ..flags }).await?;
@@ -159,11 +228,28 @@ pub(crate) async fn establish(
     Ok(set)
 }
 
-/// Whether a person signing in without a passkey must create one before
+/// A remember token for a person whose last requirement was just met in a
+/// session a real ceremony made (none is issued while one is pending).
+pub(crate) async fn remember_now(
+    state: &State,
+    p: &Principal,
+    client_ip: IpAddr,
+    user_agent: &str,
+) -> Result<Option<HeaderValue>, StoreError> {
+    let ttl = state.config.session.login_token_ttl;
+    if ttl.is_zero() || p.record.authenticated_ms == 0 {
+        return Ok(None);
+    }
+    let (token, _) =
+        state.store.create_token(p.user(), &client_ip.to_string(), user_agent, ttl, now_ms()).await?;
+    Ok(Some(cookies::set(cookies::REMEMBER, &token, ttl)))
+}
+
+/// Whether a person signed in without a passkey must create one before
 /// anything else: enforced for the user or role (`require_passkey`), asked by
 /// an admin (onboarding), or after a one-time admin password.
-async fn must_register_passkey(state: &State, user: &str, method: &str) -> Result<bool, StoreError> {
-    let required = method == "one_time_password"
+async fn passkey_pending(state: &State, user: &str, one_time_password: bool) -> Result<bool, StoreError> {
+    let required = one_time_password
         || {
             let policy = state.policy.load();
             policy.user(user).is_some_and(|u| policy.requires_passkey(u))
@@ -185,13 +271,9 @@ pub(crate) async fn arm_bootstrap(
     let Some(user) = config.policy.user(admin).filter(|u| u.role == pbxgate_policies::Role::Admin) else {
         return Err(crate::Error::Auth(format!("{admin} is not an admin in the policy file")));
     };
-    if b.only_until_first_credential {
-        for a in config.policy.users.iter().filter(|u| u.role == pbxgate_policies::Role::Admin) {
-            if store.passkey_count(&a.name).await? > 0 || store.password_hash(&a.name).await?.is_some() {
-                tracing::info!("an admin credential exists: bootstrap.one_time_password_file is ignored");
-                return Ok(());
-            }
-        }
+    if b.only_until_first_credential && admin_credential_exists(&config.policy, store).await? {
+        tracing::info!("an admin credential exists: bootstrap.one_time_password_file is ignored");
+        return Ok(());
     }
     let key = Secret::derive(&format!("{}\n{password}", user.name));
     store.put_once(crate::store::OneTime::AdminPassword, &key, user.name.as_bytes(), BOOTSTRAP_TTL).await?;
@@ -201,10 +283,34 @@ pub(crate) async fn arm_bootstrap(
 
 const BOOTSTRAP_TTL: Duration = Duration::from_secs(7 * 86_400);
 
-/// Takes the one-time admin password, when `password` is it.
+/// Whether any admin of the policy has a passkey or a password.
+async fn admin_credential_exists(
+    policy: &pbxgate_policies::Policy,
+    store: &crate::store::Store,
+) -> Result<bool, StoreError> {
+    for admin in policy.users.iter().filter(|u| u.role == pbxgate_policies::Role::Admin) {
+        if store.passkey_count(&admin.name).await? > 0 || store.password_hash(&admin.name).await?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Takes the one-time admin password, when `password` is it. It is for the
+/// first admin's first sign-in only: once any admin has a credential it is
+/// refused (and used up), whenever it was armed.
 pub(crate) async fn take_bootstrap(state: &State, user: &str, password: &str) -> Result<bool, StoreError> {
     let key = Secret::derive(&format!("{user}\n{password}"));
-    Ok(state.store.take_once(crate::store::OneTime::AdminPassword, &key).await?.is_some())
+    if state.store.take_once(crate::store::OneTime::AdminPassword, &key).await?.is_none() {
+        return Ok(false);
+    }
+    let policy = state.policy.load_full();
+    if admin_credential_exists(&policy, &state.store).await? {
+        tracing::warn!(target: "pbxgate::audit", %user,
+            "one-time admin password refused: an admin credential exists (it is used up)");
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Makes a one-time link (sign-in or invite) for `user`, stores only its
@@ -259,27 +365,32 @@ pub(crate) async fn record(
     }
 }
 
-/// The origin a state-changing request comes from, when it is one of ours:
-/// `public_url`, a `webauthn.origins` entry, or the request's own origin.
-/// Without a usable `Origin` (absent, or `null`, which browsers send from
-/// pages with `Referrer-Policy: no-referrer`), only `Sec-Fetch-Site:
-/// same-origin` passes: scripts cannot set it, and cross-site requests carry
-/// another value.
-pub(crate) fn checked_origin(state: &State, headers: &HeaderMap, proto: &str, host: &str) -> Option<String> {
-    let own = format!("{proto}://{host}");
+/// The configured origin a state-changing request comes from: `public_url`
+/// or a `webauthn.origins` entry, as written in the configuration (never
+/// the client's spelling). Nothing the client sends makes another origin
+/// acceptable. Without a usable `Origin` (absent, or `null`, which browsers
+/// send from pages with `Referrer-Policy: no-referrer`), only
+/// `Sec-Fetch-Site: same-origin` passes (scripts cannot set it, cross-site
+/// requests carry another value): then the configured origin the request
+/// was made to (`own`: its scheme and validated host), else `public_url`.
+pub(crate) fn checked_origin<'c>(
+    config: &'c crate::Config,
+    headers: &HeaderMap,
+    own: &str,
+) -> Option<&'c str> {
+    let mut configured = std::iter::once(config.public_url.origin.as_str())
+        .chain(config.webauthn.origins.iter().map(String::as_str));
     match headers.get(http::header::ORIGIN).and_then(|v| v.to_str().ok()).filter(|o| *o != "null") {
         Some(origin) => {
-            let origin = origin.trim_end_matches('/');
-            let allowed = origin == state.config.public_url.origin
-                || state.config.webauthn.origins.iter().any(|o| o == origin)
-                || origin.eq_ignore_ascii_case(&own);
-            allowed.then(|| origin.to_string())
+            let origin = origin.strip_suffix('/').unwrap_or(origin);
+            configured.find(|c| c.eq_ignore_ascii_case(origin))
         }
-        None => headers
-            .get("sec-fetch-site")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v == "same-origin")
-            .then_some(own),
+        None => {
+            let same_origin = headers.get("sec-fetch-site").is_some_and(|v| v.as_bytes() == b"same-origin");
+            same_origin.then(|| {
+                configured.find(|c| c.eq_ignore_ascii_case(own)).unwrap_or(&config.public_url.origin)
+            })
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! a refused request becomes a status code and a body.
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
@@ -40,6 +40,17 @@ pub enum Refusal {
     StepUpRequired {
         rd: String,
     },
+    /// Must create a passkey before anything else (the passkey offer page).
+    PasskeyRequired {
+        rd: String,
+    },
+    /// Must prove who they are again in a ceremony (a remember token, or a
+    /// sign-in too long ago, does not count).
+    Reauthenticate,
+    /// Too many attempts from this address or for this account.
+    TooManyAttempts,
+    /// Password checks are all busy: try again in a moment.
+    Busy,
     Forbidden,
     NotFound,
     BadRequest,
@@ -53,7 +64,12 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::LoginRequired { .. } => StatusCode::UNAUTHORIZED,
-            Self::StepUpRequired { .. } | Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::StepUpRequired { .. }
+            | Self::PasskeyRequired { .. }
+            | Self::Reauthenticate
+            | Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::TooManyAttempts => StatusCode::TOO_MANY_REQUESTS,
+            Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::BadRequest => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -68,6 +84,10 @@ impl Refusal {
         match self {
             Self::LoginRequired { .. } => "login_required",
             Self::StepUpRequired { .. } => "step_up_required",
+            Self::PasskeyRequired { .. } => "passkey_required",
+            Self::Reauthenticate => "reauthenticate",
+            Self::TooManyAttempts => "too_many_attempts",
+            Self::Busy => "busy",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::BadRequest => "bad_request",
@@ -83,6 +103,10 @@ impl Refusal {
         match self {
             Self::LoginRequired { .. } => "Please sign in.",
             Self::StepUpRequired { .. } => "Please unlock this section first.",
+            Self::PasskeyRequired { .. } => "Create a passkey at /.pbxgate/passkey-offer first.",
+            Self::Reauthenticate => "For your security, sign in again first.",
+            Self::TooManyAttempts => "Too many attempts. Please wait a few minutes and try again.",
+            Self::Busy => "The sign-in service is busy. Please try again in a moment.",
             Self::Forbidden => "You do not have access to this page.",
             Self::NotFound => "This page does not exist.",
             Self::BadRequest => "The request could not be understood.",
@@ -104,10 +128,26 @@ pub fn respond(refusal: &Refusal, browser: bool) -> Response<Body> {
         Refusal::StepUpRequired { rd } if browser => {
             redirect(&format!("/.pbxgate/unlock?rd={}", encode_rd(rd)))
         }
+        Refusal::PasskeyRequired { rd } if browser => {
+            redirect(&format!("/.pbxgate/passkey-offer?rd={}", encode_rd(rd)))
+        }
         _ if browser => html(refusal.status(), refusal.message()),
-        _ => json(refusal.status(), &format!("{{\"error\":\"{}\"}}", refusal.code())),
+        _ => {
+            let body = format!("{{\"error\":\"{}\",\"message\":\"{}\"}}", refusal.code(), refusal.message());
+            let mut response = json(refusal.status(), &body);
+            if refusal.status() == StatusCode::UNAUTHORIZED {
+                // RFC 9110 asks a 401 to name a scheme; one browsers do not
+                // prompt for (Basic would open a password dialog on every
+                // script's request).
+                response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static(SESSION_CHALLENGE));
+            }
+            response
+        }
     }
 }
+
+/// The challenge of a 401 that asks for a session: sign in at the login page.
+pub const SESSION_CHALLENGE: &str = "Session realm=\"pbxgate\", login=\"/.pbxgate/login\"";
 
 fn redirect(location: &str) -> Response<Body> {
     let mut response = empty(StatusCode::FOUND);

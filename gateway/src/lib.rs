@@ -64,12 +64,9 @@ pub(crate) struct Auth {
     pub mailer: auth::mail::Mailer,
     /// Signs the upstream assertion when `headers.assertion` is set.
     pub signer: Option<auth::assertion::Signer>,
-    /// For unknown accounts, so a failed password takes as long as a wrong
-    /// one: made in the background at start-up (an argon2 run would
-    /// otherwise hold up readiness), awaited by the first use before it is done.
-    dummy_hash: Arc<tokio::sync::OnceCell<String>>,
     pub sockets: auth::sockets::Sockets,
     pub basic: auth::basic::BasicCache,
+    pub renewals: auth::Renewals,
 }
 
 impl State {
@@ -96,11 +93,6 @@ impl State {
 
 impl Auth {
     async fn new(config: &Config, store: &store::Store) -> Result<Self, Error> {
-        let dummy_hash = Arc::new(tokio::sync::OnceCell::new());
-        let making = dummy_hash.clone();
-        tokio::spawn(async move {
-            making.get_or_init(make_dummy_hash).await;
-        });
         let signer = match &config.headers.assertion {
             Some(_) => {
                 let audience = config.upstream.url.to_string();
@@ -119,20 +111,11 @@ impl Auth {
             passkeys: auth::passkeys::Passkeys::new(config).map_err(Error::Auth)?,
             mailer: auth::mail::Mailer::new(&config.email).map_err(Error::Auth)?,
             signer,
-            dummy_hash,
             sockets: auth::sockets::Sockets::default(),
             basic: auth::basic::BasicCache::default(),
+            renewals: auth::Renewals::default(),
         })
     }
-
-    /// The hash [`auth::passwords::verify`] burns time on for unknown accounts.
-    pub async fn dummy_hash(&self) -> &str {
-        self.dummy_hash.get_or_init(make_dummy_hash).await
-    }
-}
-
-async fn make_dummy_hash() -> String {
-    tokio::task::spawn_blocking(auth::passwords::dummy_hash).await.unwrap_or_default()
 }
 
 /// The addresses actually bound (useful with port 0).

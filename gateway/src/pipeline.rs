@@ -11,7 +11,10 @@ use http::request::Parts;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use pbxgate_policies::{decide_on_route, normalize_path, screen, Access, Facts, Principal, Screen, Verdict};
+use pbxgate_policies::{
+    decide_on_route, normalize_path, parse_host, screen, Access, Facts, Host, HostError, Principal, Screen,
+    Verdict,
+};
 
 use crate::auth::basic::Basic;
 use crate::auth::routes::Ctx;
@@ -40,10 +43,16 @@ pub(crate) async fn handle(
     let trusted_peer = policy.is_trusted_proxy(peer);
     let client_ip = headers::client_ip(peer, &parts.headers, &policy);
     let host_value = parts.headers.get(HOST);
-    let host_header = parts.uri.authority().map(|a| a.as_str()).or_else(|| host_value?.to_str().ok());
-    let host_header = host_header.unwrap_or_default();
-    let host = bare_host(host_header);
     let method = &parts.method;
+    let Ok(host) = request_host(&parts.uri, &parts.headers) else {
+        let mut log = Log { state, method, host: "-", path: "-", client: client_ip, user: "-" };
+        log.path = parts.uri.path();
+        let response = respond(&Refusal::BadRequest, false);
+        return Ok(log.write(response, None, "bad_request", "host"));
+    };
+    // What the PBX is told the host is: as validated, never as spelled.
+    let authority = host.authority();
+    let host = host.name;
     let normalized = normalize_path(parts.uri.path());
     let user_agent = parts.headers.get(USER_AGENT).and_then(|v| v.to_str().ok());
     let browser = is_browser(parts);
@@ -77,14 +86,21 @@ pub(crate) async fn handle(
     // 3. the gateway's own endpoints
     if reserved::is_reserved(path) {
         // The handlers take the request whole: what the log needs is copied.
-        let (host_header, host, path, method) =
-            (host_header.to_string(), host.to_string(), path.to_string(), method.clone());
-        let ctx =
-            Ctx { client_ip, proto: conn.proto, host: &host_header, user_agent: user_agent.into(), browser };
+        let (host, path, method) = (host.to_string(), path.to_string(), method.clone());
+        let ctx = Ctx {
+            client_ip,
+            host: &host,
+            origin: format!("{}://{authority}", conn.proto),
+            user_agent: user_agent.into(),
+            browser,
+            set_cookies: Default::default(),
+        };
         let request = Request::from_parts(head, body);
         // Boxed: sign-in is rare next to proxying, and its large future would
         // otherwise be part of (and copied with) every request's.
         let response = Box::pin(reserved::handle(state, &ctx, request, &path)).await;
+        let renewed = ctx.set_cookies.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let response = with_cookies(response, renewed);
         let log = Log { state, method: &method, host: &host, path: &path, client: client_ip, user: "-" };
         return Ok(log.write(response, None, "reserved", "reserved"));
     }
@@ -145,20 +161,14 @@ pub(crate) async fn handle(
     }
     let who = identity.principal.as_ref();
     log.user = who.map_or(basic_user.as_deref().unwrap_or("-"), |p| p.user());
-    if who.is_some_and(|p| p.record.must_register_passkey) {
-        let response = with_cookies(passkey_required(browser, path, parts.uri.query()), identity.set_cookies);
-        return Ok(log.write(response, None, "deny", "passkey_required"));
-    }
+    let now_secs = now_ms / 1000;
     let principal = match (who, &basic_user) {
-        (Some(p), _) => {
-            Some(Principal { name: p.user(), step_up_until: p.record.step_up_until_ms.map(|ms| ms / 1000) })
-        }
-        (None, Some(user)) => Some(Principal { name: user, step_up_until: None }),
+        (Some(p), _) => Some(p.conditions()),
+        (None, Some(user)) => Some(Principal::verified_now(user, now_secs)),
         (None, None) => None,
     };
 
     // 5. decide
-    let now_secs = now_ms / 1000;
     let decision = decide_on_route(&policy, route, &facts, principal.as_ref(), now_secs);
     let return_path = || match parts.uri.query() {
         Some(q) => format!("{path}?{q}"),
@@ -169,6 +179,8 @@ pub(crate) async fn handle(
         Verdict::Allow => None,
         Verdict::Login => Some(Refusal::LoginRequired { rd: return_path() }),
         Verdict::StepUp { .. } => Some(Refusal::StepUpRequired { rd: return_path() }),
+        Verdict::PasskeyFirst => Some(Refusal::PasskeyRequired { rd: return_path() }),
+        Verdict::Reauthenticate => Some(Refusal::Reauthenticate),
         Verdict::Deny(reason) => {
             tracing::debug!(reason = reason.as_str(), "denied");
             Some(Refusal::Forbidden)
@@ -198,7 +210,7 @@ pub(crate) async fn handle(
         trusted_peer,
         client: client_ip,
         proto: conn.proto,
-        host: host_header,
+        host: &authority,
         host_value,
         path,
         identity: upstream_identity,
@@ -274,26 +286,6 @@ fn basic_refused(regulated: bool) -> Response<Body> {
     response
 }
 
-/// A person who must create a passkey first reaches nothing else.
-fn passkey_required(browser: bool, path: &str, query: Option<&str>) -> Response<Body> {
-    if browser {
-        let rd = match query {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_string(),
-        };
-        let mut response = empty(StatusCode::FOUND);
-        let target = format!("/.pbxgate/passkey-offer?rd={}", crate::error::encode_rd(&rd));
-        if let Ok(v) = HeaderValue::from_str(&target) {
-            response.headers_mut().insert(LOCATION, v);
-        }
-        return response;
-    }
-    crate::error::json(
-        StatusCode::FORBIDDEN,
-        "{\"error\":\"passkey_required\",\"message\":\"Create a passkey at /.pbxgate/passkey-offer first.\"}",
-    )
-}
-
 fn with_cookies(mut response: Response<Body>, cookies: Vec<HeaderValue>) -> Response<Body> {
     if cookies.is_empty() {
         return response;
@@ -319,7 +311,11 @@ pub(crate) async fn redirect_to_https(
     request: &Request<Incoming>,
 ) -> Result<Response<Body>, Dropped> {
     let policy = state.policy.load();
-    let host = bare_host(request_host(request).unwrap_or_default());
+    let Ok(host) = request_host(request.uri(), request.headers()) else {
+        drop(policy);
+        return Err(drop_connection(conn));
+    };
+    let host = host.name;
     let facts = Facts {
         client_ip: headers::client_ip(conn.peer.ip(), request.headers(), &policy),
         host: &host,
@@ -350,34 +346,24 @@ fn verdict_name(verdict: Verdict) -> &'static str {
         Verdict::Allow => "allow",
         Verdict::Login => "login",
         Verdict::StepUp { .. } => "step_up",
+        Verdict::PasskeyFirst => "passkey_required",
+        Verdict::Reauthenticate => "reauthenticate",
         Verdict::Deny(_) => "deny",
     }
 }
 
-/// The host the client asked for: the HTTP/2 authority or the Host header.
-fn request_host<B>(request: &Request<B>) -> Option<&str> {
-    request.uri().authority().map(|a| a.as_str()).or_else(|| request.headers().get(HOST)?.to_str().ok())
-}
-
-/// Lower case, without port or trailing dot; IPv6 without brackets.
-fn bare_host(host: &str) -> Cow<'_, str> {
-    let host = host.trim_ascii();
-    let bytes = host.as_bytes();
-    // Byte searches: every request's host comes here.
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or_default()
-    } else {
-        match bytes.iter().rposition(|&b| b == b':') {
-            Some(colon) if bytes[colon + 1..].iter().all(u8::is_ascii_digit) => &host[..colon],
-            _ => host,
-        }
+/// The host the client asked for (the HTTP/2 authority, else the Host
+/// header), when it is a valid RFC 3986 host; refused before anything else
+/// looks at it otherwise.
+fn request_host<'r>(uri: &'r http::Uri, headers: &'r http::HeaderMap) -> Result<Host<'r>, HostError> {
+    let raw = match uri.authority() {
+        Some(authority) => authority.as_str(),
+        None => match headers.get(HOST) {
+            Some(value) => value.to_str().map_err(|_| HostError)?,
+            None => "",
+        },
     };
-    let dots = name.bytes().rev().take_while(|&b| b == b'.').count();
-    let name = &name[..name.len() - dots];
-    match name.bytes().any(|b| b.is_ascii_uppercase()) {
-        true => Cow::Owned(name.to_ascii_lowercase()),
-        false => Cow::Borrowed(name),
-    }
+    parse_host(raw)
 }
 
 /// A person's browser navigating: they get pages and redirects, programs get JSON.
@@ -388,25 +374,4 @@ fn is_browser(request: &Parts) -> bool {
             .get(ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|accept| accept.contains("text/html"))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn bare_host_forms() {
-        for (input, want) in [
-            ("PBX.Example.com:8443", "pbx.example.com"),
-            ("localhost", "localhost"),
-            ("[::1]:8443", "::1"),
-            ("[::1]", "::1"),
-            ("example.com.", "example.com"),
-            ("example.com..:80", "example.com"),
-            ("a:b", "a:b"),
-            ("host:", "host"),
-            (" Host ", "host"),
-            ("", ""),
-        ] {
-            assert_eq!(super::bare_host(input), want, "{input}");
-        }
-    }
 }

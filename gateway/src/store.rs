@@ -79,10 +79,13 @@ pub struct Session {
     pub idle_ms: u64,
     /// Absolute cap: the session ends at this time whatever happens.
     pub expires_ms: u64,
-    /// When the person last proved who they are (login or unlock).
+    /// When the person last proved who they are in a ceremony (sign-in or
+    /// unlock); 0 for a session a remember token made, until they do.
     pub authenticated_ms: u64,
+    /// Open unlock windows: (scope, until, in Unix seconds), one per route
+    /// (or the gateway's admin pages), each bounded by its own maximum.
     #[serde(default)]
-    pub step_up_until_ms: Option<u64>,
+    pub unlocked: Vec<(String, u64)>,
     /// The client address the session was made from.
     pub ip: String,
     #[serde(default)]
@@ -99,6 +102,16 @@ impl Session {
     }
 }
 
+/// What a new session starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conditions {
+    /// Made by a ceremony just now (link, passkey, password), not by a
+    /// remember token.
+    pub fresh: bool,
+    /// The person must create a passkey before anything else.
+    pub passkey_pending: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RememberToken {
     #[serde(default = "version")]
@@ -111,6 +124,10 @@ pub struct RememberToken {
     pub last_used_ms: Option<u64>,
     pub last_ip: String,
     pub user_agent: String,
+    /// The session it made last (the hash, hex): it ends when the token
+    /// makes another.
+    #[serde(default)]
+    pub session: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -493,12 +510,31 @@ impl Store {
 
     // ---- sessions -------------------------------------------------------
 
-    /// Starts a session; the secret goes into the cookie, only its hash is stored.
+    /// Starts a session for a person who has just proved who they are, with
+    /// nothing pending.
     pub async fn create_session(
         &self,
         user: &str,
         ip: &str,
         method: &str,
+        idle: Duration,
+        max_lifetime: Duration,
+        now: u64,
+    ) -> Result<(Secret, Session)> {
+        let fresh = Conditions { fresh: true, passkey_pending: false };
+        self.start_session(user, ip, method, fresh, idle, max_lifetime, now).await
+    }
+
+    /// Starts a session with its conditions set from the first write (no
+    /// moment exists where it is live without them); the secret goes into
+    /// the cookie, only its hash is stored.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_session(
+        &self,
+        user: &str,
+        ip: &str,
+        method: &str,
+        conditions: Conditions,
         idle: Duration,
         max_lifetime: Duration,
         now: u64,
@@ -512,11 +548,11 @@ impl Store {
             last_seen_ms: now,
             idle_ms: ms(idle),
             expires_ms: now.saturating_add(ms(max_lifetime)),
-            authenticated_ms: now,
-            step_up_until_ms: None,
+            authenticated_ms: if conditions.fresh { now } else { 0 },
+            unlocked: Vec::new(),
             ip: ip.to_string(),
             method: method.to_string(),
-            must_register_passkey: false,
+            must_register_passkey: conditions.passkey_pending,
         };
         let key = self.session_key(&hash.hex());
         self.kv.set(&key, &encode(&session)?, Some(session_ttl(&session, now)), Durability::Durable).await?;
@@ -653,13 +689,22 @@ impl Store {
         }
     }
 
-    /// Records a fresh proof of identity and an unlock window (or ends it with `None`).
-    pub async fn set_step_up(&self, hash: &SecretHash, until_ms: Option<u64>, now: u64) -> Result<bool> {
+    /// Records a fresh proof of identity and opens the unlock window of
+    /// `scope` until `until` (Unix seconds); windows already over are dropped.
+    pub async fn unlock(&self, hash: &SecretHash, scope: &str, until: u64, now: u64) -> Result<bool> {
         self.update_session(hash, now, |session| {
-            session.step_up_until_ms = until_ms;
-            if until_ms.is_some() {
-                session.authenticated_ms = now;
-            }
+            session.unlocked.retain(|(s, end)| s != scope && *end > now / 1000);
+            session.unlocked.push((scope.to_string(), until));
+            session.authenticated_ms = now;
+            session.last_seen_ms = now;
+        })
+        .await
+    }
+
+    /// Ends every unlock window of the session at once ("Lock now").
+    pub async fn lock(&self, hash: &SecretHash, now: u64) -> Result<bool> {
+        self.update_session(hash, now, |session| {
+            session.unlocked.clear();
             session.last_seen_ms = now;
         })
         .await
@@ -760,6 +805,7 @@ impl Store {
             last_used_ms: None,
             last_ip: ip.to_string(),
             user_agent: truncate(user_agent, 256),
+            session: None,
         };
         let ttl = Some(ttl.max(Duration::from_millis(1)));
         self.kv.set(&self.key(&["t", &hash.hex()]), &encode(&token)?, ttl, Durability::Durable).await?;
@@ -773,23 +819,34 @@ impl Store {
         Ok(token.filter(|t| t.expires_ms > now))
     }
 
-    /// Records a use of the token (the expiry stays fixed from creation).
+    /// Records that the token made `session` (the expiry stays fixed from
+    /// creation). Written only over the record as read, so a revoked token
+    /// never comes back: false when it is gone.
     pub async fn record_token_use(
         &self,
         hash: &SecretHash,
         ip: &str,
         user_agent: &str,
+        session: &SecretHash,
         now: u64,
     ) -> Result<bool> {
-        let Some(mut token) = self.token(hash, now).await? else {
-            return Ok(false);
-        };
-        token.last_used_ms = Some(now);
-        token.last_ip = ip.to_string();
-        token.user_agent = truncate(user_agent, 256);
-        let ttl = Duration::from_millis(token.expires_ms.saturating_sub(now).max(1));
-        self.kv.set(&self.key(&["t", &hash.hex()]), &encode(&token)?, Some(ttl), Durability::Lazy).await?;
-        Ok(true)
+        let key = self.key(&["t", &hash.hex()]);
+        for _ in 0..5 {
+            let Some(stored) = self.kv.get(&key).await? else { return Ok(false) };
+            let mut token: RememberToken = decode(&stored)?;
+            if token.expires_ms <= now {
+                return Ok(false);
+            }
+            token.last_used_ms = Some(now);
+            token.last_ip = ip.to_string();
+            token.user_agent = truncate(user_agent, 256);
+            token.session = Some(session.hex());
+            let ttl = Duration::from_millis(token.expires_ms.saturating_sub(now).max(1));
+            if self.kv.set_if_unchanged(&key, &stored, &encode(&token)?, ttl, Durability::Durable).await? {
+                return Ok(true);
+            }
+        }
+        Err(StoreError::Unavailable("token changed under every attempt to record its use".into()))
     }
 
     pub async fn tokens_of(&self, user: &str, now: u64) -> Result<Vec<(SecretHash, RememberToken)>> {
@@ -1050,6 +1107,11 @@ impl Store {
         self.kv.incr_window(&self.key(&["rl", key]), window).await
     }
 
+    /// Starts `key`'s count again.
+    pub async fn forget_hits(&self, key: &str) -> Result<()> {
+        self.kv.del(&[self.key(&["rl", key])]).await.map(drop)
+    }
+
     pub async fn hits(&self, key: &str) -> Result<u64> {
         Ok(self
             .kv
@@ -1110,7 +1172,7 @@ mod tests {
             idle_ms: 3_600_000,
             expires_ms: now + 43_200_000,
             authenticated_ms: now,
-            step_up_until_ms: None,
+            unlocked: Vec::new(),
             ip: "192.0.2.1".into(),
             method: "passkey".into(),
             must_register_passkey: false,

@@ -6,13 +6,43 @@ use std::time::Duration;
 use crate::policy::{contains, Access, Policy, Role, Route, User};
 use crate::Facts;
 
-/// Who is asking, as the gateway's session store knows them.
+/// The unlock window of the gateway's own admin pages, and their scope name.
+pub const ADMIN_PAGES_SCOPE: &str = "/.pbxgate/admin";
+pub const ADMIN_UNLOCK_MAX: Duration = Duration::from_secs(15 * 60);
+
+/// How long a real sign-in (or unlock) counts as fresh: adding a passkey,
+/// setting a password or deleting a passkey needs one this recent.
+pub const RECENT_AUTH: Duration = Duration::from_secs(5 * 60);
+
+/// Who is asking, with the conditions their session carries.
 #[derive(Debug, Clone, Copy)]
 pub struct Principal<'a> {
     /// The user's name as in the policy file.
     pub name: &'a str,
-    /// Unlocked (stepped up) until this Unix time, in seconds.
-    pub step_up_until: Option<u64>,
+    /// Open unlock windows: (scope, until this Unix time in seconds). A scope
+    /// is a route's path, or [`ADMIN_PAGES_SCOPE`].
+    pub unlocked: &'a [(String, u64)],
+    /// Must create a passkey before reaching anything else.
+    pub passkey_pending: bool,
+    /// When the person last proved who they are in a ceremony (Unix
+    /// seconds); `None` when the session came from a remember token.
+    pub authenticated_at: Option<u64>,
+}
+
+impl<'a> Principal<'a> {
+    /// A principal with no conditions (an API account's Basic credentials,
+    /// checked on this very request).
+    pub fn verified_now(name: &'a str, now: u64) -> Self {
+        Self { name, unlocked: &[], passkey_pending: false, authenticated_at: Some(now) }
+    }
+
+    fn unlocked_for(&self, scope: &str, now: u64) -> bool {
+        self.unlocked.iter().any(|(s, until)| s == scope && *until > now)
+    }
+
+    fn fresh(&self, now: u64) -> bool {
+        self.authenticated_at.is_some_and(|at| now.saturating_sub(at) <= RECENT_AUTH.as_secs())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +54,10 @@ pub enum Verdict {
     StepUp {
         max: Duration,
     },
+    /// Create a passkey first: nothing else is open until then.
+    PasskeyFirst,
+    /// Prove who you are again (a real ceremony, not a remember token).
+    Reauthenticate,
     Deny(DenyReason),
 }
 
@@ -134,6 +168,9 @@ fn verdict_for(
     if !user_may_come_from(policy, user, facts) {
         return Verdict::Deny(DenyReason::UserNetwork);
     }
+    if principal.passkey_pending {
+        return Verdict::PasskeyFirst;
+    }
     let role_fits = match route.access {
         Access::Api => user.role == Role::Api,
         Access::Admin => user.role == Role::Admin,
@@ -144,11 +181,78 @@ fn verdict_for(
         return Verdict::Deny(DenyReason::Role);
     }
     if let Some(max) = route.step_up {
-        if principal.step_up_until.is_none_or(|until| until <= now) {
+        if !principal.unlocked_for(&route.path, now) {
             return Verdict::StepUp { max };
         }
     }
     Verdict::Allow
+}
+
+/// The gateway's own endpoints that act for a signed-in person.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// The person's own account: who they are, their sessions and passkeys,
+    /// the passkey offer.
+    Account,
+    /// Adding a passkey.
+    PasskeyRegister,
+    PasskeyRename,
+    PasskeyDelete,
+    /// Setting one's own password (where the policy lets people).
+    PasswordSet,
+    /// The unlock page and its ceremonies.
+    Unlock,
+    /// The gateway's admin pages and API.
+    Admin,
+    /// Signing out: always open, to anyone.
+    SignOut,
+}
+
+/// Decides a request to one of the gateway's own endpoints. `now`: Unix seconds.
+pub fn decide_endpoint(
+    policy: &Policy,
+    endpoint: Endpoint,
+    facts: &Facts<'_>,
+    principal: Option<&Principal<'_>>,
+    now: u64,
+) -> Verdict {
+    if endpoint == Endpoint::SignOut {
+        return Verdict::Allow;
+    }
+    let Some((principal, user)) = principal.and_then(|p| Some((p, policy.user(p.name)?))) else {
+        return Verdict::Login;
+    };
+    if user.role == Role::Api {
+        return Verdict::Deny(DenyReason::Role);
+    }
+    if !user_may_come_from(policy, user, facts) {
+        return Verdict::Deny(DenyReason::UserNetwork);
+    }
+    let fresh_or_again = |verdict| if principal.fresh(now) { verdict } else { Verdict::Reauthenticate };
+    match endpoint {
+        Endpoint::Account => Verdict::Allow,
+        Endpoint::PasskeyRegister => fresh_or_again(Verdict::Allow),
+        _ if principal.passkey_pending => Verdict::PasskeyFirst,
+        Endpoint::PasskeyRename | Endpoint::Unlock => Verdict::Allow,
+        Endpoint::PasskeyDelete | Endpoint::PasswordSet => fresh_or_again(Verdict::Allow),
+        Endpoint::Admin if user.role != Role::Admin => Verdict::Deny(DenyReason::Role),
+        Endpoint::Admin if !principal.unlocked_for(ADMIN_PAGES_SCOPE, now) => {
+            Verdict::StepUp { max: ADMIN_UNLOCK_MAX }
+        }
+        Endpoint::Admin | Endpoint::SignOut => Verdict::Allow,
+    }
+}
+
+/// What unlocking for `path` (normalised) opens, and for how long at most:
+/// the route's own window, or the admin pages' for the gateway's pages and
+/// for paths that need no unlock.
+pub fn unlock_scope<'p>(policy: &'p Policy, path: &str) -> (&'p str, Duration) {
+    if !path.starts_with("/.pbxgate/") {
+        if let Some((route, max)) = policy.route_for(path).and_then(|r| Some((r, r.step_up?))) {
+            return (&route.path, max);
+        }
+    }
+    (ADMIN_PAGES_SCOPE, ADMIN_UNLOCK_MAX)
 }
 
 /// A user's own networks and their role's networks both apply when set.

@@ -6,13 +6,16 @@
 
 mod decide;
 pub mod duration;
+mod host;
 mod path;
 mod policy;
 mod screen;
 
 pub use decide::{
-    decide, decide_on_route, user_may_come_from, Decision, DenyReason, Principal, Rule, Verdict,
+    decide, decide_endpoint, decide_on_route, unlock_scope, user_may_come_from, Decision, DenyReason,
+    Endpoint, Principal, Rule, Verdict, ADMIN_PAGES_SCOPE, ADMIN_UNLOCK_MAX, RECENT_AUTH,
 };
+pub use host::{parse_host, Host, HostError};
 pub use path::{normalize_path, PathError};
 pub use policy::{Access, Domain, Policy, PolicyError, Role, RoleSettings, Route, User};
 pub use screen::{screen, DropReason, Screen};

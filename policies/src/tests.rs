@@ -170,12 +170,17 @@ fn decide_table() {
         "#,
     );
     let now = 1_000_000;
-    let admin = Principal { name: "100", step_up_until: None };
-    let unlocked = Principal { name: "100", step_up_until: Some(now + 60) };
-    let expired = Principal { name: "100", step_up_until: Some(now) };
-    let user = Principal { name: "101", step_up_until: None };
-    let api = Principal { name: "svc", step_up_until: None };
-    let gone = Principal { name: "999", step_up_until: None };
+    let open = [("/admin/".to_string(), now + 60)];
+    let closed = [("/admin/".to_string(), now)];
+    let elsewhere = [("/other/".to_string(), now + 60), (ADMIN_PAGES_SCOPE.to_string(), now + 60)];
+    let admin = person("100", &[]);
+    let unlocked = person("100", &open);
+    let expired = person("100", &closed);
+    let unlocked_elsewhere = person("100", &elsewhere);
+    let pending = Principal { passkey_pending: true, ..unlocked };
+    let user = person("101", &[]);
+    let api = Principal::verified_now("svc", now);
+    let gone = person("999", &[]);
     let step_up = Verdict::StepUp { max: Duration::from_secs(900) };
     use DenyReason::*;
     use Verdict::*;
@@ -193,6 +198,13 @@ fn decide_table() {
         ("192.168.1.5", "/admin/x", Some(&admin), step_up, "route[1] admin /admin/"),
         ("192.168.1.5", "/admin/x", Some(&expired), step_up, "route[1] admin /admin/"),
         ("192.168.1.5", "/admin/x", Some(&unlocked), Allow, "route[1] admin /admin/"),
+        // A window opened for another route or for the gateway's pages opens nothing here.
+        ("192.168.1.5", "/admin/x", Some(&unlocked_elsewhere), step_up, "route[1] admin /admin/"),
+        // A pending passkey closes every route that needs a person, after the network check.
+        ("192.168.1.5", "/admin/x", Some(&pending), PasskeyFirst, "route[1] admin /admin/"),
+        ("192.168.1.5", "/", Some(&pending), PasskeyFirst, "route[4] user /"),
+        ("192.168.1.5", "/public/x", Some(&pending), Allow, "route[3] public /public/"),
+        ("192.168.2.5", "/", Some(&pending), Deny(UserNetwork), "route[4] user /"),
         ("127.0.0.1", "/admin/x", Some(&unlocked), Allow, "route[1] admin /admin/"),
         // Own networks allow 192.168.1.0/24; the role's 192.168.0.0/16 would allow 192.168.2.x.
         ("192.168.2.5", "/admin/x", Some(&unlocked), Deny(UserNetwork), "route[1] admin /admin/"),
@@ -209,6 +221,139 @@ fn decide_table() {
         assert_eq!(d.verdict, *want, "{ip} {path} {who:?}");
         assert_eq!(d.rule.to_string(), *rule, "{ip} {path} {who:?}");
     }
+}
+
+/// A signed-in person who really authenticated at second 1,000,000.
+fn person<'a>(name: &'a str, unlocked: &'a [(String, u64)]) -> Principal<'a> {
+    Principal { name, unlocked, passkey_pending: false, authenticated_at: Some(1_000_000) }
+}
+
+const ENDPOINTS: [Endpoint; 8] = [
+    Endpoint::Account,
+    Endpoint::PasskeyRegister,
+    Endpoint::PasskeyRename,
+    Endpoint::PasskeyDelete,
+    Endpoint::PasswordSet,
+    Endpoint::Unlock,
+    Endpoint::Admin,
+    Endpoint::SignOut,
+];
+
+#[test]
+fn endpoint_table() {
+    let p = policy(
+        r#"
+        domains = ["pbx.example.com"]
+        [[route]]
+        path = "/"
+        access = "user"
+        [roles.admin]
+        networks = ["192.168.0.0/16"]
+        [[user]]
+        name = "100"
+        role = "admin"
+        networks = ["192.168.1.0/24"]
+        [[user]]
+        name = "101"
+        networks = ["10.0.0.0/8"]
+        [[user]]
+        name = "svc"
+        role = "api"
+        networks = ["203.0.113.0/24"]
+        "#,
+    );
+    let now = 1_000_100;
+    let admin_open = [(ADMIN_PAGES_SCOPE.to_string(), now + 60)];
+    let route_open = [("/".to_string(), now + 60)];
+    let admin = person("100", &[]);
+    let unlocked = person("100", &admin_open);
+    let unlocked_route_only = person("100", &route_open);
+    let pending = Principal { passkey_pending: true, ..unlocked };
+    // Made from a remember token: never a fresh sign-in.
+    let remembered = Principal { authenticated_at: None, ..unlocked };
+    let stale = Principal { authenticated_at: Some(now - 301), ..unlocked };
+    let user = person("101", &[]);
+    let api = Principal::verified_now("svc", now);
+    let gone = person("999", &[]);
+    let lan = "192.168.1.5";
+    let step_up = Verdict::StepUp { max: ADMIN_UNLOCK_MAX };
+    use DenyReason::*;
+    use Endpoint::*;
+    use Verdict::*;
+    let cases: &[(&str, Endpoint, Option<&Principal<'_>>, Verdict)] = &[
+        // Nobody signed in.
+        (lan, Account, None, Login),
+        (lan, Admin, None, Login),
+        (lan, SignOut, None, Allow),
+        (lan, Account, Some(&gone), Login),
+        // The account's own networks and its role's hold on every endpoint.
+        (lan, Account, Some(&admin), Allow),
+        ("192.168.2.5", Account, Some(&admin), Deny(UserNetwork)),
+        ("192.168.2.5", PasskeyRegister, Some(&admin), Deny(UserNetwork)),
+        ("192.168.2.5", Unlock, Some(&unlocked), Deny(UserNetwork)),
+        ("192.168.2.5", Admin, Some(&unlocked), Deny(UserNetwork)),
+        ("192.168.2.5", SignOut, Some(&unlocked), Allow),
+        (lan, Account, Some(&user), Deny(UserNetwork)),
+        ("10.1.1.1", Account, Some(&user), Allow),
+        // API accounts have no pages.
+        ("203.0.113.7", Account, Some(&api), Deny(Role)),
+        ("203.0.113.7", PasskeyRegister, Some(&api), Deny(Role)),
+        // Admin pages: admins, unlocked for the admin pages themselves.
+        ("10.1.1.1", Admin, Some(&user), Deny(Role)),
+        (lan, Admin, Some(&admin), step_up),
+        (lan, Admin, Some(&unlocked_route_only), step_up),
+        (lan, Admin, Some(&unlocked), Allow),
+        // A pending passkey: passkey creation, the account view and sign-out only.
+        (lan, Account, Some(&pending), Allow),
+        (lan, PasskeyRegister, Some(&pending), Allow),
+        (lan, SignOut, Some(&pending), Allow),
+        (lan, Admin, Some(&pending), PasskeyFirst),
+        (lan, Unlock, Some(&pending), PasskeyFirst),
+        (lan, PasswordSet, Some(&pending), PasskeyFirst),
+        (lan, PasskeyRename, Some(&pending), PasskeyFirst),
+        (lan, PasskeyDelete, Some(&pending), PasskeyFirst),
+        // Credential changes need a recent real ceremony.
+        (lan, PasskeyRegister, Some(&unlocked), Allow),
+        (lan, PasskeyRegister, Some(&remembered), Reauthenticate),
+        (lan, PasskeyRegister, Some(&stale), Reauthenticate),
+        (lan, PasswordSet, Some(&remembered), Reauthenticate),
+        (lan, PasswordSet, Some(&unlocked), Allow),
+        (lan, PasskeyDelete, Some(&remembered), Reauthenticate),
+        (lan, PasskeyRename, Some(&remembered), Allow),
+        (lan, Unlock, Some(&remembered), Allow),
+        (lan, Account, Some(&remembered), Allow),
+    ];
+    for (ip, endpoint, who, want) in cases {
+        let got = decide_endpoint(&p, *endpoint, &facts(ip, "pbx.example.com", "/", None), *who, now);
+        assert_eq!(got, *want, "{ip} {endpoint:?} {who:?}");
+    }
+}
+
+#[test]
+fn unlock_scopes_are_per_route() {
+    let p = policy(
+        r#"
+        domains = ["pbx.example.com"]
+        [[route]]
+        path = "/admin/"
+        access = "admin"
+        step_up = "15m"
+        [[route]]
+        path = "/reports/"
+        access = "user"
+        step_up = "8h"
+        [[route]]
+        path = "/"
+        access = "user"
+        "#,
+    );
+    let min = |m: u64| Duration::from_secs(m * 60);
+    assert_eq!(unlock_scope(&p, "/admin/users"), ("/admin/", min(15)));
+    assert_eq!(unlock_scope(&p, "/admin"), ("/admin/", min(15)));
+    assert_eq!(unlock_scope(&p, "/reports/x"), ("/reports/", min(480)));
+    assert_eq!(unlock_scope(&p, "/.pbxgate/admin/user"), (ADMIN_PAGES_SCOPE, ADMIN_UNLOCK_MAX));
+    // Nothing to unlock there: the narrowest window, for the admin pages.
+    assert_eq!(unlock_scope(&p, "/calls"), (ADMIN_PAGES_SCOPE, ADMIN_UNLOCK_MAX));
 }
 
 #[test]
@@ -347,12 +492,91 @@ proptest! {
         let client_ip = if v4 { IpAddr::from([ip[0], ip[1], ip[2], ip[3]]) } else { IpAddr::from(ip) };
         let f = Facts { client_ip, host: &host, method: "GET", path: &path, user_agent: ua.as_deref() };
         let _ = screen(&p, &f);
-        let principal = who.as_deref().map(|name| Principal { name, step_up_until: until });
+        let unlocked = until.map(|u| vec![("/admin/".to_string(), u)]).unwrap_or_default();
+        let principal = who.as_deref().map(|name| Principal {
+            name,
+            unlocked: &unlocked,
+            passkey_pending: until.is_some_and(|u| u % 2 == 0),
+            authenticated_at: until,
+        });
         let _ = decide(&p, &f, principal.as_ref(), now);
+        for endpoint in ENDPOINTS {
+            let _ = decide_endpoint(&p, endpoint, &f, principal.as_ref(), now);
+        }
     }
 
     #[test]
     fn policy_parser_never_panics(src in "\\PC{0,200}") {
         let _ = Policy::from_toml(&src);
+    }
+}
+
+#[test]
+fn hosts() {
+    for (raw, name, port) in [
+        ("PBX.Example.com:8443", "pbx.example.com", Some(8443)),
+        ("localhost", "localhost", None),
+        ("[::1]:8443", "::1", Some(8443)),
+        ("[::1]", "::1", None),
+        ("[0:0::1]", "::1", None),
+        ("example.com.", "example.com", None),
+        ("host:", "host", None),
+        ("127.0.0.1:80", "127.0.0.1", Some(80)),
+        ("a_b.example", "a_b.example", None),
+        ("", "", None),
+    ] {
+        let host = parse_host(raw).unwrap_or_else(|e| panic!("{raw:?}: {e}"));
+        assert_eq!((host.name.as_ref(), host.port), (name, port), "{raw:?}");
+    }
+    for bad in [
+        "[localhost]@evil.example",
+        "[::1]@evil.example",
+        "[::1]evil",
+        "user@localhost",
+        "evil.example#.tenant.example.com",
+        "evil.example/.tenant.example.com",
+        "evil.example?.tenant.example.com",
+        "evil.example\\.tenant.example.com",
+        "a%2eb",
+        "a b",
+        " localhost",
+        "localhost ",
+        "a:b",
+        "a:99999",
+        "a:123456",
+        "a:+80",
+        "a..b",
+        ".a",
+        "example.com..",
+        "1.2.3.999",
+        "[1.2.3.4]",
+        "[::1%eth0]",
+        "[::1",
+        "a!b",
+        "a;b",
+        ":80",
+        ".",
+        "é.example",
+    ] {
+        assert_eq!(parse_host(bad), Err(HostError), "{bad:?}");
+    }
+    assert_eq!(parse_host("PBX.example.com:8443").map(|h| h.authority()), Ok("pbx.example.com:8443".into()));
+    assert_eq!(parse_host("[::1]:1").map(|h| h.authority()), Ok("[::1]:1".into()));
+}
+
+proptest! {
+    /// Whatever is accepted is what a URL parser reads as the same host and
+    /// port: nothing after it (a path, a fragment, user info) can change
+    /// where a URL built from it points.
+    #[test]
+    fn accepted_hosts_are_whole_authorities(raw in "\\PC{0,24}|[a-zA-Z0-9.:\\[\\]@#/_%-]{0,24}") {
+        if let Ok(host) = parse_host(&raw) {
+            prop_assert!(!raw.contains(['@', '#', '/', '?', '\\', '%', ' ']), "{raw:?}");
+            if !host.name.is_empty() {
+                let authority: http::uri::Authority = host.authority().parse().map_err(|_| TestCaseError::fail(format!("{raw:?}")))?;
+                prop_assert_eq!(authority.host().trim_start_matches('[').trim_end_matches(']'), host.name.as_ref());
+                prop_assert_eq!(authority.port_u16(), host.port);
+            }
+        }
     }
 }

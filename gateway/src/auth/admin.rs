@@ -5,45 +5,16 @@
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use pbxgate_policies::Role;
 use serde::Deserialize;
 
-use super::routes::{api_error, bad_request, form, parse, read_body, see_other, unavailable, Ctx};
-use super::{identify, pages, Principal};
+use super::routes::{
+    api_error, authorized, bad_request, form, parse, read_body, see_other, unavailable, Ctx,
+};
+use super::{pages, Principal};
 use crate::error::{encode_rd, escape, json, respond, Refusal};
 use crate::store::{now_ms, StoreError, UserFlags};
 use crate::{Body, State};
-
-/// The refusal, unless the principal may use admin functions right now.
-fn refusal(
-    state: &State,
-    ctx: &Ctx<'_>,
-    p: Option<&Principal>,
-    path: &str,
-    api: bool,
-) -> Option<Response<Body>> {
-    let Some(p) = p else {
-        return Some(respond(&Refusal::LoginRequired { rd: path.to_string() }, ctx.browser && !api));
-    };
-    let policy = state.policy.load();
-    let Some(user) = policy.user(p.user()) else {
-        return Some(respond(&Refusal::LoginRequired { rd: path.to_string() }, ctx.browser && !api));
-    };
-    let facts =
-        pbxgate_policies::Facts { client_ip: ctx.client_ip, host: "", method: "", path, user_agent: None };
-    if user.role != Role::Admin || !pbxgate_policies::user_may_come_from(&policy, user, &facts) {
-        tracing::warn!(target: "pbxgate::audit", user = %p.user(), client = %ctx.client_ip, %path, "admin area refused");
-        return Some(if api {
-            api_error(StatusCode::FORBIDDEN, "forbidden", "Administrators only.")
-        } else {
-            respond(&Refusal::Forbidden, ctx.browser)
-        });
-    }
-    if p.record.step_up_until_ms.is_none_or(|until| until <= now_ms()) {
-        return Some(respond(&Refusal::StepUpRequired { rd: path.to_string() }, ctx.browser && !api));
-    }
-    None
-}
+use pbxgate_policies::Endpoint;
 
 pub(crate) async fn handle(
     state: &State,
@@ -52,18 +23,15 @@ pub(crate) async fn handle(
     path: &str,
 ) -> Response<Body> {
     let api = path.starts_with("/.pbxgate/api/");
-    let principal = match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent, now_ms()).await {
-        Ok(i) => i.principal,
-        Err(e) => return unavailable(&e, ctx.browser),
-    };
     let here = match request.uri().query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     };
-    if let Some(answer) = refusal(state, ctx, principal.as_ref(), &here, api) {
-        return answer;
-    }
-    let Some(admin) = principal else { return bad_request() };
+    let page = ctx.browser && !api;
+    let admin = match authorized(state, ctx, request.headers(), Endpoint::Admin, &here, page).await {
+        Ok(p) => p,
+        Err(answer) => return answer,
+    };
     let uri_query = request.uri().query().map(str::to_string);
     let query = |name: &str| crate::reserved::query_param(uri_query.as_deref(), name).unwrap_or_default();
     let result: Result<Response<Body>, StoreError> = async {

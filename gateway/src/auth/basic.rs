@@ -183,8 +183,10 @@ fn verify_in_background(state: &Arc<State>, login: String, password: String, tag
         let started = Instant::now();
         let cache = &state.auth.basic;
         match password_holds(&state, &login, password).await {
-            Ok(Some(user)) => cache.remember(&tag, &user, started),
-            Ok(None) => cache.forget(&tag),
+            Ok(Ok(Some(user))) => cache.remember(&tag, &user, started),
+            Ok(Ok(None)) => cache.forget(&tag),
+            // Busy: the entry runs out as it would have.
+            Ok(Err(passwords::Busy)) => {}
             Err(error) => tracing::debug!(%error, "re-verifying Basic credentials failed"),
         }
         cache.done(&tag);
@@ -222,25 +224,31 @@ async fn verify_uncached(
     tag: &[u8],
 ) -> Result<Basic, StoreError> {
     let cache = &state.auth.basic;
-    if regulate::is_locked(&state.store, regulate::Kind::Failure, login, client_ip).await? {
+    let account = regulate::account(&state.policy.load(), login);
+    if !regulate::attempt(&state.store, regulate::Kind::Failure, &account, client_ip).await? {
         return Ok(Basic::Regulated);
     }
     match password_holds(state, login, password).await? {
-        Some(user) => {
+        Ok(Some(user)) => {
+            regulate::succeeded(&state.store, &account).await?;
             cache.remember(tag, &user, Instant::now());
             Ok(Basic::Verified(user))
         }
-        None => {
-            regulate::count(&state.store, regulate::Kind::Failure, login, client_ip).await?;
+        Ok(None) => {
             tracing::info!(target: "pbxgate::audit", client = %client_ip, "Basic credentials refused");
             Ok(Basic::Refused)
         }
+        Err(passwords::Busy) => Ok(Basic::Regulated),
     }
 }
 
 /// The API account `login` names, when `password` is its password. An
-/// unknown account takes as long (argon2 on the dummy hash).
-async fn password_holds(state: &State, login: &str, password: String) -> Result<Option<String>, StoreError> {
+/// unknown account takes as long (the same argon2 work).
+async fn password_holds(
+    state: &State,
+    login: &str,
+    password: String,
+) -> Result<Result<Option<String>, passwords::Busy>, StoreError> {
     let account = state
         .policy
         .load()
@@ -251,7 +259,7 @@ async fn password_holds(state: &State, login: &str, password: String) -> Result<
         Some(user) => state.store.password_hash(user).await?,
         None => None,
     };
-    Ok(if passwords::check(state, password, hash).await { account } else { None })
+    Ok(passwords::check(state, password, hash).await.map(|ok| account.filter(|_| ok)))
 }
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ pub enum PasskeyError {
     Duplicate,
     #[error("this account has the maximum number of passkeys")]
     TooMany,
+    /// Refused once the passkey named its account.
+    #[error("the passkey of {user} was refused: {detail}")]
+    Refused { user: String, detail: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -34,9 +37,20 @@ pub enum PasskeyError {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Ceremony {
-    Register { user: String, state: PasskeyRegistration },
-    Login { user: String, state: PasskeyAuthentication },
-    Discoverable { state: DiscoverableAuthentication },
+    Register {
+        user: String,
+        state: PasskeyRegistration,
+    },
+    Login {
+        user: String,
+        state: PasskeyAuthentication,
+    },
+    /// `expected`: the account a name typed first bound the ceremony to.
+    Discoverable {
+        state: DiscoverableAuthentication,
+        #[serde(default)]
+        expected: Option<String>,
+    },
 }
 
 pub struct Passkeys {
@@ -169,34 +183,32 @@ impl Passkeys {
         }
     }
 
-    /// Options for `navigator.credentials.get`: for a named account with
-    /// passkeys, those passkeys; otherwise (no name, or a name without
-    /// passkeys, or no such account) a discoverable request, so the answer
-    /// does not tell whether the account exists.
+    /// Options for `navigator.credentials.get` to sign in: always a
+    /// discoverable request, the same for every name, so the answer tells
+    /// nothing of an account or its credentials. With `expected` (a name
+    /// typed first), only that account's passkey signs in.
     pub async fn start_login(
         &self,
         store: &Store,
-        user: Option<&str>,
+        expected: Option<String>,
     ) -> Result<(Secret, serde_json::Value), PasskeyError> {
-        let keys = match user {
-            Some(user) => self.passkeys_of(store, user).await?,
-            None => Vec::new(),
-        };
-        let (ceremony, options) = match (user, keys.is_empty()) {
-            (Some(user), false) => {
-                let keys: Vec<Passkey> = keys.into_iter().map(|(_, k)| k).collect();
-                let (options, state) = self.webauthn.start_passkey_authentication(&keys).map_err(rejected)?;
-                (
-                    Ceremony::Login { user: user.to_string(), state },
-                    serde_json::to_value(options).map_err(rejected)?,
-                )
-            }
-            _ => {
-                let (options, state) = self.webauthn.start_discoverable_authentication().map_err(rejected)?;
-                (Ceremony::Discoverable { state }, serde_json::to_value(options).map_err(rejected)?)
-            }
-        };
-        let id = self.keep(store, &ceremony).await?;
+        let (options, state) = self.webauthn.start_discoverable_authentication().map_err(rejected)?;
+        let options = serde_json::to_value(options).map_err(rejected)?;
+        let id = self.keep(store, &Ceremony::Discoverable { state, expected }).await?;
+        Ok((id, options))
+    }
+
+    /// Options for a signed-in person to prove it is still them (unlock):
+    /// their own passkeys, which they already know.
+    pub async fn start_for(
+        &self,
+        store: &Store,
+        user: &str,
+    ) -> Result<(Secret, serde_json::Value), PasskeyError> {
+        let keys: Vec<Passkey> = self.passkeys_of(store, user).await?.into_iter().map(|(_, k)| k).collect();
+        let (options, state) = self.webauthn.start_passkey_authentication(&keys).map_err(rejected)?;
+        let options = serde_json::to_value(options).map_err(rejected)?;
+        let id = self.keep(store, &Ceremony::Login { user: user.to_string(), state }).await?;
         Ok((id, options))
     }
 
@@ -218,20 +230,27 @@ impl Passkeys {
                 let passkey: Passkey = serde_json::from_value(record.passkey).map_err(rejected)?;
                 (user, result, passkey)
             }
-            Ceremony::Discoverable { state } => {
+            Ceremony::Discoverable { state, expected } => {
                 let (handle, _) =
                     self.webauthn.identify_discoverable_authentication(credential).map_err(rejected)?;
                 let user = store
                     .user_by_handle(&handle.to_string())
                     .await?
                     .ok_or_else(|| rejected("unknown user handle"))?;
-                let record =
-                    store.passkey(&user, &cred_id).await?.ok_or_else(|| rejected("unknown credential"))?;
-                let passkey: Passkey = serde_json::from_value(record.passkey).map_err(rejected)?;
+                let refused = |detail: String| PasskeyError::Refused { user: user.clone(), detail };
+                if expected.as_ref().is_some_and(|name| *name != user) {
+                    return Err(refused("a passkey of another account than the name typed".into()));
+                }
+                let record = store
+                    .passkey(&user, &cred_id)
+                    .await?
+                    .ok_or_else(|| refused("unknown credential".into()))?;
+                let passkey: Passkey =
+                    serde_json::from_value(record.passkey).map_err(|e| refused(e.to_string()))?;
                 let result = self
                     .webauthn
                     .finish_discoverable_authentication_v2(credential, state, &passkey)
-                    .map_err(rejected)?;
+                    .map_err(|e| refused(e.to_string()))?;
                 (user, result, passkey)
             }
             Ceremony::Register { .. } => return Err(PasskeyError::Expired),

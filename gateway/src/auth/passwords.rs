@@ -5,7 +5,10 @@
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::LazyLock;
+
+use tokio::sync::Semaphore;
 
 use crate::config::{PasswordStrength, Passwords};
 
@@ -44,9 +47,48 @@ pub fn check_new(policy: &Passwords, password: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Every argon2 run goes through here: at most one per core at a time (each
+/// holds about 19 MiB and a core for tens of milliseconds), and at most
+/// [`WAITING_PER_CORE`] per core waiting for one. Past that the caller gets
+/// [`Busy`] at once, so a flood of guesses costs neither memory nor threads.
+struct Queue {
+    running: Semaphore,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+}
+
+const WAITING_PER_CORE: usize = 8;
+
+static QUEUE: LazyLock<Queue> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Queue {
+        running: Semaphore::new(cores),
+        waiting: AtomicUsize::new(0),
+        max_waiting: cores * WAITING_PER_CORE,
+    }
+});
+
+/// Every password check is taken: try again in a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("password checks are all busy")]
+pub struct Busy;
+
+/// Runs `work` on a blocking thread once the queue lets it.
+async fn queued<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Busy> {
+    let queue = &*QUEUE;
+    if queue.waiting.fetch_add(1, Ordering::AcqRel) >= queue.max_waiting {
+        queue.waiting.fetch_sub(1, Ordering::AcqRel);
+        return Err(Busy);
+    }
+    let permit = queue.running.acquire().await;
+    queue.waiting.fetch_sub(1, Ordering::AcqRel);
+    let _permit = permit.map_err(|_| Busy)?;
+    tokio::task::spawn_blocking(work).await.map_err(|_| Busy)
+}
+
 /// Hashes on a blocking thread: argon2 takes tens of milliseconds on purpose.
 pub async fn hash(password: String) -> Result<String, String> {
-    tokio::task::spawn_blocking(move || {
+    queued(move || {
         let salt = new_salt()?;
         Argon2::default()
             .hash_password(password.as_bytes(), &salt)
@@ -57,43 +99,43 @@ pub async fn hash(password: String) -> Result<String, String> {
     .map_err(|e| e.to_string())?
 }
 
-/// [`verify`] with the gateway's dummy hash and argon2 counter.
-pub(crate) async fn check(state: &crate::State, password: String, hash: Option<String>) -> bool {
-    verify(password, hash, state.auth.dummy_hash().await, &state.metrics.password_verifications).await
+/// [`verify`] with the gateway's argon2 counter.
+pub(crate) async fn check(
+    state: &crate::State,
+    password: String,
+    hash: Option<String>,
+) -> Result<bool, Busy> {
+    verify(password, hash, &state.metrics.password_verifications).await
 }
 
-/// Verifies on a blocking thread. With no hash to check against, verifies
-/// against `dummy` and fails, so that takes as long as a real check.
-/// `counter` counts argon2 runs (a metric: the Basic cache keeps it flat).
-pub async fn verify(password: String, hash: Option<String>, dummy: &str, counter: &AtomicU64) -> bool {
-    let dummy = dummy.to_string();
+/// Verifies through the queue. With no hash to check against (an unknown
+/// account, or no password set), runs the same argon2 work on a fixed salt
+/// and fails, so that takes as long as a real check and needs no set-up
+/// that could fail. `counter` counts argon2 runs (a metric).
+pub async fn verify(password: String, hash: Option<String>, counter: &AtomicU64) -> Result<bool, Busy> {
     counter.fetch_add(1, Ordering::Relaxed);
-    tokio::task::spawn_blocking(move || {
-        let real = hash.is_some();
-        let phc = hash.unwrap_or(dummy);
-        let ok = PasswordHash::new(&phc)
+    queued(move || match hash {
+        Some(phc) => PasswordHash::new(&phc)
             .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
-            .unwrap_or(false);
-        ok && real
+            .unwrap_or(false),
+        None => {
+            let mut out = [0u8; 32];
+            let _ =
+                Argon2::default().hash_password_into(password.as_bytes(), b"pbxgate-no-account", &mut out);
+            false
+        }
     })
     .await
-    .unwrap_or(false)
 }
 
 fn new_salt() -> Result<SaltString, String> {
     SaltString::encode_b64(&crate::store::secret::random::<16>()).map_err(|e| e.to_string())
 }
 
-/// A hash of a random password, made at start-up, for [`verify`] to burn time on.
-pub fn dummy_hash() -> String {
-    let Ok(salt) = new_salt() else { return String::new() };
-    let random = crate::store::secret::hex(&crate::store::secret::random::<16>());
-    Argon2::default().hash_password(random.as_bytes(), &salt).map(|h| h.to_string()).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn policy(strength: PasswordStrength, allow_empty: bool) -> Passwords {
         Passwords { strength, allow_empty, users_may_set: false }
@@ -123,13 +165,32 @@ mod tests {
 
     #[tokio::test]
     async fn hash_and_verify() {
-        let dummy = dummy_hash();
         let runs = AtomicU64::new(0);
         let h = hash("correct horse".into()).await.unwrap();
         assert!(h.starts_with("$argon2id$"));
-        assert!(verify("correct horse".into(), Some(h.clone()), &dummy, &runs).await);
-        assert!(!verify("wrong".into(), Some(h), &dummy, &runs).await);
-        assert!(!verify("anything".into(), None, &dummy, &runs).await);
+        assert_eq!(verify("correct horse".into(), Some(h.clone()), &runs).await, Ok(true));
+        assert_eq!(verify("wrong".into(), Some(h), &runs).await, Ok(false));
+        assert_eq!(verify("anything".into(), None, &runs).await, Ok(false));
         assert_eq!(runs.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_is_refused_past_the_queue() {
+        let runs = Arc::new(AtomicU64::new(0));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let flood = cores * (WAITING_PER_CORE + 1) + 20;
+        let tasks: Vec<_> = (0..flood)
+            .map(|_| {
+                let runs = runs.clone();
+                tokio::spawn(async move { verify("guess".into(), None, &runs).await })
+            })
+            .collect();
+        let mut busy = 0;
+        for task in tasks {
+            if task.await.unwrap() == Err(Busy) {
+                busy += 1;
+            }
+        }
+        assert!(busy >= flood - cores * (WAITING_PER_CORE + 1), "{busy} of {flood} refused at once");
     }
 }

@@ -11,15 +11,13 @@ use http::header::{CONTENT_TYPE, LOCATION, SET_COOKIE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use pbxgate_policies::{Role, User};
+use pbxgate_policies::{decide_endpoint, Endpoint, Facts, Role, User, Verdict};
 use serde::Deserialize;
 use webauthn_rs::prelude::{PublicKeyCredential, RegisterPublicKeyCredential};
 
 use super::mail::LinkKind;
 use super::passkeys::PasskeyError;
-use super::{
-    cookies, establish, identify, pages, passwords, record, regulate, safe_rd, Principal, RECENT_AUTH,
-};
+use super::{cookies, establish, identify, pages, passwords, record, regulate, safe_rd, Principal};
 use crate::error::{empty, json, respond, Refusal};
 use crate::store::{now_ms, OneTime, Secret, StoreError};
 use crate::{Body, State};
@@ -29,11 +27,64 @@ const MAX_BODY: usize = 64 * 1024;
 /// What the pipeline knows about the request.
 pub(crate) struct Ctx<'a> {
     pub client_ip: IpAddr,
-    pub proto: &'static str,
-    /// The Host header as sent (with port).
+    /// The request's host, validated: lower case, without port.
     pub host: &'a str,
+    /// The request's own origin (its scheme and validated host and port):
+    /// only ever compared with the configured ones.
+    pub origin: String,
     pub user_agent: String,
     pub browser: bool,
+    /// Cookies the answer must carry whatever it is (a session renewed from
+    /// a remember token on the way).
+    pub set_cookies: std::sync::Mutex<Vec<HeaderValue>>,
+}
+
+impl Ctx<'_> {
+    fn keep_cookies(&self, cookies: Vec<HeaderValue>) {
+        if !cookies.is_empty() {
+            self.set_cookies.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(cookies);
+        }
+    }
+}
+
+/// The signed-in person, when the policy lets them use `endpoint` from
+/// here; otherwise the answer to send (sign in, unlock, create a passkey
+/// first, prove who you are again, or no). `here`: the path and query, to
+/// come back to.
+pub(crate) async fn authorized(
+    state: &State,
+    ctx: &Ctx<'_>,
+    headers: &http::HeaderMap,
+    endpoint: Endpoint,
+    here: &str,
+    page: bool,
+) -> Result<Principal, Response<Body>> {
+    let now = now_ms();
+    let identity = identify(state, headers, ctx.client_ip, &ctx.user_agent, now)
+        .await
+        .map_err(|e| unavailable(&e, page))?;
+    ctx.keep_cookies(identity.set_cookies);
+    let verdict = {
+        let policy = state.policy.load();
+        let facts =
+            Facts { client_ip: ctx.client_ip, host: ctx.host, method: "", path: here, user_agent: None };
+        let person = identity.principal.as_ref().map(Principal::conditions);
+        decide_endpoint(&policy, endpoint, &facts, person.as_ref(), now / 1000)
+    };
+    let rd = here.to_string();
+    let refusal = match (verdict, identity.principal) {
+        (Verdict::Allow, Some(principal)) => return Ok(principal),
+        (Verdict::Allow | Verdict::Login, _) => Refusal::LoginRequired { rd },
+        (Verdict::StepUp { .. }, _) => Refusal::StepUpRequired { rd },
+        (Verdict::PasskeyFirst, _) => Refusal::PasskeyRequired { rd },
+        (Verdict::Reauthenticate, _) => Refusal::Reauthenticate,
+        (Verdict::Deny(reason), p) => {
+            tracing::warn!(target: "pbxgate::audit", user = p.as_ref().map_or("-", |p| p.user()),
+                client = %ctx.client_ip, ?endpoint, reason = reason.as_str(), "refused");
+            Refusal::Forbidden
+        }
+    };
+    Err(respond(&refusal, page))
 }
 
 /// A JSON error a script can act on and a person can read.
@@ -120,44 +171,33 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
     path: &str,
 ) -> Response<Body> {
-    if path.starts_with("/.pbxgate/unlock") || path.starts_with("/.pbxgate/api/unlock/") {
-        return match *request.method() {
-            Method::POST
-                if super::checked_origin(state, request.headers(), ctx.proto, ctx.host).is_none() =>
-            {
-                api_error(StatusCode::FORBIDDEN, "bad_origin", "This request did not come from this site.")
+    let method = request.method().clone();
+    if method != Method::GET && method != Method::HEAD && method != Method::POST {
+        return api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Use GET or POST.");
+    }
+    // Every state-changing request: from one of the configured origins.
+    let origin = match method {
+        Method::POST => match super::checked_origin(&state.config, request.headers(), &ctx.origin) {
+            Some(origin) => Some(origin.to_string()),
+            None => {
+                tracing::warn!(target: "pbxgate::audit", client = %ctx.client_ip, %path, "POST refused: foreign or missing Origin");
+                return api_error(
+                    StatusCode::FORBIDDEN,
+                    "bad_origin",
+                    "This request did not come from this site.",
+                );
             }
-            Method::GET | Method::POST => super::unlock::handle(state, ctx, request, path).await,
-            _ => api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Use GET or POST."),
-        };
+        },
+        _ => None,
+    };
+    if path.starts_with("/.pbxgate/unlock") || path.starts_with("/.pbxgate/api/unlock/") {
+        return super::unlock::handle(state, ctx, request, path).await;
     }
     if path.starts_with("/.pbxgate/admin") || path.starts_with("/.pbxgate/api/admin/") {
-        return match *request.method() {
-            Method::POST
-                if super::checked_origin(state, request.headers(), ctx.proto, ctx.host).is_none() =>
-            {
-                api_error(StatusCode::FORBIDDEN, "bad_origin", "This request did not come from this site.")
-            }
-            Method::GET | Method::POST => super::admin::handle(state, ctx, request, path).await,
-            _ => api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Use GET or POST."),
-        };
+        return super::admin::handle(state, ctx, request, path).await;
     }
-    let method = request.method().clone();
-    let api = path.starts_with("/.pbxgate/api/");
-    if method == Method::POST {
-        let origin = super::checked_origin(state, request.headers(), ctx.proto, ctx.host);
-        let Some(origin) = origin else {
-            tracing::warn!(target: "pbxgate::audit", client = %ctx.client_ip, %path, "POST refused: foreign or missing Origin");
-            return if api || !ctx.browser {
-                api_error(StatusCode::FORBIDDEN, "bad_origin", "This request did not come from this site.")
-            } else {
-                respond(&Refusal::Forbidden, true)
-            };
-        };
+    if let Some(origin) = origin {
         return post(state, ctx, request, path, &origin).await;
-    }
-    if method != Method::GET && method != Method::HEAD {
-        return api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Use GET or POST.");
     }
     let product = state.product_name();
     match path {
@@ -183,16 +223,10 @@ pub(crate) async fn handle(
         "/.pbxgate/passkey-offer" | "/.pbxgate/account" => {
             let here = path.to_string();
             let principal =
-                match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent, now_ms()).await {
-                    Ok(identity) => identity.principal,
-                    Err(e) => return unavailable(&e, true),
+                match authorized(state, ctx, request.headers(), Endpoint::Account, &here, true).await {
+                    Ok(p) => p,
+                    Err(answer) => return answer,
                 };
-            let Some(principal) = principal else {
-                return see_other(
-                    &format!("/.pbxgate/login?rd={}", crate::error::encode_rd(&here)),
-                    Vec::new(),
-                );
-            };
             if here == "/.pbxgate/passkey-offer" {
                 let required = principal.record.must_register_passkey;
                 return pages::passkey_offer(&product, &safe_rd(&query(&request, "rd")), required);
@@ -208,13 +242,10 @@ pub(crate) async fn handle(
         },
         "/.pbxgate/api/passkeys" | "/.pbxgate/api/sessions" | "/.pbxgate/api/me" => {
             let principal =
-                match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent, now_ms()).await {
-                    Ok(identity) => identity.principal,
-                    Err(e) => return unavailable(&e, false),
+                match authorized(state, ctx, request.headers(), Endpoint::Account, path, false).await {
+                    Ok(p) => p,
+                    Err(answer) => return answer,
                 };
-            let Some(principal) = principal else {
-                return respond(&Refusal::LoginRequired { rd: String::new() }, false);
-            };
             match account_json(state, &principal, path).await {
                 Ok(body) => json(StatusCode::OK, &body.to_string()),
                 Err(e) => unavailable(&e, false),
@@ -351,7 +382,7 @@ async fn post(
     let Some(body) = read_body(request).await else {
         return api_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "The request is too large.");
     };
-    let identity = || identify(state, &headers, ctx.client_ip, &ctx.user_agent, now_ms());
+    let person = |endpoint| authorized(state, ctx, &headers, endpoint, path, false);
     match path {
         "/.pbxgate/login/link" | "/.pbxgate/api/link/request" => {
             let (login, rd) = if is_json {
@@ -396,11 +427,19 @@ async fn post(
         }
         "/.pbxgate/api/passkey/login/start" => {
             let Some(start) = parse::<LoginStart>(&body) else { return bad_request() };
-            let user = start.login.as_deref().map(str::trim).filter(|l| !l.is_empty()).and_then(|login| {
+            match regulate::attempt(&state.store, regulate::Kind::PasskeyStart, "", ctx.client_ip).await {
+                Ok(true) => {}
+                Ok(false) => return too_many(state, true),
+                Err(e) => return unavailable(&e, false),
+            }
+            // A name typed first binds the ceremony to that account (whichever
+            // passkey the device offers), and is never looked up here: the
+            // answer is the same for every name.
+            let expected = start.login.as_deref().map(str::trim).filter(|l| !l.is_empty()).map(|login| {
                 let policy = state.policy.load();
-                policy.user(login).map(|u| u.name.clone())
+                policy.user(login).map_or_else(|| regulate::account(&policy, login), |u| u.name.clone())
             });
-            match state.auth.passkeys.start_login(&state.store, user.as_deref()).await {
+            match state.auth.passkeys.start_login(&state.store, expected).await {
                 Ok((ceremony, options)) => {
                     let mut answer = options;
                     answer["ceremony"] = ceremony.expose().into();
@@ -418,20 +457,10 @@ async fn post(
             passkey_login(state, ctx, finish, &headers).await
         }
         "/.pbxgate/api/passkey/register/start" | "/.pbxgate/api/passkey/register/finish" => {
-            let principal = match identity().await {
-                Ok(i) => i.principal,
-                Err(e) => return unavailable(&e, false),
+            let principal = match person(Endpoint::PasskeyRegister).await {
+                Ok(p) => p,
+                Err(answer) => return answer,
             };
-            let Some(principal) = principal else {
-                return respond(&Refusal::LoginRequired { rd: String::new() }, false);
-            };
-            if now_ms().saturating_sub(principal.record.authenticated_ms) > RECENT_AUTH.as_millis() as u64 {
-                return api_error(
-                    StatusCode::FORBIDDEN,
-                    "reauthenticate",
-                    "For your security, sign in again before adding a passkey.",
-                );
-            }
             if path.ends_with("/start") {
                 let display = {
                     let policy = state.policy.load();
@@ -471,10 +500,23 @@ async fn post(
                 .await
             {
                 Ok(record) => {
-                    let _ = state
-                        .store
-                        .update_session(&principal.session, now_ms(), |s| s.must_register_passkey = false)
-                        .await;
+                    if principal.record.must_register_passkey {
+                        let met = state
+                            .store
+                            .update_session(&principal.session, now_ms(), |s| s.must_register_passkey = false)
+                            .await;
+                        let remember = match met {
+                            Ok(true) => {
+                                super::remember_now(state, &principal, ctx.client_ip, &ctx.user_agent).await
+                            }
+                            Ok(false) => Ok(None),
+                            Err(e) => Err(e),
+                        };
+                        match remember {
+                            Ok(cookie) => ctx.keep_cookies(cookie.into_iter().collect()),
+                            Err(e) => return unavailable(&e, false),
+                        }
+                    }
                     if let Ok(mut flags) = state.store.flags(principal.user()).await {
                         if flags.onboarding_required {
                             flags.onboarding_required = false;
@@ -492,12 +534,11 @@ async fn post(
             }
         }
         "/.pbxgate/api/passkeys/rename" | "/.pbxgate/api/passkeys/delete" => {
-            let principal = match identity().await {
-                Ok(i) => i.principal,
-                Err(e) => return unavailable(&e, false),
-            };
-            let Some(principal) = principal else {
-                return respond(&Refusal::LoginRequired { rd: String::new() }, false);
+            let endpoint =
+                if path.ends_with("/rename") { Endpoint::PasskeyRename } else { Endpoint::PasskeyDelete };
+            let principal = match person(endpoint).await {
+                Ok(p) => p,
+                Err(answer) => return answer,
             };
             let Some(action) = parse::<PasskeyAction>(&body) else { return bad_request() };
             let done = if path.ends_with("/rename") {
@@ -516,12 +557,9 @@ async fn post(
             }
         }
         "/.pbxgate/api/password/set" => {
-            let principal = match identity().await {
-                Ok(i) => i.principal,
-                Err(e) => return unavailable(&e, false),
-            };
-            let Some(principal) = principal else {
-                return respond(&Refusal::LoginRequired { rd: String::new() }, false);
+            let principal = match person(Endpoint::PasswordSet).await {
+                Ok(p) => p,
+                Err(answer) => return answer,
             };
             let allowed = state.config.passwords.users_may_set && {
                 let policy = state.policy.load();
@@ -532,13 +570,6 @@ async fn post(
                     StatusCode::FORBIDDEN,
                     "not_allowed",
                     "Passwords are set by an administrator here.",
-                );
-            }
-            if now_ms().saturating_sub(principal.record.authenticated_ms) > RECENT_AUTH.as_millis() as u64 {
-                return api_error(
-                    StatusCode::FORBIDDEN,
-                    "reauthenticate",
-                    "Sign in again before changing your password.",
                 );
             }
             let Some(new) = parse::<NewPassword>(&body) else { return bad_request() };
@@ -588,7 +619,7 @@ fn passkey_error(e: PasskeyError) -> Response<Body> {
             "too_many_passkeys",
             "This account has the maximum number of passkeys. Delete one first.",
         ),
-        PasskeyError::Rejected(detail) => {
+        PasskeyError::Rejected(detail) | PasskeyError::Refused { detail, .. } => {
             tracing::info!(%detail, "passkey registration rejected");
             api_error(
                 StatusCode::BAD_REQUEST,
@@ -609,11 +640,11 @@ async fn request_link(
     rd: &str,
 ) -> Result<bool, StoreError> {
     let login = login.trim().to_string();
-    if regulate::is_locked(&state.store, regulate::Kind::LinkRequest, &login, ctx.client_ip).await? {
+    let account = regulate::account(&state.policy.load(), &login);
+    if !regulate::attempt(&state.store, regulate::Kind::LinkRequest, &account, ctx.client_ip).await? {
         tracing::warn!(target: "pbxgate::audit", client = %ctx.client_ip, "link request regulated");
         return Ok(false);
     }
-    regulate::count(&state.store, regulate::Kind::LinkRequest, &login, ctx.client_ip).await?;
     let (state, origin, rd, ip) = (state.clone(), origin.to_string(), rd.to_string(), ctx.client_ip);
     // Whether the account exists must not show in the answer nor in its timing.
     tokio::spawn(async move {
@@ -651,6 +682,11 @@ async fn consume_link(
     headers: &http::HeaderMap,
 ) -> Response<Body> {
     let product = state.product_name();
+    match regulate::attempt(&state.store, regulate::Kind::Failure, "", ctx.client_ip).await {
+        Ok(true) => {}
+        Ok(false) => return too_many(state, false),
+        Err(e) => return unavailable(&e, true),
+    }
     let Some(token) = Secret::parse(token) else {
         return pages::link_failed(&product);
     };
@@ -667,7 +703,6 @@ async fn consume_link(
     }
     let Some((kind, value)) = value else {
         tracing::info!(target: "pbxgate::audit", client = %ctx.client_ip, link = token.hash().short_id(), "expired or used link");
-        let _ = regulate::count(&state.store, regulate::Kind::Failure, "", ctx.client_ip).await;
         return pages::link_failed(&product);
     };
     let value: serde_json::Value = serde_json::from_slice(&value).unwrap_or_default();
@@ -704,9 +739,10 @@ async fn password_login(
 ) -> Response<Body> {
     let login = creds.login.trim().to_string();
     let rd = safe_rd(&creds.rd);
-    match regulate::is_locked(&state.store, regulate::Kind::Failure, &login, ctx.client_ip).await {
-        Ok(true) => return too_many(state, is_json),
-        Ok(false) => {}
+    let account = regulate::account(&state.policy.load(), &login);
+    match regulate::attempt(&state.store, regulate::Kind::Failure, &account, ctx.client_ip).await {
+        Ok(true) => {}
+        Ok(false) => return too_many(state, is_json),
         Err(e) => return unavailable(&e, !is_json),
     }
     let candidate = may_sign_in(state, &login, ctx.client_ip).ok().filter(|u| u.password_login);
@@ -719,7 +755,10 @@ async fn password_login(
         _ => None,
     };
     // Always one argon2 verification, so time tells nothing about the account.
-    let verified = passwords::check(state, creds.password.clone(), hash).await;
+    let verified = match passwords::check(state, creds.password.clone(), hash).await {
+        Ok(verified) => verified,
+        Err(passwords::Busy) => return respond(&Refusal::Busy, !is_json && ctx.browser),
+    };
     // A one-time admin password (bootstrap) works once, for an admin, from
     // the admin's networks, whether or not password sign-in is on.
     let (candidate, verified, method) = if verified {
@@ -737,7 +776,6 @@ async fn password_login(
         }
     };
     let Some(user) = candidate.filter(|_| verified) else {
-        let _ = regulate::count(&state.store, regulate::Kind::Failure, &login, ctx.client_ip).await;
         let known = state.policy.load().user(&login).map(|u| u.name.clone());
         if let Some(name) = known {
             record(state, &name, "password", "bad_credentials", ctx.client_ip, &ctx.user_agent).await;
@@ -773,15 +811,14 @@ async fn passkey_login(
     finish: LoginFinish,
     headers: &http::HeaderMap,
 ) -> Response<Body> {
-    match regulate::is_locked(&state.store, regulate::Kind::Failure, "", ctx.client_ip).await {
-        Ok(true) => return too_many(state, true),
-        Ok(false) => {}
+    match regulate::attempt(&state.store, regulate::Kind::Failure, "", ctx.client_ip).await {
+        Ok(true) => {}
+        Ok(false) => return too_many(state, true),
         Err(e) => return unavailable(&e, false),
     }
     let failed = |detail: String| async move {
         tracing::info!(target: "pbxgate::audit", client = %ctx.client_ip, %detail, "passkey sign-in failed");
         state.metrics.login("passkey", false);
-        let _ = regulate::count(&state.store, regulate::Kind::Failure, "", ctx.client_ip).await;
         api_error(
             StatusCode::UNAUTHORIZED,
             "passkey_failed",
@@ -795,8 +832,21 @@ async fn passkey_login(
     {
         Ok(s) => s,
         Err(PasskeyError::Store(e)) => return unavailable(&e, false),
+        Err(PasskeyError::Refused { user, detail }) => {
+            // The account is known once the passkey named it: counted there too.
+            let account = regulate::account(&state.policy.load(), &user);
+            let _ = regulate::failed_for(&state.store, &account).await;
+            record(state, &user, "passkey", "refused", ctx.client_ip, &ctx.user_agent).await;
+            return failed(detail).await;
+        }
         Err(e) => return failed(e.to_string()).await,
     };
+    let account = regulate::account(&state.policy.load(), &signed_in.user);
+    match regulate::account_locked(&state.store, &account).await {
+        Ok(false) => {}
+        Ok(true) => return too_many(state, true),
+        Err(e) => return unavailable(&e, false),
+    }
     let user = match may_sign_in(state, &signed_in.user, ctx.client_ip) {
         Ok(user) => user,
         Err(reason) => {
@@ -828,11 +878,18 @@ async fn logout(
             Some(hash) => state.store.session(hash, now).await?.map(|s| s.user),
             None => None,
         };
+        // Tokens first, then sessions: a request renewing from a token
+        // meanwhile either finds it revoked or made a session ended below
+        // (it checks the token again once its session exists).
         if let Some(token) = cookies::read(headers, cookies::REMEMBER) {
             if let Some(t) = state.store.token(&token.hash(), now).await? {
                 state.store.revoke_token(&t.id).await?;
             }
         }
+        let tokens = match (everywhere, &user) {
+            (true, Some(user)) => state.store.revoke_tokens_of(user, now).await?,
+            _ => 0,
+        };
         if let Some(hash) = &session {
             state.auth.sockets.close(hash);
             state.store.delete_session(hash).await?;
@@ -842,7 +899,6 @@ async fn logout(
                 state.auth.sockets.close(&hash);
             }
             let sessions = state.store.delete_sessions_of(user).await?;
-            let tokens = state.store.revoke_tokens_of(user, now).await?;
             tracing::info!(target: "pbxgate::audit", %user, client = %ctx.client_ip, sessions, tokens, "signed out everywhere");
         } else if let Some(user) = &user {
             tracing::info!(target: "pbxgate::audit", %user, client = %ctx.client_ip, "signed out");

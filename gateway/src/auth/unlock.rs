@@ -11,28 +11,23 @@ use serde::Deserialize;
 use webauthn_rs::prelude::PublicKeyCredential;
 
 use super::passkeys::PasskeyError;
-use super::routes::{api_error, bad_request, form, parse, see_other, unavailable, Ctx};
-use super::{identify, pages, passwords, regulate, safe_rd, Principal};
+use super::routes::{api_error, authorized, bad_request, form, parse, see_other, unavailable, Ctx};
+use super::{pages, passwords, regulate, safe_rd, Principal};
 use crate::error::{escape, json, respond, Refusal};
 use crate::store::{now_ms, Secret};
 use crate::{Body, State};
-
-/// The unlock window for the gateway's own admin pages.
-pub const ADMIN_UNLOCK_MAX: Duration = Duration::from_secs(15 * 60);
+use pbxgate_policies::Endpoint;
 
 const CHOICES_MIN: [u64; 8] = [5, 15, 30, 60, 120, 240, 480, 1440];
 
-/// The longest window the section behind `rd` allows.
-pub(crate) fn max_for(state: &State, rd: &str) -> Duration {
+/// What unlocking for `rd` opens (the route it falls under, or the admin
+/// pages) and the longest window that allows.
+fn scope_for(state: &State, rd: &str) -> (String, Duration) {
     let path = rd.split('?').next().unwrap_or("/");
-    if path.starts_with("/.pbxgate/") {
-        return ADMIN_UNLOCK_MAX;
-    }
+    let path = pbxgate_policies::normalize_path(path).map_or_else(|_| "/".to_string(), |p| p.into_owned());
     let policy = state.policy.load();
-    pbxgate_policies::normalize_path(path)
-        .ok()
-        .and_then(|p| policy.route_for(&p).and_then(|r| r.step_up))
-        .unwrap_or(ADMIN_UNLOCK_MAX)
+    let (scope, max) = pbxgate_policies::unlock_scope(&policy, &path);
+    (scope.to_string(), max)
 }
 
 fn choices(max: Duration) -> Vec<u64> {
@@ -43,9 +38,14 @@ fn choices(max: Duration) -> Vec<u64> {
 }
 
 pub(crate) fn page(state: &State, p: &Principal, rd: &str, error: Option<&str>) -> Response<Body> {
-    let max = max_for(state, rd);
-    let now = now_ms();
-    let unlocked_until = p.record.step_up_until_ms.filter(|u| *u > now);
+    let (scope, max) = scope_for(state, rd);
+    let now = now_ms() / 1000;
+    let unlocked_until = p
+        .record
+        .unlocked
+        .iter()
+        .find(|(s, until)| *s == scope && *until > now)
+        .map(|(_, until)| until * 1000);
     let options: String = choices(max)
         .iter()
         .map(|m| {
@@ -105,7 +105,8 @@ struct Finish {
     rd: String,
 }
 
-/// Sets the window, clamped to what the section allows.
+/// Opens the window of the section behind `rd`, clamped to what that
+/// section allows. Returns its end in Unix milliseconds.
 async fn unlock_for(
     state: &State,
     p: &Principal,
@@ -114,16 +115,16 @@ async fn unlock_for(
     how: &str,
     ip: IpAddr,
 ) -> Result<u64, Box<Response<Body>>> {
-    let max = max_for(state, rd);
-    let window = Duration::from_secs(minutes.max(1) * 60).min(max);
+    let (scope, max) = scope_for(state, rd);
+    let window = Duration::from_secs(minutes.clamp(1, 24 * 60) * 60).min(max);
     let now = now_ms();
-    let until = now + window.as_millis() as u64;
-    match state.store.set_step_up(&p.session, Some(until), now).await {
+    let until = now / 1000 + window.as_secs();
+    match state.store.unlock(&p.session, &scope, until, now).await {
         Ok(true) => {
-            tracing::info!(target: "pbxgate::audit", user = %p.user(), client = %ip, method = how,
+            tracing::info!(target: "pbxgate::audit", user = %p.user(), client = %ip, method = how, %scope,
                 minutes = window.as_secs() / 60, "unlocked");
             super::record(state, p.user(), &format!("unlock:{how}"), "success", ip, "").await;
-            Ok(until)
+            Ok(until * 1000)
         }
         Ok(false) => Err(Box::new(respond(&Refusal::LoginRequired { rd: rd.to_string() }, false))),
         Err(e) => Err(Box::new(unavailable(&e, false))),
@@ -136,18 +137,15 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
     path: &str,
 ) -> Response<Body> {
-    let principal = match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent, now_ms()).await {
-        Ok(i) => i.principal,
-        Err(e) => return unavailable(&e, ctx.browser),
-    };
     let rd_query = crate::reserved::query_param(request.uri().query(), "rd").unwrap_or_default();
-    let Some(p) = principal else {
-        let rd = safe_rd(&rd_query);
-        return if ctx.browser {
-            see_other(&format!("/.pbxgate/login?rd={}", crate::error::encode_rd(&rd)), Vec::new())
-        } else {
-            respond(&Refusal::LoginRequired { rd }, false)
-        };
+    let here = match request.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let navigating = ctx.browser && request.method() == http::Method::GET;
+    let p = match authorized(state, ctx, request.headers(), Endpoint::Unlock, &here, navigating).await {
+        Ok(p) => p,
+        Err(answer) => return answer,
     };
     if request.method() == http::Method::GET {
         return page(state, &p, &safe_rd(&rd_query), None);
@@ -161,7 +159,12 @@ pub(crate) async fn handle(
             if !has_keys {
                 return api_error(StatusCode::BAD_REQUEST, "no_passkey", "This account has no passkey yet.");
             }
-            match state.auth.passkeys.start_login(&state.store, Some(p.user())).await {
+            match regulate::attempt(&state.store, regulate::Kind::PasskeyStart, "", ctx.client_ip).await {
+                Ok(true) => {}
+                Ok(false) => return respond(&Refusal::TooManyAttempts, false),
+                Err(e) => return unavailable(&e, false),
+            }
+            match state.auth.passkeys.start_for(&state.store, p.user()).await {
                 Ok((ceremony, mut options)) => {
                     options["ceremony"] = ceremony.expose().into();
                     json(StatusCode::OK, &options.to_string())
@@ -173,11 +176,20 @@ pub(crate) async fn handle(
         "/.pbxgate/api/unlock/finish" => {
             let Some(finish) = parse::<Finish>(&body) else { return bad_request() };
             let Some(ceremony) = Secret::parse(&finish.ceremony) else { return bad_request() };
+            let account = regulate::account(&state.policy.load(), p.user());
+            match regulate::attempt(&state.store, regulate::Kind::Failure, &account, ctx.client_ip).await {
+                Ok(true) => {}
+                Ok(false) => return respond(&Refusal::TooManyAttempts, false),
+                Err(e) => return unavailable(&e, false),
+            }
             let failed = || {
                 api_error(StatusCode::UNAUTHORIZED, "passkey_failed", "That passkey did not work. Try again.")
             };
             match state.auth.passkeys.finish_login(&state.store, &ceremony, &finish.credential).await {
                 Ok(signed) if signed.user == p.user() => {
+                    if let Err(e) = regulate::succeeded(&state.store, &account).await {
+                        return unavailable(&e, false);
+                    }
                     let rd = safe_rd(&finish.rd);
                     match unlock_for(state, &p, &rd, finish.minutes, "passkey", ctx.client_ip).await {
                         Ok(until) => json(
@@ -193,11 +205,7 @@ pub(crate) async fn handle(
                     failed()
                 }
                 Err(PasskeyError::Store(e)) => unavailable(&e, false),
-                Err(_) => {
-                    let _ =
-                        regulate::count(&state.store, regulate::Kind::Failure, p.user(), ctx.client_ip).await;
-                    failed()
-                }
+                Err(_) => failed(),
             }
         }
         "/.pbxgate/unlock/password" => {
@@ -205,9 +213,10 @@ pub(crate) async fn handle(
             let rd = safe_rd(f.get("rd").map_or("/", String::as_str));
             let minutes = f.get("minutes").and_then(|m| m.parse().ok()).unwrap_or(5);
             let allowed = state.policy.load().user(p.user()).is_some_and(|u| u.password_login);
-            match regulate::is_locked(&state.store, regulate::Kind::Failure, p.user(), ctx.client_ip).await {
-                Ok(false) => {}
-                Ok(true) => {
+            let account = regulate::account(&state.policy.load(), p.user());
+            match regulate::attempt(&state.store, regulate::Kind::Failure, &account, ctx.client_ip).await {
+                Ok(true) => {}
+                Ok(false) => {
                     return page(
                         state,
                         &p,
@@ -219,8 +228,11 @@ pub(crate) async fn handle(
             }
             let hash = if allowed { state.store.password_hash(p.user()).await.ok().flatten() } else { None };
             let password = f.get("password").cloned().unwrap_or_default();
-            if !passwords::check(state, password, hash).await {
-                let _ = regulate::count(&state.store, regulate::Kind::Failure, p.user(), ctx.client_ip).await;
+            let verified = match passwords::check(state, password, hash).await {
+                Ok(verified) => verified,
+                Err(passwords::Busy) => return respond(&Refusal::Busy, true),
+            };
+            if !verified {
                 super::record(
                     state,
                     p.user(),
@@ -232,13 +244,16 @@ pub(crate) async fn handle(
                 .await;
                 return page(state, &p, &rd, Some("That password did not work."));
             }
+            if let Err(e) = regulate::succeeded(&state.store, &account).await {
+                return unavailable(&e, true);
+            }
             match unlock_for(state, &p, &rd, minutes, "password", ctx.client_ip).await {
                 Ok(_) => see_other(&rd, Vec::new()),
                 Err(r) => *r,
             }
         }
         "/.pbxgate/unlock/end" | "/.pbxgate/api/unlock/end" => {
-            if let Err(e) = state.store.set_step_up(&p.session, None, now_ms()).await {
+            if let Err(e) = state.store.lock(&p.session, now_ms()).await {
                 return unavailable(&e, ctx.browser);
             }
             tracing::info!(target: "pbxgate::audit", user = %p.user(), client = %ctx.client_ip, "locked again");

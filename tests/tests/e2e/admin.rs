@@ -215,8 +215,12 @@ async fn unlock_with_a_passkey_in_the_browser_and_the_admin_pages() {
     let echo: serde_json::Value = serde_json::from_str(&browser.text().await).unwrap();
     assert_eq!(echo["headers"]["remote-user"][0], "103");
 
-    // The gateway's own admin pages: users, then Carol's tokens and passkeys.
+    // The gateway's own admin pages are a section of their own: the unlock
+    // of /admin/ does not open them.
     browser.goto(&format!("{origin}/.pbxgate/admin")).await;
+    browser.wait_for_path("/.pbxgate/unlock").await;
+    browser.click("#unlock-button").await;
+    // Users, then Carol's tokens and passkeys.
     browser.wait_for_path("/.pbxgate/admin").await;
     let text = browser.text().await;
     assert!(text.contains("alice@example.com") && text.contains("svc"), "{text}");
@@ -539,7 +543,8 @@ async fn two_gateways_share_sessions_and_revocations_on_redis_and_on_a_cluster()
             "/.pbxgate/api/logout",
             &[
                 ("host", &host),
-                ("origin", &format!("https://{host}")),
+                // B's configured origin (public_url).
+                ("origin", "https://localhost:8443"),
                 ("content-type", "application/json"),
                 ("cookie", &session),
             ],
@@ -648,7 +653,7 @@ async fn serve_flags_arm_a_one_time_admin_password() {
             https,
             "POST",
             "/.pbxgate/login/password",
-            &[("origin", "https://localhost"), ("content-type", "application/x-www-form-urlencoded")],
+            &[("origin", "https://localhost:8443"), ("content-type", "application/x-www-form-urlencoded")],
             "login=100&password=Sesame+open+17&rd=/admin/",
         )
         .await

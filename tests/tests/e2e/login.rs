@@ -816,6 +816,7 @@ async fn people_set_their_own_password_only_where_allowed() {
 /// authenticator: registration, sign-in, counter update, replay refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ceremonies_with_a_software_authenticator() {
+    use base64::Engine as _;
     use webauthn_authenticator_rs::softpasskey::SoftPasskey;
     use webauthn_authenticator_rs::WebauthnAuthenticator;
     use webauthn_rs::prelude::{CreationChallengeResponse, RequestChallengeResponse, Url};
@@ -846,15 +847,48 @@ async fn ceremonies_with_a_software_authenticator() {
         rig.post("/.pbxgate/api/passkey/register/finish", &finish.to_string(), &[("cookie", &cookies)]).await;
     assert_eq!(again.json()["error"], "ceremony_expired");
 
-    // Name first, then the passkey.
+    // Name first, then the passkey. The answer names no credential, for an
+    // account with passkeys as for one without and for nobody at all.
+    let cred_id = done.json()["id"].as_str().unwrap().to_string();
+    let handle = rig.gw.store.user_handle("100").await.unwrap();
+    let handle = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(webauthn_rs::prelude::Uuid::parse_str(&handle).unwrap().as_bytes());
+    let rig = &rig;
+    let start_for = |login: &'static str| async move {
+        let body = serde_json::json!({ "login": login }).to_string();
+        rig.post("/.pbxgate/api/passkey/login/start", &body, &[]).await.json()
+    };
+    let shape = |mut v: serde_json::Value| {
+        v["ceremony"] = "".into();
+        v["publicKey"]["challenge"] = "".into();
+        v
+    };
+    let known = start_for("alice@example.com").await;
+    assert_eq!(shape(known.clone()), shape(start_for("102").await), "without passkeys");
+    assert_eq!(shape(known.clone()), shape(start_for("nobody@example.com").await), "no such account");
+    assert!(known["publicKey"]["allowCredentials"].as_array().is_none_or(|c| c.is_empty()), "{known}");
+    // The software token keeps no resident keys: the test names its
+    // credential to it, and adds the user handle a resident key returns.
+    let mut sign = |start: &serde_json::Value| {
+        let mut options = start.clone();
+        options["publicKey"]["allowCredentials"] = serde_json::json!([{"type": "public-key", "id": cred_id}]);
+        let options: RequestChallengeResponse = serde_json::from_value(options).unwrap();
+        let mut credential = serde_json::to_value(
+            authenticator.do_authentication(origin.clone(), options).expect("software sign-in"),
+        )
+        .unwrap();
+        credential["response"]["userHandle"] = handle.clone().into();
+        credential
+    };
+    // Another name typed first: alice's passkey does not sign in as 102.
+    let other = start_for("102").await;
+    let body = serde_json::json!({"ceremony": other["ceremony"], "credential": sign(&other), "rd": "/"});
+    let refused = rig.post("/.pbxgate/api/passkey/login/finish", &body.to_string(), &[]).await;
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    assert!(refused.cookie("__Host-pbxgate").is_none());
     for round in 0..2 {
-        let start = rig
-            .post("/.pbxgate/api/passkey/login/start", "{\"login\":\"alice@example.com\"}", &[])
-            .await
-            .json();
-        assert!(start["publicKey"]["allowCredentials"].as_array().is_some_and(|c| c.len() == 1), "{start}");
-        let options: RequestChallengeResponse = serde_json::from_value(start.clone()).unwrap();
-        let credential = authenticator.do_authentication(origin.clone(), options).expect("software sign-in");
+        let start = start_for("alice@example.com").await;
+        let credential = sign(&start);
         let body =
             serde_json::json!({"ceremony": start["ceremony"], "credential": credential, "rd": "/after"})
                 .to_string();

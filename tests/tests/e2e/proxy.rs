@@ -135,7 +135,7 @@ async fn protected_paths_send_browsers_to_login_and_programs_get_401() {
     assert_eq!(reply.header("location"), Some("/.pbxgate/login?rd=/private/calls%3Fday%3Dmon"));
     let reply = https_get(gw.https(), "/private/calls", &[("accept", "application/json")]).await;
     assert_eq!(reply.status, 401);
-    assert_eq!(reply.json(), serde_json::json!({"error": "login_required"}));
+    assert_eq!(reply.json()["error"], "login_required");
     // The login page answers (a placeholder until the login issue lands).
     let reply = https_get(gw.https(), "/.pbxgate/login?rd=/private/calls", &browser).await;
     assert_eq!(reply.status, 200);
@@ -165,7 +165,7 @@ async fn upstream_down_gives_502_and_slow_upstream_504() {
     let gw = TestGateway::start(&format!("http://{unused}"), TEST_POLICY, "").await;
     let reply = https_get(gw.https(), "/x", &[]).await;
     assert_eq!(reply.status, 502);
-    assert_eq!(reply.json(), serde_json::json!({"error": "bad_gateway"}));
+    assert_eq!(reply.json()["error"], "bad_gateway");
     let reply = https_get(gw.https(), "/x", &[("accept", "text/html")]).await;
     assert_eq!(reply.status, 502);
     assert!(

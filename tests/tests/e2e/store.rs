@@ -83,11 +83,12 @@ pub async fn sessions_list_step_up_and_revoke(s: &Store) {
     assert_ne!(a.hash(), b.hash(), "a fresh id every time");
     assert_eq!(s.sessions_of("alice", now_ms()).await.unwrap().len(), 2);
 
-    let until = now_ms() + 300_000;
-    assert!(s.set_step_up(&a.hash(), Some(until), now_ms()).await.unwrap());
-    assert_eq!(s.session(&a.hash(), now_ms()).await.unwrap().unwrap().step_up_until_ms, Some(until));
-    assert!(s.set_step_up(&a.hash(), None, now_ms()).await.unwrap(), "an unlock can end early");
-    assert_eq!(s.session(&a.hash(), now_ms()).await.unwrap().unwrap().step_up_until_ms, None);
+    let until = now_ms() / 1000 + 300;
+    assert!(s.unlock(&a.hash(), "/admin/", until, now_ms()).await.unwrap());
+    let open = vec![("/admin/".to_string(), until)];
+    assert_eq!(s.session(&a.hash(), now_ms()).await.unwrap().unwrap().unlocked, open);
+    assert!(s.lock(&a.hash(), now_ms()).await.unwrap(), "an unlock can end early");
+    assert_eq!(s.session(&a.hash(), now_ms()).await.unwrap().unwrap().unlocked, vec![]);
 
     let since = now_ms();
     assert!(s.delete_session(&a.hash()).await.unwrap());
@@ -114,15 +115,17 @@ pub async fn tokens_expire_from_creation_and_revoke(s: &Store) {
     let (t2, _) = s.create_token("alice", "10.0.0.2", "Chrome", ms(60_000), now_ms()).await.unwrap();
     let (t3, other) = s.create_token("bob", "10.0.0.3", "Safari", ms(60_000), now_ms()).await.unwrap();
     assert_eq!(token.user, "alice");
-    assert!(s.record_token_use(&t1.hash(), "10.0.0.9", "Firefox 2", now_ms()).await.unwrap());
+    let made = Secret::generate().hash();
+    assert!(s.record_token_use(&t1.hash(), "10.0.0.9", "Firefox 2", &made, now_ms()).await.unwrap());
     let used = s.token(&t1.hash(), now_ms()).await.unwrap().unwrap();
     assert_eq!((used.last_ip.as_str(), used.user_agent.as_str()), ("10.0.0.9", "Firefox 2"));
+    assert_eq!(used.session, Some(made.hex()), "the session it made is remembered");
     assert!(used.last_used_ms.is_some());
     assert_eq!(used.expires_ms, token.expires_ms, "use does not extend a remember token");
     assert_eq!(s.tokens_of("alice", now_ms()).await.unwrap().len(), 2);
 
     sleep(400).await;
-    assert!(s.record_token_use(&t1.hash(), "10.0.0.9", "Firefox 2", now_ms()).await.unwrap());
+    assert!(s.record_token_use(&t1.hash(), "10.0.0.9", "Firefox 2", &made, now_ms()).await.unwrap());
     sleep(400).await;
     assert!(
         s.token(&t1.hash(), now_ms()).await.unwrap().is_none(),
@@ -133,6 +136,11 @@ pub async fn tokens_expire_from_creation_and_revoke(s: &Store) {
     assert_eq!(s.revoke_token(&other.id).await.unwrap().as_deref(), Some("bob"));
     assert!(s.token(&t3.hash(), now_ms()).await.unwrap().is_none());
     assert_eq!(s.revoke_token(&other.id).await.unwrap(), None, "revoking twice finds nothing");
+    assert!(
+        !s.record_token_use(&t3.hash(), "10.0.0.3", "Safari", &made, now_ms()).await.unwrap(),
+        "a revoked token's use is not recorded"
+    );
+    assert!(s.token(&t3.hash(), now_ms()).await.unwrap().is_none(), "recording a use never brings it back");
     assert_eq!(s.revoke_tokens_of("alice", now_ms()).await.unwrap(), 1);
     assert!(s.token(&t2.hash(), now_ms()).await.unwrap().is_none());
 }
@@ -491,7 +499,7 @@ async fn a_signed_out_session_stays_out_under_a_concurrent_change(s: &Store) {
                 tokio::runtime::Handle::current().block_on(s.delete_session(&hash))
             });
             assert!(deleted.unwrap(), "signed out");
-            session.step_up_until_ms = Some(now_ms() + 60_000);
+            session.unlocked = vec![("/admin/".into(), now_ms() / 1000 + 60)];
         })
         .await
         .unwrap();
@@ -507,7 +515,7 @@ async fn overlapping_changes_to_a_session_both_land(s: &Store) {
     let (secret, _) =
         s.create_session("alice", "10.0.0.1", "link", ms(60_000), ms(600_000), now_ms()).await.unwrap();
     let hash = secret.hash();
-    let until = now_ms() + 60_000;
+    let until = now_ms() / 1000 + 60;
     let attempts = std::sync::atomic::AtomicUsize::new(0);
     let changed = s
         .update_session(&hash, now_ms(), |session| {
@@ -519,7 +527,7 @@ async fn overlapping_changes_to_a_session_both_land(s: &Store) {
                 });
                 assert!(other.unwrap());
             }
-            session.step_up_until_ms = Some(until);
+            session.unlocked = vec![("/admin/".into(), until)];
         })
         .await
         .unwrap();
@@ -527,9 +535,9 @@ async fn overlapping_changes_to_a_session_both_land(s: &Store) {
     assert_eq!(attempts.into_inner(), 2, "made again after the other change");
     let stored = s.session(&hash, now_ms()).await.unwrap().expect("live");
     assert!(stored.must_register_passkey, "the other change kept");
-    assert_eq!(stored.step_up_until_ms, Some(until), "this change made");
+    assert_eq!(stored.unlocked, vec![("/admin/".to_string(), until)], "this change made");
     let cached = s.current_session(&hash, now_ms()).await.unwrap().expect("live");
-    assert!(cached.must_register_passkey && cached.step_up_until_ms == Some(until));
+    assert!(cached.must_register_passkey && cached.unlocked == vec![("/admin/".to_string(), until)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
