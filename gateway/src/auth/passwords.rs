@@ -5,10 +5,8 @@
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::LazyLock;
-
-use tokio::sync::Semaphore;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 
 use crate::config::{PasswordStrength, Passwords};
 
@@ -47,25 +45,36 @@ pub fn check_new(policy: &Passwords, password: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Every argon2 run goes through here: at most one per core at a time (each
-/// holds about 19 MiB and a core for tens of milliseconds), and at most
-/// [`WAITING_PER_CORE`] per core waiting for one. Past that the caller gets
-/// [`Busy`] at once, so a flood of guesses costs neither memory nor threads.
-struct Queue {
-    running: Semaphore,
-    waiting: AtomicUsize,
-    max_waiting: usize,
-}
+/// Every argon2 run goes through here: one thread per core runs them in
+/// turn (each run holds about 19 MiB and a core for tens of milliseconds;
+/// the same threads keep reusing that memory), and at most
+/// [`WAITING_PER_CORE`] per core wait. Past that the caller gets [`Busy`]
+/// at once, so a flood of guesses costs neither memory nor threads.
+struct Queue(tokio::sync::mpsc::Sender<Job>);
+
+type Job = Box<dyn FnOnce() + Send>;
 
 const WAITING_PER_CORE: usize = 8;
 
 static QUEUE: LazyLock<Queue> = LazyLock::new(|| {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    Queue {
-        running: Semaphore::new(cores),
-        waiting: AtomicUsize::new(0),
-        max_waiting: cores * WAITING_PER_CORE,
+    let (jobs, waiting) = tokio::sync::mpsc::channel::<Job>(cores * WAITING_PER_CORE);
+    let waiting = Arc::new(std::sync::Mutex::new(waiting));
+    for i in 0..cores {
+        let waiting = waiting.clone();
+        let spawned = std::thread::Builder::new().name(format!("pbxgate-argon2-{i}")).spawn(move || loop {
+            // One thread takes the next job; the lock is held only to take it.
+            let job = waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner).blocking_recv();
+            match job {
+                Some(job) => job(),
+                None => return,
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start a password thread");
+        }
     }
+    Queue(jobs)
 });
 
 /// Every password check is taken: try again in a moment.
@@ -73,17 +82,14 @@ static QUEUE: LazyLock<Queue> = LazyLock::new(|| {
 #[error("password checks are all busy")]
 pub struct Busy;
 
-/// Runs `work` on a blocking thread once the queue lets it.
+/// Runs `work` on a password thread, when the queue has room.
 async fn queued<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Busy> {
-    let queue = &*QUEUE;
-    if queue.waiting.fetch_add(1, Ordering::AcqRel) >= queue.max_waiting {
-        queue.waiting.fetch_sub(1, Ordering::AcqRel);
-        return Err(Busy);
-    }
-    let permit = queue.running.acquire().await;
-    queue.waiting.fetch_sub(1, Ordering::AcqRel);
-    let _permit = permit.map_err(|_| Busy)?;
-    tokio::task::spawn_blocking(work).await.map_err(|_| Busy)
+    let (done, result) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = done.send(work());
+    });
+    QUEUE.0.try_send(job).map_err(|_| Busy)?;
+    result.await.map_err(|_| Busy)
 }
 
 /// Hashes on a blocking thread: argon2 takes tens of milliseconds on purpose.
@@ -135,7 +141,6 @@ fn new_salt() -> Result<SaltString, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn policy(strength: PasswordStrength, allow_empty: bool) -> Passwords {
         Passwords { strength, allow_empty, users_may_set: false }

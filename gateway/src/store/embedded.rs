@@ -27,7 +27,16 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 pub struct EmbeddedKv {
     db: Arc<Database>,
+    /// redb lets one writer in at a time: the others wait here, as tasks,
+    /// rather than each holding a blocking thread (a burst of requests
+    /// would otherwise start hundreds of threads).
+    writer: tokio::sync::Semaphore,
+    /// Readers run side by side, a bounded number at once.
+    readers: tokio::sync::Semaphore,
 }
+
+/// Concurrent read transactions on the blocking pool.
+const READERS: usize = 16;
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -74,7 +83,7 @@ impl EmbeddedKv {
         .map_err(unavailable)??;
         let db = Arc::new(db);
         tokio::spawn(sweep(Arc::downgrade(&db)));
-        Ok(Self { db })
+        Ok(Self { db, writer: tokio::sync::Semaphore::new(1), readers: tokio::sync::Semaphore::new(READERS) })
     }
 
     async fn read<T: Send + 'static>(
@@ -82,6 +91,7 @@ impl EmbeddedKv {
         f: impl FnOnce(&redb::ReadTransaction) -> std::result::Result<T, redb::Error> + Send + 'static,
     ) -> Result<T> {
         let db = self.db.clone();
+        let _turn = self.readers.acquire().await.map_err(unavailable)?;
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(unavailable)?;
             f(&txn).map_err(unavailable)
@@ -96,6 +106,7 @@ impl EmbeddedKv {
         f: impl FnOnce(&WriteTransaction) -> std::result::Result<T, redb::Error> + Send + 'static,
     ) -> Result<T> {
         let db = self.db.clone();
+        let _turn = self.writer.acquire().await.map_err(unavailable)?;
         tokio::task::spawn_blocking(move || {
             let mut txn = db.begin_write().map_err(unavailable)?;
             if durability == Durability::Lazy {
