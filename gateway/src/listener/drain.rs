@@ -12,10 +12,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::sync::Notify;
+
+use crate::timer::Sleep;
 
 /// A listener's open connections, to drain on shutdown.
 #[derive(Clone, Default)]
@@ -83,12 +86,22 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    /// Serves `conn` until it ends; once draining begins, it finishes the
-    /// request in flight and closes.
-    pub(crate) fn watch<C: GracefulConnection>(self, conn: C) -> Watched<C> {
-        Watched { conn: Box::pin(conn), ticket: self, told: false, registered: None }
+    /// Serves `conn` until it ends; once draining begins, or `expired`
+    /// completes, it finishes the request in flight and closes. Told by
+    /// `expired`, it has [`CLOSE_GRACE`] to do so before it is dropped.
+    pub(crate) fn watch<C: GracefulConnection, E: Future<Output = ()>>(
+        self,
+        conn: C,
+        expired: E,
+    ) -> Watched<C, E> {
+        let expired = Box::pin(expired);
+        Watched { conn: Box::pin(conn), ticket: self, told: false, registered: None, expired, grace: None }
     }
 }
+
+/// How long a connection told to close by its watchdog may take to say
+/// so (an HTTP/2 GOAWAY) and let its streams end.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 impl Drop for Ticket {
     fn drop(&mut self) {
@@ -102,7 +115,7 @@ impl Drop for Ticket {
 }
 
 /// A connection being served, as [`Ticket::watch`] returns it.
-pub(crate) struct Watched<C> {
+pub(crate) struct Watched<C, E> {
     conn: Pin<Box<C>>,
     ticket: Ticket,
     /// Whether the connection was told to close.
@@ -110,9 +123,17 @@ pub(crate) struct Watched<C> {
     /// The waker last registered in the ticket's slot: its task's, which
     /// does not change, so the slot is written once, not on every poll.
     registered: Option<std::task::Waker>,
+    /// The connection's watchdog: completes when it is to close.
+    expired: Pin<Box<E>>,
+    /// Once the watchdog told it to close: when it is dropped.
+    grace: Option<Sleep>,
 }
 
-impl<C: GracefulConnection> Future for Watched<C> {
+impl<C, E> Future for Watched<C, E>
+where
+    C: GracefulConnection,
+    E: Future<Output = ()>,
+{
     type Output = C::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
@@ -126,9 +147,17 @@ impl<C: GracefulConnection> Future for Watched<C> {
             if this.ticket.shared.draining.load(Ordering::SeqCst) {
                 this.told = true;
                 this.conn.as_mut().graceful_shutdown();
+            } else if this.expired.as_mut().poll(cx).is_ready() {
+                this.told = true;
+                this.grace = Some(Sleep::after(CLOSE_GRACE));
+                this.conn.as_mut().graceful_shutdown();
             }
         }
-        this.conn.as_mut().poll(cx)
+        let polled = this.conn.as_mut().poll(cx);
+        match &mut this.grace {
+            Some(grace) if polled.is_pending() => Pin::new(grace).poll(cx).map(|()| Ok(())),
+            _ => polled,
+        }
     }
 }
 
@@ -160,7 +189,7 @@ mod tests {
                 });
                 let builder = auto::Builder::new(TokioExecutor::new());
                 let conn = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
-                tokio::spawn(serving.ticket().watch(conn));
+                tokio::spawn(serving.ticket().watch(conn, std::future::pending()));
             }
         });
         let idle = tokio::net::TcpStream::connect(addr).await?;
@@ -206,7 +235,9 @@ mod tests {
         });
         let builder = auto::Builder::new(TokioExecutor::new());
         let conn = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
-        tokio::time::timeout(Duration::from_secs(5), handshaking.watch(conn)).await?.ok();
+        tokio::time::timeout(Duration::from_secs(5), handshaking.watch(conn, std::future::pending()))
+            .await?
+            .ok();
         tokio::time::timeout(Duration::from_secs(5), shutdown).await??;
         assert_eq!(drain.open(), 0);
         drop(client);

@@ -4,6 +4,7 @@
 //! clients and servers on 127.0.0.1 ephemeral ports.
 
 mod admin;
+mod hardening;
 mod lifecycle;
 mod login;
 mod proxy;
