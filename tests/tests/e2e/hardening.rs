@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use pbxgate_e2e::client::{client_config, connect_with, get, tls_connect, TlsOptions, TLS12};
-use pbxgate_e2e::{TestGateway, Upstream, TEST_POLICY};
+use pbxgate_e2e::{TempDir, TestGateway, Upstream, TEST_POLICY};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -311,4 +311,44 @@ async fn rapid_resets_close_the_connection_after_a_bounded_number() {
     assert!(ended.is_ok(), "the connection is still open after {rounds} rounds of resets");
     assert!(rounds < ROUNDS, "all {ROUNDS} rounds of resets were taken");
     assert!(pbx.requests() <= 3 * STREAMS, "the PBX saw {} requests", pbx.requests());
+}
+
+#[tokio::test]
+async fn tls12_session_ids_expire_with_the_session_ticket_lifetime() {
+    use rustls::client::{Resumption, Tls12Resumption};
+    let upstream = Upstream::start().await;
+    let tls = "[tls]\nself_signed = true\nsession_ticket_lifetime = \"1s\"\n";
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, tls).await;
+    let only12 = TlsOptions { versions: &[&TLS12], ..TlsOptions::default() };
+    let mut config = client_config(&only12).expect("client config");
+    config.resumption = Resumption::in_memory_sessions(16).tls12_resumption(Tls12Resumption::SessionIdOnly);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let handshake = || async {
+        let stream = connect_with(&connector, gw.https(), "localhost").await.expect("TLS");
+        stream.get_ref().1.handshake_kind()
+    };
+    assert_eq!(handshake().await, Some(rustls::HandshakeKind::Full));
+    assert_eq!(handshake().await, Some(rustls::HandshakeKind::Resumed), "resumed by session id");
+    // The lifetime is counted in whole seconds.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(handshake().await, Some(rustls::HandshakeKind::Full), "an expired session is not resumed");
+}
+
+#[tokio::test]
+async fn the_key_log_and_the_embedded_store_are_private_to_the_gateways_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let upstream = Upstream::start().await;
+    let dir = TempDir::new("modes");
+    let (keys, store) = (dir.path().join("keys.log"), dir.path().join("data/store.db"));
+    let config = format!(
+        "[tls]\nself_signed = true\nkey_log_file = \"{}\"\n[store]\nurl = \"embedded://{}\"\n",
+        keys.display(),
+        store.display()
+    );
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, &config).await;
+    drop(tls_connect(gw.https(), &TlsOptions::default()).await.expect("TLS"));
+    for file in [&keys, &store] {
+        let mode = std::fs::metadata(file).expect("created").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is mode {mode:o}", file.display());
+    }
 }
