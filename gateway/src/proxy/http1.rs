@@ -516,8 +516,8 @@ impl Reader {
 }
 
 /// The state after one line of chunked framing (with its LF).
-fn next_chunk_state(state: State, line: &[u8]) -> Result<State, String> {
-    let Some(line) = line.strip_suffix(b"\r\n") else {
+fn next_chunk_state(state: State, whole: &[u8]) -> Result<State, String> {
+    let Some(line) = whole.strip_suffix(b"\r\n") else {
         return Err("chunk line not ended by CRLF".into());
     };
     Ok(match state {
@@ -525,17 +525,27 @@ fn next_chunk_state(state: State, line: &[u8]) -> Result<State, String> {
         State::ChunkEnd => return Err("chunk longer than its size".into()),
         State::Trailers if line.is_empty() => State::Done,
         State::Trailers => State::Trailers,
-        _ => {
-            let hex = line.split(|&b| b == b';').next().unwrap_or_default();
-            let hex = std::str::from_utf8(hex).ok().map(str::trim_ascii_end);
-            match hex.filter(|h| !h.is_empty() && h.len() <= 15).and_then(|h| u64::from_str_radix(h, 16).ok())
-            {
-                Some(0) => State::Trailers,
-                Some(n) => State::ChunkData(n),
-                None => return Err("bad chunk size".into()),
-            }
-        }
+        _ => match chunk_size(whole) {
+            Some(0) => State::Trailers,
+            Some(n) => State::ChunkData(n),
+            None => return Err("bad chunk size".into()),
+        },
     })
+}
+
+/// A chunk-size line's size (the line with its CRLF), read as httparse, and
+/// so hyper, reads it: hex digits only (no sign, no `0x`), at most 16, then
+/// optional blanks and extensions. Stricter in one point: the size is not
+/// empty. A size another parser reads differently would be a desync.
+fn chunk_size(whole: &[u8]) -> Option<u64> {
+    match httparse::parse_chunk_size(whole) {
+        Ok(httparse::Status::Complete((used, size)))
+            if used == whole.len() && whole.first().is_some_and(u8::is_ascii_hexdigit) =>
+        {
+            Some(size)
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -682,7 +692,15 @@ mod tests {
         .expect("decoded");
         assert_eq!(body, b"hello world");
         assert_eq!(&conn.read[..], b"EXTRA", "bytes past the end are left, so the connection is not reused");
-        for bad in [&b"zz\r\nhello\r\n0\r\n\r\n"[..], b"5\r\nhelloX\r\n0\r\n\r\n", b"5\nhello\r\n0\r\n\r\n"] {
+        for bad in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloX\r\n0\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"+5\r\nhello\r\n0\r\n\r\n",
+            b"0x5\r\nhello\r\n0\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"5\x0c\r\nhello\r\n0\r\n\r\n",
+        ] {
             assert!(
                 read_body(Framing::Chunked, &[bad], false).await.is_err(),
                 "{}",

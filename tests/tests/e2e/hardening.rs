@@ -10,7 +10,7 @@ use http::Request;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use pbxgate_e2e::client::{client_config, connect_with, get, tls_connect, TlsOptions, TLS12};
+use pbxgate_e2e::client::{client_config, connect_with, get, http_get, tls_connect, TlsOptions, TLS12};
 use pbxgate_e2e::{TempDir, TestGateway, Upstream, TEST_POLICY};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -351,4 +351,168 @@ async fn the_key_log_and_the_embedded_store_are_private_to_the_gateways_user() {
         let mode = std::fs::metadata(file).expect("created").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{} is mode {mode:o}", file.display());
     }
+}
+
+#[tokio::test]
+async fn only_websocket_upgrades_reach_the_pbx() {
+    let upstream = Upstream::start().await;
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "").await;
+    for protocol in ["h2c", "foo/1", "websocket, h2c"] {
+        let asked = [
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", protocol),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+        ];
+        let reply = http_get(gw.http(), "/x", &asked).await;
+        assert_eq!(reply.status, 200, "{protocol}: {}", reply.text());
+        let echo = reply.json();
+        let headers = echo["headers"].as_object().expect("headers");
+        for name in ["upgrade", "http2-settings", "connection"] {
+            assert!(!headers.contains_key(name), "{protocol}: {name} reached the PBX: {headers:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn path_override_headers_never_reach_the_pbx() {
+    let upstream = Upstream::start().await;
+    let gw = TestGateway::start(&upstream.url(), TEST_POLICY, "").await;
+    let spoofs = [
+        ("X-Original-URL", "/admin/"),
+        ("x_original_url", "/admin/"),
+        ("X-Rewrite-URL", "/admin/"),
+        ("x.rewrite.url", "/admin/"),
+        ("X-Forwarded-Uri", "/admin/"),
+        ("X_FORWARDED_URI", "/admin/"),
+        ("X-Forwarded-Prefix", "/admin"),
+        ("x.forwarded.prefix", "/admin"),
+    ];
+    let reply = http_get(gw.http(), "/x", &spoofs).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let echo = reply.json();
+    for name in echo["headers"].as_object().expect("headers").keys() {
+        let folded = name.to_ascii_lowercase().replace(['_', '.'], "-");
+        assert!(
+            !["x-original-url", "x-rewrite-url", "x-forwarded-uri", "x-forwarded-prefix"]
+                .contains(&folded.as_str()),
+            "{name} reached the PBX"
+        );
+    }
+}
+
+/// A PBX that answers each request with the bytes `script` gives for its
+/// request line, and notes every request line it reads. Requests to it
+/// have no body, so a head ends at the first empty line.
+struct ScriptedPbx {
+    url: String,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+    connections: Arc<AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptedPbx {
+    async fn start(script: fn(&str) -> &'static [u8]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (noted, counted) = (lines.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let noted = noted.clone();
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+                            pending.drain(..end + 4);
+                            let line = head.lines().next().unwrap_or_default().to_string();
+                            noted.lock().expect("lines").push(line.clone());
+                            if tcp.write_all(script(&line)).await.is_err() {
+                                return;
+                            }
+                        }
+                        match tcp.read(&mut chunk).await {
+                            Ok(n) if n > 0 => pending.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                });
+            }
+        });
+        Self { url, lines, connections, _task: task }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines").clone()
+    }
+}
+
+/// Sends raw bytes and reads everything until the gateway closes (or 3 s).
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    let mut tcp = TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(request).await.expect("write");
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut received)).await;
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+#[tokio::test]
+async fn h2c_upgrades_are_not_smuggled_to_the_pbx() {
+    // A PBX that would switch to HTTP/2 on request: the gateway never asks it
+    // to, and refuses a switch it did not ask for.
+    let pbx = ScriptedPbx::start(|_| {
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    })
+    .await;
+    let gw = TestGateway::start(&pbx.url, TEST_POLICY, "").await;
+    let request = b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                    Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n";
+    let answer = raw(gw.http(), request).await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(!answer.contains("101"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_malicious_pbx_response_cannot_desynchronise_the_gateway() {
+    let pbx = ScriptedPbx::start(|line| match line {
+        // Both framings: read by its chunks, the connection not used again.
+        "GET /both HTTP/1.1" => {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        }
+        // More than its length: the rest is not the next request's answer.
+        "GET /extra HTTP/1.1" => {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nsmuggled"
+        }
+        "GET /two-lengths HTTP/1.1" => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 8\r\n\r\nok",
+        "GET /plus HTTP/1.1" => b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
+        "GET /signed-chunk HTTP/1.1" => {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n"
+        }
+        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nclean",
+    })
+    .await;
+    let gw = TestGateway::start(&pbx.url, TEST_POLICY, "[listen]\nworkers = 1\n").await;
+    let addr = gw.http();
+    let fetch = |path: &'static str| async move {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        match pbxgate_e2e::client::send_h1(tcp, get(path, &[])).await {
+            Ok(reply) => (reply.status.as_u16(), reply.text()),
+            Err(_) => (0, String::new()),
+        }
+    };
+    assert_eq!(fetch("/both").await, (200, "hello".to_string()));
+    assert_eq!(fetch("/next").await, (200, "clean".to_string()));
+    assert_eq!(fetch("/extra").await, (200, "ok".to_string()));
+    assert_eq!(fetch("/next").await, (200, "clean".to_string()), "the extra bytes were taken as an answer");
+    assert_eq!(fetch("/two-lengths").await.0, 502);
+    assert_eq!(fetch("/plus").await.0, 502);
+    let (status, body) = fetch("/signed-chunk").await;
+    assert!(body != "hello", "a signed chunk size was read: {status} {body}");
+    assert_eq!(fetch("/next").await, (200, "clean".to_string()));
+    let lines = pbx.lines();
+    assert_eq!(lines.iter().filter(|l| l.starts_with("GET /next ")).count(), 3, "{lines:?}");
+    assert!(pbx.connections.load(Ordering::SeqCst) >= 3, "suspect connections are not reused");
 }
