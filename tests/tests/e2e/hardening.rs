@@ -516,3 +516,37 @@ async fn a_malicious_pbx_response_cannot_desynchronise_the_gateway() {
     assert_eq!(lines.iter().filter(|l| l.starts_with("GET /next ")).count(), 3, "{lines:?}");
     assert!(pbx.connections.load(Ordering::SeqCst) >= 3, "suspect connections are not reused");
 }
+
+#[tokio::test]
+async fn requests_framed_two_ways_never_smuggle_a_second_request() {
+    let upstream = Upstream::start().await;
+    let gw = impatient_gateway(&upstream.url()).await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let cases = [
+        // CL.TE: a front end reading the length would take the rest as body.
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+            5 + smuggled.len()
+        ),
+        // TE.CL: a back end reading the length would take the chunk as a request.
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n",
+            smuggled.len()
+        ),
+        format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nContent-Length: 48\r\n\r\nhello{smuggled}"),
+        format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 48\r\nTransfer-Encoding: xchunked\r\n\r\n{smuggled}"),
+        format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n{smuggled}"),
+        format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: +5\r\n\r\nhello{smuggled}"),
+        format!("POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n{smuggled}"),
+    ];
+    for case in &cases {
+        let answer = raw(gw.http(), case.as_bytes()).await;
+        let statuses = answer.matches("HTTP/1.1 ").count();
+        assert!(statuses <= 1, "more than one answer to one request:\n{case}\n---\n{answer}");
+        assert!(!answer.contains("/smuggled"), "the smuggled request was answered:\n{case}\n---\n{answer}");
+        assert!(
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.1 400") || answer.is_empty(),
+            "{case}\n---\n{answer}"
+        );
+    }
+}
