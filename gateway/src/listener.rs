@@ -206,7 +206,7 @@ where
         }
     });
     let http = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-    if let Err(e) = ticket.watch(http, activity.expired()).await {
+    if let Err(e) = ticket.watch(http, Some(activity.expiry())).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

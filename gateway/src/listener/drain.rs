@@ -12,13 +12,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use atomic_waker::AtomicWaker;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::sync::Notify;
 
-use crate::timer::Sleep;
+use super::watchdog::{Close, Expiry};
 
 /// A listener's open connections, to drain on shutdown.
 #[derive(Clone, Default)]
@@ -86,22 +85,13 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    /// Serves `conn` until it ends; once draining begins, or `expired`
-    /// completes, it finishes the request in flight and closes. Told by
-    /// `expired`, it has [`CLOSE_GRACE`] to do so before it is dropped.
-    pub(crate) fn watch<C: GracefulConnection, E: Future<Output = ()>>(
-        self,
-        conn: C,
-        expired: E,
-    ) -> Watched<C, E> {
-        let expired = Box::pin(expired);
-        Watched { conn: Box::pin(conn), ticket: self, told: false, registered: None, expired, grace: None }
+    /// Serves `conn` until it ends; once draining begins, or its `expiry`
+    /// says so, it finishes the requests in flight and closes; it is
+    /// dropped when its `expiry` says that.
+    pub(crate) fn watch<C: GracefulConnection>(self, conn: C, expiry: Option<Expiry>) -> Watched<C> {
+        Watched { conn: Box::pin(conn), ticket: self, told: false, registered: None, expiry }
     }
 }
-
-/// How long a connection told to close by its watchdog may take to say
-/// so (an HTTP/2 GOAWAY) and let its streams end.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 impl Drop for Ticket {
     fn drop(&mut self) {
@@ -115,7 +105,7 @@ impl Drop for Ticket {
 }
 
 /// A connection being served, as [`Ticket::watch`] returns it.
-pub(crate) struct Watched<C, E> {
+pub(crate) struct Watched<C> {
     conn: Pin<Box<C>>,
     ticket: Ticket,
     /// Whether the connection was told to close.
@@ -123,17 +113,11 @@ pub(crate) struct Watched<C, E> {
     /// The waker last registered in the ticket's slot: its task's, which
     /// does not change, so the slot is written once, not on every poll.
     registered: Option<std::task::Waker>,
-    /// The connection's watchdog: completes when it is to close.
-    expired: Pin<Box<E>>,
-    /// Once the watchdog told it to close: when it is dropped.
-    grace: Option<Sleep>,
+    /// Its watchdog, which may close it before any drain.
+    expiry: Option<Expiry>,
 }
 
-impl<C, E> Future for Watched<C, E>
-where
-    C: GracefulConnection,
-    E: Future<Output = ()>,
-{
+impl<C: GracefulConnection> Future for Watched<C> {
     type Output = C::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
@@ -147,17 +131,17 @@ where
             if this.ticket.shared.draining.load(Ordering::SeqCst) {
                 this.told = true;
                 this.conn.as_mut().graceful_shutdown();
-            } else if this.expired.as_mut().poll(cx).is_ready() {
-                this.told = true;
-                this.grace = Some(Sleep::after(CLOSE_GRACE));
-                this.conn.as_mut().graceful_shutdown();
             }
         }
-        let polled = this.conn.as_mut().poll(cx);
-        match &mut this.grace {
-            Some(grace) if polled.is_pending() => Pin::new(grace).poll(cx).map(|()| Ok(())),
-            _ => polled,
+        match this.expiry.as_mut().map(|expiry| expiry.poll_close(cx)) {
+            Some(Poll::Ready(Close::Now)) => return Poll::Ready(Ok(())),
+            Some(Poll::Ready(Close::Gracefully)) if !this.told => {
+                this.told = true;
+                this.conn.as_mut().graceful_shutdown();
+            }
+            _ => {}
         }
+        this.conn.as_mut().poll(cx)
     }
 }
 
@@ -189,7 +173,7 @@ mod tests {
                 });
                 let builder = auto::Builder::new(TokioExecutor::new());
                 let conn = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
-                tokio::spawn(serving.ticket().watch(conn, std::future::pending()));
+                tokio::spawn(serving.ticket().watch(conn, None));
             }
         });
         let idle = tokio::net::TcpStream::connect(addr).await?;
@@ -235,9 +219,7 @@ mod tests {
         });
         let builder = auto::Builder::new(TokioExecutor::new());
         let conn = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
-        tokio::time::timeout(Duration::from_secs(5), handshaking.watch(conn, std::future::pending()))
-            .await?
-            .ok();
+        tokio::time::timeout(Duration::from_secs(5), handshaking.watch(conn, None)).await?.ok();
         tokio::time::timeout(Duration::from_secs(5), shutdown).await??;
         assert_eq!(drain.open(), 0);
         drop(client);

@@ -10,7 +10,7 @@
 //! request may already have cost the PBX one, and h2's own limit counts
 //! only the streams reset before they are accepted.
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,6 +25,18 @@ use crate::timer::Sleep;
 
 /// Requests a connection's clients may cancel beyond those they let finish.
 const RESET_BUDGET: u64 = 100;
+/// How long a connection told to close has to say so (an HTTP/2 GOAWAY)
+/// before it is dropped, unless requests it took meanwhile are in flight.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What the watchdog asks of its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// Finish what is in flight, take nothing new, then close.
+    Gracefully,
+    /// Be dropped.
+    Now,
+}
 
 /// One connection's requests, shared by its request futures and its task.
 #[derive(Debug)]
@@ -73,25 +85,55 @@ impl Activity {
         self.accepted + idle_since + self.timeout
     }
 
-    /// Completes when the connection is to be closed.
-    pub(crate) fn expired(self: Arc<Self>) -> impl Future<Output = ()> {
-        let mut sleep = Sleep::until(self.accepted + self.timeout);
-        poll_fn(move |cx| {
-            self.task.register(cx.waker());
-            loop {
-                if self.over_budget() {
-                    tracing::debug!("too many requests cancelled: closing the connection");
-                    return Poll::Ready(());
-                }
-                ready!(Pin::new(&mut sleep).poll(cx));
+    /// The connection's watchdog, to poll from its task.
+    pub(crate) fn expiry(self: Arc<Self>) -> Expiry {
+        let sleep = Sleep::until(self.accepted + self.timeout);
+        Expiry { activity: self, sleep, told: false }
+    }
+}
+
+/// Watches one connection's [`Activity`].
+#[derive(Debug)]
+pub(crate) struct Expiry {
+    activity: Arc<Activity>,
+    sleep: Sleep,
+    /// Whether the connection was told to close gracefully.
+    told: bool,
+}
+
+impl Expiry {
+    /// Ready with [`Close::Gracefully`] once the connection has been idle
+    /// too long or has spent its reset budget; then, [`CLOSE_GRACE`] later
+    /// and as often as it is polled after, with [`Close::Now`] while it is
+    /// still idle or over budget (a client that does not read, say).
+    pub(crate) fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Close> {
+        let activity = &*self.activity;
+        activity.task.register(cx.waker());
+        loop {
+            if !self.told && activity.over_budget() {
+                tracing::debug!("too many requests cancelled: closing the connection");
+            } else {
+                ready!(Pin::new(&mut self.sleep).poll(cx));
                 let now = Instant::now();
-                let due = self.due(now);
-                if due <= now {
-                    return Poll::Ready(());
+                if self.told {
+                    if activity.over_budget() || activity.in_flight.load(Ordering::SeqCst) == 0 {
+                        return Poll::Ready(Close::Now);
+                    }
+                    self.sleep = Sleep::until(now + CLOSE_GRACE);
+                    continue;
                 }
-                sleep = Sleep::until(due);
+                let due = activity.due(now);
+                if due > now {
+                    self.sleep = Sleep::until(due);
+                    continue;
+                }
             }
-        })
+            self.told = true;
+            self.sleep = Sleep::after(CLOSE_GRACE);
+            // Registers the grace period's wake-up.
+            let _ = Pin::new(&mut self.sleep).poll(cx);
+            return Poll::Ready(Close::Gracefully);
+        }
     }
 }
 
@@ -155,6 +197,8 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+
     use super::*;
 
     #[tokio::test]
@@ -162,19 +206,37 @@ mod tests {
         let timeout = Duration::from_millis(200);
         let activity = Activity::new(Instant::now(), timeout);
         let started = Instant::now();
-        activity.clone().expired().await;
+        let mut expiry = activity.clone().expiry();
+        assert_eq!(poll_fn(|cx| expiry.poll_close(cx)).await, Close::Gracefully);
         assert!(started.elapsed() >= timeout);
+        // Still idle after the grace period: dropped.
+        assert_eq!(poll_fn(|cx| expiry.poll_close(cx)).await, Close::Now);
+        assert!(started.elapsed() >= timeout + CLOSE_GRACE);
 
         let activity = Activity::new(Instant::now(), timeout);
         let mut request = activity.begin();
-        let expired = tokio::spawn(activity.clone().expired());
+        let mut expiry = activity.clone().expiry();
+        let expired = tokio::spawn(async move { poll_fn(|cx| expiry.poll_close(cx)).await });
         tokio::time::sleep(timeout * 2).await;
         assert!(!expired.is_finished(), "a request in flight keeps the connection open");
         request.answered();
         let answered = Instant::now();
         drop(request);
-        expired.await.ok();
+        assert_eq!(expired.await.ok(), Some(Close::Gracefully));
         assert!(answered.elapsed() >= timeout - Duration::from_millis(10));
+    }
+
+    #[tokio::test]
+    async fn a_request_taken_while_closing_is_not_cut_off() {
+        let activity = Activity::new(Instant::now(), Duration::from_millis(100));
+        let mut expiry = activity.clone().expiry();
+        assert_eq!(poll_fn(|cx| expiry.poll_close(cx)).await, Close::Gracefully);
+        let request = activity.begin();
+        let closing = tokio::spawn(async move { poll_fn(|cx| expiry.poll_close(cx)).await });
+        tokio::time::sleep(CLOSE_GRACE * 2).await;
+        assert!(!closing.is_finished(), "dropped with a request in flight");
+        drop(request);
+        assert_eq!(closing.await.ok(), Some(Close::Now));
     }
 
     #[tokio::test]
@@ -189,7 +251,10 @@ mod tests {
         assert!(!activity.over_budget(), "answered requests earn cancels");
         drop(activity.begin());
         assert!(activity.over_budget());
-        let closed = tokio::time::timeout(Duration::from_secs(1), activity.clone().expired()).await;
-        assert!(closed.is_ok(), "closed at once, long before the idle timeout");
+        let mut expiry = activity.clone().expiry();
+        let closing = tokio::time::timeout(Duration::from_secs(1), poll_fn(|cx| expiry.poll_close(cx))).await;
+        assert_eq!(closing.ok(), Some(Close::Gracefully), "at once, long before the idle timeout");
+        let _streams_in_flight = activity.begin();
+        assert_eq!(poll_fn(|cx| expiry.poll_close(cx)).await, Close::Now);
     }
 }
