@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -21,10 +21,12 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 mod drain;
+mod watchdog;
 
 use crate::timer::Timer;
 use crate::workers::Workers;
 use crate::{admin, pipeline, State};
+use watchdog::{Activity, Tracked};
 
 /// What a listener serves.
 #[derive(Clone)]
@@ -102,6 +104,7 @@ pub(crate) async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        let accepted = Instant::now();
         let _ = tcp.set_nodelay(true);
         // Moves to the worker's runtime: its reactor drives the socket from now on.
         let tcp = match tcp.into_std() {
@@ -117,30 +120,26 @@ pub(crate) async fn serve(
             let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else { return };
             let _active = state.metrics.connection_opened();
             let connection = |proto| Connection::new(peer, proto, worker);
+            // The first request's head is due this long after the accept, a
+            // TLS handshake included.
+            let idle = state.config.listen.header_read_timeout;
+            let activity = Activity::new(accepted, idle);
+            let served = Served { state: state.clone(), builder, ticket, activity };
             match kind {
                 Kind::Https => {
                     // The current certificates: a reload applies to the next handshake.
                     let Some(tls) = &state.tls else { return };
                     let acceptor = TlsAcceptor::from(tls.load_full());
-                    let handshake =
-                        tokio::time::timeout(state.config.tls.handshake_timeout, acceptor.accept(tcp));
-                    match handshake.await {
-                        Ok(Ok(tls)) => {
-                            serve_connection(
-                                tls,
-                                connection("https"),
-                                Kind::Https,
-                                state.clone(),
-                                builder,
-                                ticket,
-                            )
-                            .await
+                    let deadline = accepted + state.config.tls.handshake_timeout.min(idle);
+                    match crate::timer::timeout_at(deadline, acceptor.accept(tcp)).await {
+                        Some(Ok(tls)) => {
+                            serve_connection(tls, connection("https"), Kind::Https, served).await
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        Some(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        None => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 }
-                kind => serve_connection(tcp, connection("http"), kind, state.clone(), builder, ticket).await,
+                kind => serve_connection(tcp, connection("http"), kind, served).await,
             }
         };
         match &workers {
@@ -178,42 +177,56 @@ fn http_builder(state: &State) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn serve_connection<IO>(
-    io: IO,
-    connection: Connection,
-    kind: Kind,
+/// What serves an accepted connection.
+struct Served {
     state: Arc<State>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     ticket: drain::Ticket,
-) where
+    activity: Arc<Activity>,
+}
+
+async fn serve_connection<IO>(io: IO, connection: Connection, kind: Kind, served: Served)
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Served { state, builder, ticket, activity } = served;
     let peer = connection.peer;
     // One reference count per connection, cloned per request: the shared
     // state's own count would be written by every worker on every request.
     let serving = Arc::new(Serving { state, connection, kind });
     let io = Guarded { inner: Some(io), serving: serving.clone() };
+    let requests = activity.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let serving = serving.clone();
+        let mut in_flight = requests.begin();
         async move {
-            let Serving { state, connection: conn, kind } = &*serving;
-            match kind {
-                Kind::Admin => Ok(admin::handle(state, &request).await),
-                Kind::RedirectHttp => pipeline::redirect_to_https(state, conn, &request).await,
-                Kind::Http => pipeline::handle(state, conn, request).await,
-                Kind::Https => {
-                    let mut response = pipeline::handle(state, conn, request).await;
-                    if let (Some(hsts), Ok(response)) = (&state.config.tls.hsts, &mut response) {
-                        response.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
-                    }
-                    response
-                }
-            }
+            let response = respond(&serving, request).await;
+            in_flight.answered();
+            response.map(|response| response.map(|body| Tracked { body, _in_flight: in_flight }))
         }
     });
     let http = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
-    if let Err(e) = ticket.watch(http).await {
+    if let Err(e) = ticket.watch(http, Some(activity.expiry())).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+async fn respond(
+    serving: &Serving,
+    request: Request<Incoming>,
+) -> Result<http::Response<crate::Body>, Dropped> {
+    let Serving { state, connection: conn, kind } = serving;
+    match kind {
+        Kind::Admin => Ok(admin::handle(state, &request).await),
+        Kind::RedirectHttp => pipeline::redirect_to_https(state, conn, &request).await,
+        Kind::Http => pipeline::handle(state, conn, request).await,
+        Kind::Https => {
+            let mut response = pipeline::handle(state, conn, request).await;
+            if let (Some(hsts), Ok(response)) = (&state.config.tls.hsts, &mut response) {
+                response.headers_mut().insert(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+            }
+            response
+        }
     }
 }
 

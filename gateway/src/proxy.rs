@@ -266,11 +266,15 @@ impl Upstream {
 }
 
 /// The protocol an HTTP/1.1 client asks to switch to (`Connection: upgrade`,
-/// among the names its `Connection` header `listed`).
+/// among the names its `Connection` header `listed`): websocket alone. Any
+/// other (h2c above all: HTTP/2 spoken straight to the PBX, past the
+/// gateway's checks) is left out with the hop-by-hop headers, and the
+/// request goes as a plain one.
 fn requested_upgrade(request: &Parts, listed: &[&str]) -> Option<HeaderValue> {
     let wants =
         request.version == Version::HTTP_11 && listed.iter().any(|t| t.eq_ignore_ascii_case("upgrade"));
-    wants.then(|| request.headers.get(UPGRADE).cloned()).flatten()
+    let websocket = request.headers.get(UPGRADE).filter(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    wants.then(|| websocket.cloned()).flatten()
 }
 
 /// Copies bytes both ways between the client and the upstream until either

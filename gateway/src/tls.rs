@@ -2,6 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,7 +11,9 @@ use pbxgate_policies::Policy;
 use rustls::crypto::ring;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache};
+use rustls::server::{
+    ClientHello, NoServerSessionStorage, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions,
+};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, SupportedProtocolVersion};
 
@@ -43,7 +46,8 @@ pub fn server_config(tls: &Tls, policy: &Policy) -> Result<Arc<ServerConfig>, Er
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
     } else {
-        config.session_storage = ServerSessionMemoryCache::new(4096);
+        let cache = ServerSessionMemoryCache::new(4096);
+        config.session_storage = Arc::new(ExpiringSessions { inner: cache, lifetime });
         let inner = ring::Ticketer::new().map_err(|e| Error::Tls(format!("ticketer: {e}")))?;
         config.ticketer = Arc::new(LimitedTicketer { inner, lifetime });
     }
@@ -156,17 +160,52 @@ impl rustls::server::ProducesTickets for LimitedTicketer {
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
         // The issue time travels inside the encrypted ticket.
-        let mut stamped = Vec::with_capacity(plain.len() + 8);
-        stamped.extend_from_slice(&unix_now().to_be_bytes());
-        stamped.extend_from_slice(plain);
-        self.inner.encrypt(&stamped)
+        self.inner.encrypt(&stamped(plain))
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        let stamped = self.inner.decrypt(cipher)?;
-        let (issued, plain) = stamped.split_at_checked(8)?;
-        let issued = u64::from_be_bytes(issued.try_into().ok()?);
-        (unix_now().saturating_sub(issued) <= u64::from(self.lifetime)).then(|| plain.to_vec())
+        unstamped(&self.inner.decrypt(cipher)?, self.lifetime)
+    }
+}
+
+/// `plain` after the time it is stored or sealed at.
+fn stamped(plain: &[u8]) -> Vec<u8> {
+    let mut stamped = Vec::with_capacity(plain.len() + 8);
+    stamped.extend_from_slice(&unix_now().to_be_bytes());
+    stamped.extend_from_slice(plain);
+    stamped
+}
+
+/// What [`stamped`] made, unless it is older than `lifetime` seconds.
+fn unstamped(stamped: &[u8], lifetime: u32) -> Option<Vec<u8>> {
+    let (issued, plain) = stamped.split_at_checked(8)?;
+    let issued = u64::from_be_bytes(issued.try_into().ok()?);
+    (unix_now().saturating_sub(issued) <= u64::from(lifetime)).then(|| plain.to_vec())
+}
+
+/// TLS 1.2 sessions resumed by id, held to `session_ticket_lifetime` as
+/// tickets are: rustls's cache forgets a session only to make room.
+#[derive(Debug)]
+struct ExpiringSessions {
+    inner: Arc<ServerSessionMemoryCache>,
+    lifetime: u32,
+}
+
+impl StoresServerSessions for ExpiringSessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.inner.put(key, stamped(&value))
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        unstamped(&self.inner.get(key)?, self.lifetime)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        unstamped(&self.inner.take(key)?, self.lifetime)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
     }
 }
 
@@ -178,9 +217,11 @@ struct FileKeyLog {
 
 impl FileKeyLog {
     fn open(path: &Path) -> Result<Self, Error> {
+        // Anyone who can read it can decrypt the traffic.
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
             .map_err(|e| Error::Tls(format!("key_log_file {}: {e}", path.display())))?;
         Ok(Self { file: Mutex::new(file) })

@@ -46,6 +46,11 @@ pub async fn tls_connect(
 
 /// A connector to reuse (it keeps session tickets for resumption).
 pub fn connector(options: &TlsOptions<'_>) -> std::io::Result<TlsConnector> {
+    Ok(TlsConnector::from(Arc::new(client_config(options)?)))
+}
+
+/// The configuration [`connector`] uses, for a test to adjust.
+pub fn client_config(options: &TlsOptions<'_>) -> std::io::Result<ClientConfig> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(options.versions)
         .map_err(std::io::Error::other)?
@@ -53,7 +58,7 @@ pub fn connector(options: &TlsOptions<'_>) -> std::io::Result<TlsConnector> {
         .with_custom_certificate_verifier(Arc::new(AcceptAny(provider())))
         .with_no_client_auth();
     config.alpn_protocols = options.alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(config)
 }
 
 pub async fn connect_with(

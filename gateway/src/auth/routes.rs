@@ -131,8 +131,19 @@ fn with_cookies(mut response: Response<Body>, cookies: Vec<HeaderValue>) -> Resp
     response
 }
 
+/// The gateway's own requests carry a few hundred bytes of form or JSON: one
+/// still arriving after this long is holding a connection, not uploading.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The request's body: `None` when it is over [`MAX_BODY`] (at once when its
+/// `Content-Length` says so), broken off, or not all there by [`BODY_DEADLINE`].
 pub(crate) async fn read_body(request: Request<Incoming>) -> Option<Bytes> {
-    Limited::new(request.into_body(), MAX_BODY).collect().await.ok().map(|c| c.to_bytes())
+    if hyper::body::Body::size_hint(request.body()).lower() > MAX_BODY as u64 {
+        return None;
+    }
+    let reading = Limited::new(request.into_body(), MAX_BODY).collect();
+    let deadline = std::time::Instant::now() + BODY_DEADLINE;
+    crate::timer::timeout_at(deadline, reading).await?.ok().map(|c| c.to_bytes())
 }
 
 pub(crate) fn form(body: &[u8]) -> std::collections::HashMap<String, String> {

@@ -17,6 +17,8 @@ use atomic_waker::AtomicWaker;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::sync::Notify;
 
+use super::watchdog::{Close, Expiry};
+
 /// A listener's open connections, to drain on shutdown.
 #[derive(Clone, Default)]
 pub(crate) struct Drain {
@@ -83,10 +85,11 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    /// Serves `conn` until it ends; once draining begins, it finishes the
-    /// request in flight and closes.
-    pub(crate) fn watch<C: GracefulConnection>(self, conn: C) -> Watched<C> {
-        Watched { conn: Box::pin(conn), ticket: self, told: false, registered: None }
+    /// Serves `conn` until it ends; once draining begins, or its `expiry`
+    /// says so, it finishes the requests in flight and closes; it is
+    /// dropped when its `expiry` says that.
+    pub(crate) fn watch<C: GracefulConnection>(self, conn: C, expiry: Option<Expiry>) -> Watched<C> {
+        Watched { conn: Box::pin(conn), ticket: self, told: false, registered: None, expiry }
     }
 }
 
@@ -110,6 +113,8 @@ pub(crate) struct Watched<C> {
     /// The waker last registered in the ticket's slot: its task's, which
     /// does not change, so the slot is written once, not on every poll.
     registered: Option<std::task::Waker>,
+    /// Its watchdog, which may close it before any drain.
+    expiry: Option<Expiry>,
 }
 
 impl<C: GracefulConnection> Future for Watched<C> {
@@ -127,6 +132,14 @@ impl<C: GracefulConnection> Future for Watched<C> {
                 this.told = true;
                 this.conn.as_mut().graceful_shutdown();
             }
+        }
+        match this.expiry.as_mut().map(|expiry| expiry.poll_close(cx)) {
+            Some(Poll::Ready(Close::Now)) => return Poll::Ready(Ok(())),
+            Some(Poll::Ready(Close::Gracefully)) if !this.told => {
+                this.told = true;
+                this.conn.as_mut().graceful_shutdown();
+            }
+            _ => {}
         }
         this.conn.as_mut().poll(cx)
     }
@@ -160,7 +173,7 @@ mod tests {
                 });
                 let builder = auto::Builder::new(TokioExecutor::new());
                 let conn = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
-                tokio::spawn(serving.ticket().watch(conn));
+                tokio::spawn(serving.ticket().watch(conn, None));
             }
         });
         let idle = tokio::net::TcpStream::connect(addr).await?;
@@ -206,7 +219,7 @@ mod tests {
         });
         let builder = auto::Builder::new(TokioExecutor::new());
         let conn = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
-        tokio::time::timeout(Duration::from_secs(5), handshaking.watch(conn)).await?.ok();
+        tokio::time::timeout(Duration::from_secs(5), handshaking.watch(conn, None)).await?.ok();
         tokio::time::timeout(Duration::from_secs(5), shutdown).await??;
         assert_eq!(drain.open(), 0);
         drop(client);

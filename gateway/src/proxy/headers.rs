@@ -32,8 +32,15 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
+/// Headers that IIS, Symfony, Spring, Traefik and others take as the
+/// request's real path or its prefix: from a client they would route the PBX
+/// somewhere other than the path the policy decided on.
+const PATH_OVERRIDES: [&str; 4] =
+    ["x-original-url", "x-rewrite-url", "x-forwarded-uri", "x-forwarded-prefix"];
+
 /// Names, folded (lower case, `_` and `.` as `-`), that a client must never
-/// send upstream: the configured identity headers plus the defaults.
+/// send upstream: the configured identity headers, the default ones and the
+/// path overrides.
 #[derive(Debug, Clone)]
 pub struct Spoofable {
     folded: Vec<String>,
@@ -46,7 +53,7 @@ impl Spoofable {
     pub fn new<'a>(configured: impl Iterator<Item = &'a HeaderName>) -> Self {
         let defaults = ["remote-user", "remote-email", "remote-groups", "remote-name", "x-pbxgate-assertion"];
         let mut folded: Vec<String> = configured.map(|n| fold(n.as_str())).collect();
-        folded.extend(defaults.iter().map(|d| d.to_string()));
+        folded.extend(defaults.iter().chain(&PATH_OVERRIDES).map(|d| d.to_string()));
         folded.sort();
         folded.dedup();
         let lengths = folded.iter().filter(|f| f.len() < 64).fold(0, |bits, f| bits | 1 << f.len());

@@ -402,7 +402,7 @@ impl Upload {
                         continue;
                     }
                     self.pending = if self.chunked {
-                        [Bytes::from(format!("{:x}\r\n", data.len())), data, Bytes::from_static(b"\r\n")]
+                        [chunk_size_line(data.len()), data, Bytes::from_static(b"\r\n")]
                     } else {
                         [data, Bytes::new(), Bytes::new()]
                     };
@@ -418,6 +418,11 @@ impl Upload {
             }
         }
     }
+}
+
+/// The line that starts a chunk of `len` bytes.
+fn chunk_size_line(len: usize) -> Bytes {
+    Bytes::from(format!("{len:x}\r\n"))
 }
 
 /// Reads a response body off its connection as its framing says.
@@ -516,8 +521,8 @@ impl Reader {
 }
 
 /// The state after one line of chunked framing (with its LF).
-fn next_chunk_state(state: State, line: &[u8]) -> Result<State, String> {
-    let Some(line) = line.strip_suffix(b"\r\n") else {
+fn next_chunk_state(state: State, whole: &[u8]) -> Result<State, String> {
+    let Some(line) = whole.strip_suffix(b"\r\n") else {
         return Err("chunk line not ended by CRLF".into());
     };
     Ok(match state {
@@ -525,17 +530,27 @@ fn next_chunk_state(state: State, line: &[u8]) -> Result<State, String> {
         State::ChunkEnd => return Err("chunk longer than its size".into()),
         State::Trailers if line.is_empty() => State::Done,
         State::Trailers => State::Trailers,
-        _ => {
-            let hex = line.split(|&b| b == b';').next().unwrap_or_default();
-            let hex = std::str::from_utf8(hex).ok().map(str::trim_ascii_end);
-            match hex.filter(|h| !h.is_empty() && h.len() <= 15).and_then(|h| u64::from_str_radix(h, 16).ok())
-            {
-                Some(0) => State::Trailers,
-                Some(n) => State::ChunkData(n),
-                None => return Err("bad chunk size".into()),
-            }
-        }
+        _ => match chunk_size(whole) {
+            Some(0) => State::Trailers,
+            Some(n) => State::ChunkData(n),
+            None => return Err("bad chunk size".into()),
+        },
     })
+}
+
+/// A chunk-size line's size (the line with its CRLF), read as httparse, and
+/// so hyper, reads it: hex digits only (no sign, no `0x`), at most 16, then
+/// optional blanks and extensions. Stricter in one point: the size is not
+/// empty. A size another parser reads differently would be a desync.
+fn chunk_size(whole: &[u8]) -> Option<u64> {
+    match httparse::parse_chunk_size(whole) {
+        Ok(httparse::Status::Complete((used, size)))
+            if used == whole.len() && whole.first().is_some_and(u8::is_ascii_hexdigit) =>
+        {
+            Some(size)
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -682,7 +697,15 @@ mod tests {
         .expect("decoded");
         assert_eq!(body, b"hello world");
         assert_eq!(&conn.read[..], b"EXTRA", "bytes past the end are left, so the connection is not reused");
-        for bad in [&b"zz\r\nhello\r\n0\r\n\r\n"[..], b"5\r\nhelloX\r\n0\r\n\r\n", b"5\nhello\r\n0\r\n\r\n"] {
+        for bad in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloX\r\n0\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"+5\r\nhello\r\n0\r\n\r\n",
+            b"0x5\r\nhello\r\n0\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"5\x0c\r\nhello\r\n0\r\n\r\n",
+        ] {
             assert!(
                 read_body(Framing::Chunked, &[bad], false).await.is_err(),
                 "{}",
@@ -699,5 +722,161 @@ mod tests {
         let (body, _) = read_body(Framing::Close, &[b"until ", b"the end"], true).await.expect("read");
         assert_eq!(body, b"until the end");
         assert!(read_body(Framing::Length(10), &[b"short"], true).await.is_err(), "closed mid-body");
+    }
+
+    /// Differential tests: what this module reads, httparse (and so hyper,
+    /// and most servers' parsers) reads the same way, on the same bytes.
+    mod differential {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Bytes a chunk-size line is made of, tricky ones often.
+        fn size_line() -> impl Strategy<Value = Vec<u8>> {
+            let byte = prop_oneof![
+                4 => proptest::sample::select(b"0123456789abcdefABCDEF".to_vec()),
+                1 => proptest::sample::select(b"+- \t;=x\r\n\x0b\x0c\"".to_vec()),
+                1 => any::<u8>(),
+            ];
+            proptest::collection::vec(byte, 0..24).prop_map(|mut line| {
+                // As the reader hands it over: up to its first LF, CRLF-ended.
+                line.retain(|&b| b != b'\n');
+                line.extend_from_slice(b"\r\n");
+                line
+            })
+        }
+
+        /// A response head of header lines picked from framing ones that
+        /// parsers are known to disagree on, and plain ones.
+        fn response_head() -> impl Strategy<Value = Vec<u8>> {
+            let line = proptest::sample::select(vec![
+                "Content-Length: 5",
+                "Content-Length: 0",
+                "Content-Length: 7",
+                "Content-Length: 5, 5",
+                "Content-Length: 5,7",
+                "Content-Length: +5",
+                "Content-Length: -1",
+                "Content-Length:  5 ",
+                "Content-Length: 0x5",
+                "Content-Length: 5 5",
+                "Content-Length: 99999999999999999999",
+                "Content-Length:",
+                "Transfer-Encoding: chunked",
+                "Transfer-Encoding: CHUNKED",
+                "Transfer-Encoding: gzip, chunked",
+                "Transfer-Encoding: chunked, gzip",
+                "Transfer-Encoding: xchunked",
+                "Transfer-Encoding: identity",
+                "Transfer-Encoding:",
+                "Connection: close",
+                "Connection: keep-alive",
+                "X-Plain: value",
+            ]);
+            let status =
+                proptest::sample::select(vec!["200 OK", "204 No Content", "304 Not Modified", "404 X"]);
+            let version = proptest::sample::select(vec!["HTTP/1.1", "HTTP/1.0"]);
+            (version, status, proptest::collection::vec(line, 0..5)).prop_map(|(version, status, lines)| {
+                let mut head = format!("{version} {status}\r\n");
+                for line in lines {
+                    head.push_str(line);
+                    head.push_str("\r\n");
+                }
+                head.push_str("\r\n");
+                head.into_bytes()
+            })
+        }
+
+        /// RFC 9112 section 6.3, read off httparse's headers: how a response
+        /// to a GET is framed, `None` where it must be refused.
+        fn rfc_framing(head: &[u8]) -> Option<Framing> {
+            let mut lines = [httparse::EMPTY_HEADER; 32];
+            let mut parsed = httparse::Response::new(&mut lines);
+            let httparse::Status::Complete(_) = parsed.parse(head).ok()? else { return None };
+            let status = parsed.code?;
+            if status == 204 || status == 304 {
+                return Some(Framing::Empty);
+            }
+            let mut chunked = None;
+            let mut length: Option<Option<u64>> = None;
+            for header in parsed.headers.iter() {
+                if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                    let last = header.value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                    chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                } else if header.name.eq_ignore_ascii_case("content-length") {
+                    for part in header.value.split(|&b| b == b',') {
+                        let part = part.trim_ascii();
+                        let n = (!part.is_empty() && part.iter().all(u8::is_ascii_digit))
+                            .then(|| std::str::from_utf8(part).ok()?.parse::<u64>().ok())
+                            .flatten();
+                        length = Some(match (length, n) {
+                            (None, Some(n)) => Some(n),
+                            (Some(Some(l)), Some(n)) if l == n => Some(n),
+                            _ => None,
+                        });
+                    }
+                }
+            }
+            match (chunked, length) {
+                (Some(true), _) => Some(Framing::Chunked),
+                (Some(false), _) => Some(Framing::Close),
+                (None, Some(None)) => None,
+                (None, Some(Some(0))) => Some(Framing::Empty),
+                (None, Some(Some(n))) => Some(Framing::Length(n)),
+                (None, None) => Some(Framing::Close),
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn chunk_sizes_read_as_httparse_reads_them(line in size_line()) {
+                let ours = chunk_size(&line);
+                let theirs = match httparse::parse_chunk_size(&line) {
+                    Ok(httparse::Status::Complete((used, size))) if used == line.len() => Some(size),
+                    _ => None,
+                };
+                if let Some(size) = ours {
+                    prop_assert_eq!(Some(size), theirs, "{:?}", String::from_utf8_lossy(&line));
+                }
+                // Only an empty size is refused where httparse reads one (0).
+                if ours.is_none() && theirs.is_some() {
+                    prop_assert!(!line[0].is_ascii_hexdigit(), "{:?}", String::from_utf8_lossy(&line));
+                }
+            }
+
+            #[test]
+            fn chunk_size_lines_written_upstream_read_back_as_their_length(len in any::<usize>()) {
+                let line = chunk_size_line(len);
+                prop_assert_eq!(chunk_size(&line), Some(len as u64));
+                prop_assert_eq!(
+                    httparse::parse_chunk_size(&line),
+                    Ok(httparse::Status::Complete((line.len(), len as u64)))
+                );
+            }
+
+            #[test]
+            fn response_heads_are_framed_as_rfc_9112_reads_httparses_headers(bytes in response_head()) {
+                let ours = parse_head(&mut BytesMut::from(&bytes[..]), &Method::GET);
+                let expected = rfc_framing(&bytes);
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                match ours {
+                    Ok(Some(head)) => {
+                        prop_assert_eq!(Some(head.framing), expected, "{}", text);
+                        // Both framings, or none: never reused.
+                        let te = text.to_ascii_lowercase().contains("transfer-encoding");
+                        if te && text.to_ascii_lowercase().contains("content-length") {
+                            prop_assert!(!head.reusable || head.framing == Framing::Empty, "{}", text);
+                        }
+                        if head.framing == Framing::Close {
+                            prop_assert!(!head.reusable, "{}", text);
+                        }
+                    }
+                    Ok(None) => prop_assert!(false, "a complete head read as partial: {}", text),
+                    Err(_) => prop_assert_eq!(expected, None, "{}", text),
+                }
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! one writer at a time, which makes take-once trivially atomic. Calls run on
 //! tokio's blocking pool, never on the async threads.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -67,6 +68,15 @@ impl EmbeddedKv {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
             }
+            // Sessions, tokens and credentials: for the gateway's user alone,
+            // whatever the umask. redb takes an empty file as a new store.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
             let db = Database::create(&path).map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked(path.display().to_string()),
                 e => unavailable(format!("{}: {e}", path.display())),
