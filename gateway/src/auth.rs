@@ -296,16 +296,19 @@ async fn admin_credential_exists(
     Ok(false)
 }
 
-/// Takes the one-time admin password, when `password` is it. It is for the
-/// first admin's first sign-in only: once any admin has a credential it is
-/// refused (and used up), whenever it was armed.
+/// Takes the one-time admin password, when `password` is it. The one from
+/// `[bootstrap]` is for the first admin's first sign-in only: once any admin
+/// has a credential it is refused (and used up), whenever it was armed. The
+/// one an operator arms on the command line (`--admin-username`) is for
+/// recovering a locked-out admin, and holds regardless.
 pub(crate) async fn take_bootstrap(state: &State, user: &str, password: &str) -> Result<bool, StoreError> {
     let key = Secret::derive(&format!("{user}\n{password}"));
     if state.store.take_once(crate::store::OneTime::AdminPassword, &key).await?.is_none() {
         return Ok(false);
     }
     let policy = state.policy.load_full();
-    if admin_credential_exists(&policy, &state.store).await? {
+    let first_only = state.config.bootstrap.only_until_first_credential;
+    if first_only && admin_credential_exists(&policy, &state.store).await? {
         tracing::warn!(target: "pbxgate::audit", %user,
             "one-time admin password refused: an admin credential exists (it is used up)");
         return Ok(false);

@@ -441,3 +441,21 @@ async fn remember_renewals_are_bounded() {
     let sessions = rig.gw.store.sessions_of("101", now()).await.unwrap();
     assert_eq!(sessions.len(), 2, "the password sign-in's and the one renewal");
 }
+
+/// No store, no entry: with Redis gone, nothing signs in and nobody the
+/// gateway has not just seen gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_fails_closed_without_its_store() {
+    let mut redis = pbxgate_e2e::redis::RedisServer::start();
+    let rig = rig_with(&format!("[store]\nurl = \"{}\"\n", redis.url())).await;
+    let (session, remember) = sign_in(&rig, None, "101").await;
+    let remember = remember.unwrap();
+    redis.kill();
+    let password = format!("{{\"login\":\"101\",\"password\":\"{PASSWORD}\"}}");
+    assert_eq!(rig.post("/.pbxgate/api/password/login", &password, &[]).await.status, 503);
+    assert_eq!(rig.post("/.pbxgate/api/link/request", "{\"login\":\"101\"}", &[]).await.status, 503);
+    assert_eq!(rig.get("/home", Some(&remember)).await.status, 503, "a remember cookie makes nothing");
+    // The session was never used on this gateway: nothing cached to go on.
+    assert_eq!(rig.get("/home", Some(&session)).await.status, 503);
+    assert_eq!(rig.get("/.pbxgate/api/me", Some(&session)).await.status, 503);
+}
