@@ -153,7 +153,10 @@ pub(crate) async fn handle(
                 listed_grant = listed && identity.principal.is_none() && basic_user.is_none();
             }
             Err(e) => {
-                tracing::error!(error = %e, "store unavailable: refusing (fail closed)");
+                static STORE_DOWN: telemetry::Repeated = telemetry::Repeated::new();
+                if let Some(skipped) = STORE_DOWN.due(now_ms) {
+                    tracing::error!(error = %e, skipped, "store unavailable: refusing (fail closed)");
+                }
                 let response = respond(&Refusal::Unavailable, browser);
                 return Ok(log.write(response, None, "deny", "store_unavailable"));
             }

@@ -30,6 +30,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::Upstream as UpstreamConfig;
 use crate::error::{Error, Refusal};
+use crate::telemetry::Repeated;
 use crate::Body;
 
 pub use headers::Spoofable;
@@ -298,8 +299,18 @@ async fn splice(client: OnUpgrade, mut upstream: http1::Conn) {
 
 fn classify(failure: Failure) -> Refusal {
     match failure {
-        Failure::Connect(error) => tracing::warn!(%error, "upstream unreachable"),
-        Failure::Exchange(error) => tracing::warn!(%error, "upstream request failed"),
+        Failure::Connect(error) => {
+            static UNREACHABLE: Repeated = Repeated::new();
+            if let Some(skipped) = UNREACHABLE.due(crate::store::now_ms()) {
+                tracing::warn!(%error, skipped, "upstream unreachable");
+            }
+        }
+        Failure::Exchange(error) => {
+            static FAILED: Repeated = Repeated::new();
+            if let Some(skipped) = FAILED.due(crate::store::now_ms()) {
+                tracing::warn!(%error, skipped, "upstream request failed");
+            }
+        }
         Failure::TooLarge => return Refusal::PayloadTooLarge,
         // Not the PBX's fault: no warning about it, and a 400 in the access line.
         Failure::ClientBody(error) => {

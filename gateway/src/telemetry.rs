@@ -16,7 +16,9 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 mod access;
+mod repeated;
 pub(crate) use access::{log as log_access, AccessLine};
+pub use repeated::Repeated;
 
 const FLUSH_AT: usize = 32 * 1024;
 

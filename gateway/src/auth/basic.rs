@@ -235,7 +235,12 @@ async fn verify_uncached(
             Ok(Basic::Verified(user))
         }
         Ok(None) => {
-            tracing::info!(target: "pbxgate::audit", client = %client_ip, "Basic credentials refused");
+            let known = state.policy.load().user(login).map(|u| u.name.clone());
+            tracing::info!(target: "pbxgate::audit", user = known.as_deref().unwrap_or("-"), client = %client_ip,
+                "Basic credentials refused");
+            if let Some(user) = known {
+                super::record(state, &user, "basic", "bad_credentials", client_ip, "").await;
+            }
             Ok(Basic::Refused)
         }
         Err(passwords::Busy) => Ok(Basic::Regulated),

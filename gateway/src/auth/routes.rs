@@ -93,7 +93,10 @@ pub(crate) fn api_error(status: StatusCode, code: &str, message: &str) -> Respon
 }
 
 pub(crate) fn unavailable(e: &StoreError, browser: bool) -> Response<Body> {
-    tracing::error!(error = %e, "store unavailable: refusing sign-in (fail closed)");
+    static STORE_DOWN: crate::telemetry::Repeated = crate::telemetry::Repeated::new();
+    if let Some(skipped) = STORE_DOWN.due(now_ms()) {
+        tracing::error!(error = %e, skipped, "store unavailable: refusing sign-in (fail closed)");
+    }
     respond(&Refusal::Unavailable, browser)
 }
 
@@ -848,6 +851,7 @@ async fn passkey_login(
             let account = regulate::account(&state.policy.load(), &user);
             let _ = regulate::failed_for(&state.store, &account).await;
             record(state, &user, "passkey", "refused", ctx.client_ip, &ctx.user_agent).await;
+            tracing::info!(target: "pbxgate::audit", %user, client = %ctx.client_ip, %detail, "passkey refused");
             return failed(detail).await;
         }
         Err(e) => return failed(e.to_string()).await,

@@ -667,3 +667,24 @@ async fn serve_flags_arm_a_one_time_admin_password() {
         "armed, and never logged"
     );
 }
+
+/// Failed sign-ins of every kind reach the login history with the account,
+/// the method and the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_of_every_kind_are_in_the_history() {
+    let rig = Rig::start_with(&admin_policy(), "").await;
+    with_passwords(&rig).await;
+    let wrong = rig
+        .get_from(Some("127.0.0.2"), "/api/calls", None, &[("authorization", &basic("svc", "nope"))])
+        .await;
+    assert_eq!(wrong.status, 401);
+    let body = "login=bob@example.com&password=nope&rd=/";
+    assert_eq!(rig.post("/.pbxgate/login/password", body, &[]).await.status, 401);
+    let events =
+        rig.gw.store.history(None, Duration::from_secs(3600), 50, pbxgate::store::now_ms()).await.unwrap();
+    let has = |user: &str, method: &str, ip: &str| {
+        events.iter().any(|e| e.user == user && e.method == method && e.result != "success" && e.ip == ip)
+    };
+    assert!(has("svc", "basic", "127.0.0.2"), "{events:?}");
+    assert!(has("101", "password", "127.0.0.1"), "{events:?}");
+}
