@@ -94,6 +94,7 @@ pub(crate) async fn handle(
             user_agent: user_agent.into(),
             browser,
             set_cookies: Default::default(),
+            user: Default::default(),
         };
         let request = Request::from_parts(head, body);
         // Boxed: sign-in is rare next to proxying, and its large future would
@@ -101,7 +102,8 @@ pub(crate) async fn handle(
         let response = Box::pin(reserved::handle(state, &ctx, request, &path)).await;
         let renewed = ctx.set_cookies.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         let response = with_cookies(response, renewed);
-        let log = Log { state, method: &method, host: &host, path: &path, client: client_ip, user: "-" };
+        let user = ctx.user.get().map_or("-", String::as_str);
+        let log = Log { state, method: &method, host: &host, path: &path, client: client_ip, user };
         return Ok(log.write(response, None, "reserved", "reserved"));
     }
 

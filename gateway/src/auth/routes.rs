@@ -37,6 +37,8 @@ pub(crate) struct Ctx<'a> {
     /// Cookies the answer must carry whatever it is (a session renewed from
     /// a remember token on the way).
     pub set_cookies: std::sync::Mutex<Vec<HeaderValue>>,
+    /// The signed-in person the answer was for, for the access line.
+    pub user: std::sync::OnceLock<String>,
 }
 
 impl Ctx<'_> {
@@ -73,7 +75,10 @@ pub(crate) async fn authorized(
     };
     let rd = here.to_string();
     let refusal = match (verdict, identity.principal) {
-        (Verdict::Allow, Some(principal)) => return Ok(principal),
+        (Verdict::Allow, Some(principal)) => {
+            let _ = ctx.user.set(principal.user().to_string());
+            return Ok(principal);
+        }
         (Verdict::Allow | Verdict::Login, _) => Refusal::LoginRequired { rd },
         (Verdict::StepUp { .. }, _) => Refusal::StepUpRequired { rd },
         (Verdict::PasskeyFirst, _) => Refusal::PasskeyRequired { rd },

@@ -64,7 +64,8 @@ fn format(l: &AccessLine<'_>, json: bool, out: &mut Vec<u8>) {
     line.key("upstream_ms");
     upstream_ms(l.upstream, line.out);
     line.text("decision", l.decision);
-    line.word("rule", l.rule);
+    // Rule names hold spaces (`route[0] user /`): quoted, so logfmt splits right.
+    line.text("rule", l.rule);
     line.text("user", l.user);
     // An address needs no escaping, but JSON wants it as a string.
     line.key("client");
@@ -287,7 +288,7 @@ mod tests {
         assert_eq!(
             rest,
             "pbxgate::access: method=GET host=\"pbx.example.com\" path=\"/x\" status=200 upstream_ms=0.328 \
-             decision=\"allow\" rule=route[0] user / user=\"bob\" client=192.0.2.7\n"
+             decision=\"allow\" rule=\"route[0] user /\" user=\"bob\" client=192.0.2.7\n"
         );
     }
 
