@@ -157,9 +157,11 @@ async fn remembered(
     };
     let user = {
         let policy = state.policy.load();
-        match policy.user(&token.user) {
-            Some(user) if user.role != pbxgate_policies::Role::Api => user.name.clone(),
-            _ => return Ok(Identity::default()),
+        let facts =
+            pbxgate_policies::Facts { client_ip, host: "", method: "GET", path: "/", user_agent: None };
+        match pbxgate_policies::sign_in(&policy, &token.user, pbxgate_policies::Proof::Remembered, &facts) {
+            Ok(user) => user.name.clone(),
+            Err(_) => return Ok(Identity::default()),
         }
     };
     let ip = client_ip.to_string();

@@ -263,3 +263,73 @@ pub fn user_may_come_from(policy: &Policy, user: &User, facts: &Facts<'_>) -> bo
         .is_none_or(|r| r.networks.is_empty() || contains(&r.networks, facts.client_ip));
     own && by_role
 }
+
+/// The ways a person proves who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof {
+    /// An emailed sign-in link or invite.
+    Link,
+    Passkey,
+    /// A password at the sign-in page, or to unlock.
+    Password,
+    /// The one-time admin password (first admin, or recovery).
+    OneTimePassword,
+    /// HTTP Basic, for API accounts.
+    Basic,
+    /// A remember cookie renewing a session.
+    Remembered,
+}
+
+/// Why a proof is not accepted for an account (never shown to the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignInRefusal {
+    UnknownUser,
+    /// API accounts use Basic only; people never do.
+    Role,
+    /// The account may not use this proof (`password_login`, `basic_auth`).
+    NotAllowed,
+    Network,
+}
+
+impl SignInRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownUser => "unknown_user",
+            Self::Role => "role",
+            Self::NotAllowed => "not_allowed",
+            Self::Network => "network",
+        }
+    }
+}
+
+/// Whether `login` (a name or an email) may prove who they are with
+/// `proof` from where the request comes: the account, its role, its flags
+/// and its networks (and its role's).
+pub fn sign_in<'p>(
+    policy: &'p Policy,
+    login: &str,
+    proof: Proof,
+    facts: &Facts<'_>,
+) -> Result<&'p User, SignInRefusal> {
+    let user = policy.user(login).ok_or(SignInRefusal::UnknownUser)?;
+    let role_fits = match proof {
+        Proof::Basic => user.role == Role::Api,
+        Proof::OneTimePassword => user.role == Role::Admin,
+        _ => user.role != Role::Api,
+    };
+    if !role_fits {
+        return Err(SignInRefusal::Role);
+    }
+    let allowed = match proof {
+        Proof::Password => user.password_login,
+        Proof::Basic => user.basic_auth,
+        Proof::Link | Proof::Passkey | Proof::OneTimePassword | Proof::Remembered => true,
+    };
+    if !allowed {
+        return Err(SignInRefusal::NotAllowed);
+    }
+    if !user_may_come_from(policy, user, facts) {
+        return Err(SignInRefusal::Network);
+    }
+    Ok(user)
+}

@@ -12,8 +12,9 @@ mod policy;
 mod screen;
 
 pub use decide::{
-    decide, decide_endpoint, decide_on_route, unlock_scope, user_may_come_from, Decision, DenyReason,
-    Endpoint, Principal, Rule, Verdict, ADMIN_PAGES_SCOPE, ADMIN_UNLOCK_MAX, RECENT_AUTH,
+    decide, decide_endpoint, decide_on_route, sign_in, unlock_scope, user_may_come_from, Decision,
+    DenyReason, Endpoint, Principal, Proof, Rule, SignInRefusal, Verdict, ADMIN_PAGES_SCOPE,
+    ADMIN_UNLOCK_MAX, RECENT_AUTH,
 };
 pub use host::{parse_host, Host, HostError};
 pub use path::{normalize_path, PathError};

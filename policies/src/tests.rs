@@ -330,6 +330,61 @@ fn endpoint_table() {
 }
 
 #[test]
+fn sign_in_table() {
+    let p = policy(
+        r#"
+        domains = ["pbx.example.com"]
+        [roles.admin]
+        networks = ["192.168.0.0/16"]
+        [[user]]
+        name = "100"
+        email = "alice@example.com"
+        role = "admin"
+        password_login = true
+        [[user]]
+        name = "101"
+        networks = ["10.0.0.0/8"]
+        [[user]]
+        name = "svc"
+        role = "api"
+        basic_auth = true
+        networks = ["203.0.113.0/24"]
+        [[user]]
+        name = "svc2"
+        role = "api"
+        networks = ["203.0.113.0/24"]
+        "#,
+    );
+    use Proof::*;
+    use SignInRefusal::*;
+    let cases: &[(&str, &str, Proof, Result<&str, SignInRefusal>)] = &[
+        ("192.168.1.5", "100", Password, Ok("100")),
+        ("192.168.1.5", " Alice@Example.com ", Password, Ok("100")),
+        ("192.168.1.5", "100", OneTimePassword, Ok("100")),
+        ("8.8.8.8", "100", Password, Err(Network)),
+        ("8.8.8.8", "100", Passkey, Err(Network)),
+        ("10.1.1.1", "101", Password, Err(NotAllowed)),
+        ("10.1.1.1", "101", OneTimePassword, Err(Role)),
+        ("10.1.1.1", "101", Link, Ok("101")),
+        ("10.1.1.1", "101", Remembered, Ok("101")),
+        ("192.168.1.5", "101", Link, Err(Network)),
+        ("10.1.1.1", "101", Basic, Err(Role)),
+        ("203.0.113.7", "svc", Basic, Ok("svc")),
+        ("203.0.113.7", "svc2", Basic, Err(NotAllowed)),
+        ("8.8.8.8", "svc", Basic, Err(Network)),
+        ("203.0.113.7", "svc", Password, Err(Role)),
+        ("203.0.113.7", "svc", Link, Err(Role)),
+        ("203.0.113.7", "svc", Remembered, Err(Role)),
+        ("203.0.113.7", "nobody", Link, Err(UnknownUser)),
+    ];
+    for (ip, login, proof, want) in cases {
+        let got =
+            sign_in(&p, login, *proof, &facts(ip, "pbx.example.com", "/", None)).map(|u| u.name.as_str());
+        assert_eq!(got, *want, "{ip} {login} {proof:?}");
+    }
+}
+
+#[test]
 fn unlock_scopes_are_per_route() {
     let p = policy(
         r#"

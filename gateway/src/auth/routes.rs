@@ -11,7 +11,7 @@ use http::header::{CONTENT_TYPE, LOCATION, SET_COOKIE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use pbxgate_policies::{decide_endpoint, Endpoint, Facts, Role, User, Verdict};
+use pbxgate_policies::{decide_endpoint, Endpoint, Facts, Proof, User, Verdict};
 use serde::Deserialize;
 use webauthn_rs::prelude::{PublicKeyCredential, RegisterPublicKeyCredential};
 
@@ -168,20 +168,12 @@ fn query(request: &Request<Incoming>, name: &str) -> String {
     crate::reserved::query_param(request.uri().query(), name).unwrap_or_default()
 }
 
-/// Whether `user` may sign in from `ip` at all (any method): named in the
-/// policy, not an API account, inside its networks.
-fn may_sign_in(state: &State, login: &str, ip: IpAddr) -> Result<User, &'static str> {
+/// Whether `login` may sign in with `proof` from `ip`: the policy's
+/// decision, with the account's entry when it may.
+fn may_sign_in(state: &State, login: &str, proof: Proof, ip: IpAddr) -> Result<User, &'static str> {
     let policy = state.policy.load();
-    let user = policy.user(login).ok_or("unknown_user")?;
-    if user.role == Role::Api {
-        return Err("api_account");
-    }
-    let facts =
-        pbxgate_policies::Facts { client_ip: ip, host: "", method: "POST", path: "/", user_agent: None };
-    if !pbxgate_policies::user_may_come_from(&policy, user, &facts) {
-        return Err("network");
-    }
-    Ok(user.clone())
+    let facts = Facts { client_ip: ip, host: "", method: "POST", path: "/", user_agent: None };
+    pbxgate_policies::sign_in(&policy, login, proof, &facts).cloned().map_err(|refusal| refusal.as_str())
 }
 
 pub(crate) async fn handle(
@@ -667,7 +659,7 @@ async fn request_link(
     let (state, origin, rd, ip) = (state.clone(), origin.to_string(), rd.to_string(), ctx.client_ip);
     // Whether the account exists must not show in the answer nor in its timing.
     tokio::spawn(async move {
-        let user = match may_sign_in(&state, &login, ip) {
+        let user = match may_sign_in(&state, &login, Proof::Link, ip) {
             Ok(user) => user,
             Err(reason) => {
                 tracing::info!(target: "pbxgate::audit", client = %ip, reason, "sign-in link not sent");
@@ -728,7 +720,7 @@ async fn consume_link(
     let login = value["user"].as_str().unwrap_or_default().to_string();
     let rd = safe_rd(value["rd"].as_str().unwrap_or("/"));
     let method = if kind == OneTime::Invite { "invite" } else { "link" };
-    let user = match may_sign_in(state, &login, ctx.client_ip) {
+    let user = match may_sign_in(state, &login, Proof::Link, ctx.client_ip) {
         Ok(user) => user,
         Err(reason) => {
             tracing::warn!(target: "pbxgate::audit", user = %login, client = %ctx.client_ip, reason, "link sign-in refused");
@@ -764,7 +756,7 @@ async fn password_login(
         Ok(false) => return too_many(state, is_json),
         Err(e) => return unavailable(&e, !is_json),
     }
-    let candidate = may_sign_in(state, &login, ctx.client_ip).ok().filter(|u| u.password_login);
+    let candidate = may_sign_in(state, &login, Proof::Password, ctx.client_ip).ok();
     let empty_refused = creds.password.is_empty() && !state.config.passwords.allow_empty;
     let hash = match &candidate {
         Some(user) if !empty_refused => match state.store.password_hash(&user.name).await {
@@ -783,14 +775,12 @@ async fn password_login(
     let (candidate, verified, method) = if verified {
         (candidate, true, "password")
     } else {
-        match may_sign_in(state, &login, ctx.client_ip) {
-            Ok(admin) if admin.role == Role::Admin => {
-                match super::take_bootstrap(state, &admin.name, &creds.password).await {
-                    Ok(true) => (Some(admin), true, "one_time_password"),
-                    Ok(false) => (candidate, false, "password"),
-                    Err(e) => return unavailable(&e, !is_json),
-                }
-            }
+        match may_sign_in(state, &login, Proof::OneTimePassword, ctx.client_ip) {
+            Ok(admin) => match super::take_bootstrap(state, &admin.name, &creds.password).await {
+                Ok(true) => (Some(admin), true, "one_time_password"),
+                Ok(false) => (candidate, false, "password"),
+                Err(e) => return unavailable(&e, !is_json),
+            },
             _ => (candidate, false, "password"),
         }
     };
@@ -867,7 +857,7 @@ async fn passkey_login(
         Ok(true) => return too_many(state, true),
         Err(e) => return unavailable(&e, false),
     }
-    let user = match may_sign_in(state, &signed_in.user, ctx.client_ip) {
+    let user = match may_sign_in(state, &signed_in.user, Proof::Passkey, ctx.client_ip) {
         Ok(user) => user,
         Err(reason) => {
             record(state, &signed_in.user, "passkey", reason, ctx.client_ip, &ctx.user_agent).await;

@@ -37,7 +37,13 @@ fn choices(max: Duration) -> Vec<u64> {
     out
 }
 
-pub(crate) fn page(state: &State, p: &Principal, rd: &str, error: Option<&str>) -> Response<Body> {
+pub(crate) fn page(
+    state: &State,
+    p: &Principal,
+    ip: IpAddr,
+    rd: &str,
+    error: Option<&str>,
+) -> Response<Body> {
     let (scope, max) = scope_for(state, rd);
     let now = now_ms() / 1000;
     let unlocked_until = p
@@ -58,10 +64,7 @@ pub(crate) fn page(state: &State, p: &Principal, rd: &str, error: Option<&str>) 
             format!("<option value=\"{m}\"{selected}>{label}</option>")
         })
         .collect();
-    let password = {
-        let policy = state.policy.load();
-        policy.user(p.user()).is_some_and(|u| u.password_login)
-    };
+    let password = password_allowed(state, p, ip);
     let password_form = if password {
         format!(
             "<details class=\"password\"><summary>Unlock with your password</summary>\
@@ -94,6 +97,14 @@ pub(crate) fn page(state: &State, p: &Principal, rd: &str, error: Option<&str>) 
         rd = escape(rd)
     );
     pages::render(StatusCode::OK, &state.product_name(), "unlock", "Unlock", &body)
+}
+
+/// Whether the policy lets this person prove who they are with a password, from here.
+fn password_allowed(state: &State, p: &Principal, ip: IpAddr) -> bool {
+    let policy = state.policy.load();
+    let facts =
+        pbxgate_policies::Facts { client_ip: ip, host: "", method: "POST", path: "/", user_agent: None };
+    pbxgate_policies::sign_in(&policy, p.user(), pbxgate_policies::Proof::Password, &facts).is_ok()
 }
 
 #[derive(Deserialize)]
@@ -148,7 +159,7 @@ pub(crate) async fn handle(
         Err(answer) => return answer,
     };
     if request.method() == http::Method::GET {
-        return page(state, &p, &safe_rd(&rd_query), None);
+        return page(state, &p, ctx.client_ip, &safe_rd(&rd_query), None);
     }
     let Some(body) = super::routes::read_body(request).await else {
         return bad_request();
@@ -212,7 +223,7 @@ pub(crate) async fn handle(
             let f = form(&body);
             let rd = safe_rd(f.get("rd").map_or("/", String::as_str));
             let minutes = f.get("minutes").and_then(|m| m.parse().ok()).unwrap_or(5);
-            let allowed = state.policy.load().user(p.user()).is_some_and(|u| u.password_login);
+            let allowed = password_allowed(state, &p, ctx.client_ip);
             let account = regulate::account(&state.policy.load(), p.user());
             match regulate::attempt(&state.store, regulate::Kind::Failure, &account, ctx.client_ip).await {
                 Ok(true) => {}
@@ -220,6 +231,7 @@ pub(crate) async fn handle(
                     return page(
                         state,
                         &p,
+                        ctx.client_ip,
                         &rd,
                         Some("Too many attempts. Please wait a few minutes and try again."),
                     )
@@ -242,7 +254,7 @@ pub(crate) async fn handle(
                     &ctx.user_agent,
                 )
                 .await;
-                return page(state, &p, &rd, Some("That password did not work."));
+                return page(state, &p, ctx.client_ip, &rd, Some("That password did not work."));
             }
             if let Err(e) = regulate::succeeded(&state.store, &account).await {
                 return unavailable(&e, true);
