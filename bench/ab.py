@@ -60,7 +60,7 @@ url = "embedded://store-{i}.db"
     login = urllib.request.Request(
         f"http://127.0.0.1:{port}/.pbxgate/api/password/login",
         data=b'{"login":"bench","password":"Bench password 42!"}',
-        headers={"Host": "localhost", "Origin": "http://localhost", "Content-Type": "application/json"},
+        headers={"Host": "localhost", "Origin": f"http://localhost:{port}", "Content-Type": "application/json"},
         method="POST")
     with urllib.request.urlopen(login) as r:
         cookie = next(v.split(";")[0] for k, v in r.headers.items()

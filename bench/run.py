@@ -240,7 +240,7 @@ format = "{'pretty' if logged else 'json'}"
         ready_ms = (time.time() - started) * 1000
         req = urllib.request.Request(f"http://127.0.0.1:{ports[plain]}/.pbxgate/api/password/login",
                                      data=json.dumps({"login": "bench", "password": PASSWORD}).encode(),
-                                     headers={"Host": "localhost", "Origin": "http://localhost",
+                                     headers={"Host": "localhost", "Origin": f"https://localhost:{ports[https]}",
                                               "Content-Type": "application/json"}, method="POST")
         cookie = None
         with urllib.request.urlopen(req) as r:
