@@ -165,7 +165,7 @@ fn http_builder(state: &State) -> auto::Builder<TokioExecutor> {
         // A client done sending (half-closed) still gets its answer; and
         // hyper does not read the connection while a request is with the
         // PBX, which would otherwise copy its read buffer away from the
-        // request's headers every time (about 6% of the bench's throughput).
+        // request's headers every time (a measurable share of the bench's throughput).
         // A client gone meanwhile is noticed when the answer is written.
         .half_close(true)
         .max_buf_size(max_header.max(8192));

@@ -3,8 +3,8 @@
 //! Every request arms two deadlines tens of seconds out (hyper's header-read
 //! timeout, armed for the connection's next request, and the upstream's
 //! answer) and nearly always drops them long before they are due. On tokio's
-//! timer wheel that cost about 3.5k instructions a request (registering under
-//! the driver's lock, clock reads, removal): 7% of the gateway's work. Here a
+//! timer wheel each costs registering under the driver's lock, clock reads
+//! and a removal, a visible share of a request's work. Here a
 //! deadline on a worker is a slot in that worker's list, which the worker's
 //! tick checks every [`TICK`]: arming or dropping one is a short uncontended
 //! lock. A deadline fires up to one tick late, never early. Off the workers

@@ -1,8 +1,8 @@
 //! One single-threaded runtime per core, serving connections handed out in
 //! turn. A connection's requests, the upstream calls they make and the pooled
 //! upstream connections they use all stay on one thread: no work stealing and
-//! no cross-thread wake-ups on the hot path (about a fifth more requests per
-//! second than one multi-threaded runtime on two cores, see `bench/`).
+//! no cross-thread wake-ups on the hot path (measurably more requests per
+//! second than one multi-threaded runtime; `bench/` measures it).
 
 use std::future::Future;
 use std::io;
@@ -89,8 +89,8 @@ impl Workers {
 /// longer preempts whatever runs on that core (the PBX, the client, the
 /// kernel's other work) and runs at that task's next switch instead, finding
 /// more requests ready per wake-up. Under load that means fewer context
-/// switches per request (about a tenth more requests per second on the
-/// 2-core bench); on an idle core it still runs at once. Nice values are not
+/// switches per request and more requests per second under load; on an
+/// idle core it still runs at once. Nice values are not
 /// touched. Where the policy is already set (systemd's `CPUSchedulingPolicy=`)
 /// or not allowed, the thread runs as it is.
 #[cfg(target_os = "linux")]
