@@ -12,8 +12,8 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use pbxgate_policies::{
-    decide_on_route, normalize_path, parse_host, screen, Access, Facts, Host, HostError, Principal, Screen,
-    Verdict,
+    decide_on_route, normalize_path, parameters_change_route, parse_host, screen, Access, Facts, Host,
+    HostError, Principal, Screen, Verdict,
 };
 
 use crate::auth::basic::Basic;
@@ -81,6 +81,12 @@ pub(crate) async fn handle(
         }
     };
     log.path = path;
+    // A PBX that drops `;` parameters must not be served a path the policy
+    // decided under another rule.
+    if parameters_change_route(&policy, path) {
+        let response = respond(&Refusal::BadRequest, browser);
+        return Ok(log.write(response, None, "bad_request", "path_parameters"));
+    }
     let user_agent = user_agent.unwrap_or_default();
 
     // 3. the gateway's own endpoints

@@ -869,7 +869,9 @@ impl Store {
         Ok(live)
     }
 
-    /// Revokes a token by its public id; returns its owner when it existed.
+    /// Revokes a token by its public id, and ends the session it made last
+    /// (a revoked laptop is signed out, not left in for the session's life);
+    /// returns its owner when it existed.
     pub async fn revoke_token(&self, id: &str) -> Result<Option<String>> {
         let Some(hash) = self.kv.get(&self.key(&["tid", id])).await? else {
             return Ok(None);
@@ -883,6 +885,11 @@ impl Store {
             self.kv.set_remove(&self.user_key("ut", &t.user), &[hash.hex()]).await?;
         }
         self.revoke(Revocation::Token(hash)).await?;
+        if let Some(session) =
+            token.as_ref().and_then(|t| t.session.as_deref()).and_then(SecretHash::from_hex)
+        {
+            self.delete_session(&session).await?;
+        }
         Ok(token.map(|t| t.user))
     }
 

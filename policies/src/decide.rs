@@ -255,6 +255,16 @@ pub fn unlock_scope<'p>(policy: &'p Policy, path: &str) -> (&'p str, Duration) {
     (ADMIN_PAGES_SCOPE, ADMIN_UNLOCK_MAX)
 }
 
+/// Whether `path` (normalised) falls under another rule once its `;`
+/// parameters are dropped, as a PBX on a servlet container routes it: the
+/// rule that decided would then not be the one guarding what the PBX serves
+/// (`/public/..;/admin/`, `/admin;x/`), so such a request is refused.
+pub fn parameters_change_route(policy: &Policy, path: &str) -> bool {
+    let Some(plain) = crate::path::without_parameters(path) else { return false };
+    let index = |p: &str| policy.route_for(p).map(|r| r.index);
+    index(&plain) != index(path)
+}
+
 /// A user's own networks and their role's networks both apply when set.
 pub fn user_may_come_from(policy: &Policy, user: &User, facts: &Facts<'_>) -> bool {
     let own = user.networks.is_empty() || contains(&user.networks, facts.client_ip);

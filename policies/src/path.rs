@@ -84,6 +84,19 @@ fn is_normal(raw: &str) -> bool {
     tidy(bytes.get(start..).unwrap_or_default(), true)
 }
 
+/// The path as servlet containers (Tomcat, Jetty) and the frameworks on them
+/// route it: `;` parameters dropped from every segment, then normalised
+/// again (`/public/..;/admin/` is `/admin/` to them). `None` when `path`
+/// (normalised) has no parameters.
+pub fn without_parameters(path: &str) -> Option<String> {
+    if !path.contains(';') {
+        return None;
+    }
+    let plain: Vec<&str> = path.split('/').map(|s| s.split(';').next().unwrap_or_default()).collect();
+    let plain = plain.join("/");
+    Some(normalize_path(&plain).map_or_else(|_| "/".to_string(), Cow::into_owned))
+}
+
 fn decode_unreserved(raw: &str) -> Result<String, PathError> {
     let bytes = raw.as_bytes();
     let mut out = String::with_capacity(raw.len());

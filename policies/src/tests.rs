@@ -635,3 +635,38 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn path_parameters_never_move_a_path_to_another_rule() {
+    let p = policy(
+        r#"
+        domains = ["pbx.example.com"]
+        [[route]]
+        path = "/admin/"
+        access = "admin"
+        [[route]]
+        path = "/public/"
+        access = "public"
+        [[route]]
+        path = "/"
+        access = "user"
+        "#,
+    );
+    for (path, plain) in [
+        ("/public/..;/admin/x", "/admin/x"),
+        ("/admin;x=1/y", "/admin/y"),
+        ("/admin;", "/admin"),
+        ("/a;b/c;d", "/a/c"),
+    ] {
+        assert_eq!(without_parameters(path).as_deref(), Some(plain), "{path}");
+    }
+    assert_eq!(without_parameters("/admin/x"), None);
+    for moved in
+        ["/public/..;/admin/x", "/public/..;jsessionid=1/admin/", "/admin;x=1/y", "/admin;", "/public;/x"]
+    {
+        assert!(parameters_change_route(&p, moved), "{moved}");
+    }
+    for kept in ["/public/x;jsessionid=1", "/admin/x;y", "/calls;v=2", "/public/", "/admin/users"] {
+        assert!(!parameters_change_route(&p, kept), "{kept}");
+    }
+}

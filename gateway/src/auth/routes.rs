@@ -884,17 +884,22 @@ async fn logout(
     let now = now_ms();
     let result: Result<(), StoreError> = async {
         let session = cookies::read(headers, cookies::SESSION).map(|s| s.hash());
+        let token = match cookies::read(headers, cookies::REMEMBER) {
+            Some(token) => state.store.token(&token.hash(), now).await?,
+            None => None,
+        };
+        // The person is who the session says, or, once it has ended (idle),
+        // who the remember token says: "everywhere" must not depend on it.
         let user = match &session {
             Some(hash) => state.store.session(hash, now).await?.map(|s| s.user),
             None => None,
-        };
+        }
+        .or_else(|| token.as_ref().map(|t| t.user.clone()));
         // Tokens first, then sessions: a request renewing from a token
         // meanwhile either finds it revoked or made a session ended below
         // (it checks the token again once its session exists).
-        if let Some(token) = cookies::read(headers, cookies::REMEMBER) {
-            if let Some(t) = state.store.token(&token.hash(), now).await? {
-                state.store.revoke_token(&t.id).await?;
-            }
+        if let Some(t) = &token {
+            state.store.revoke_token(&t.id).await?;
         }
         let tokens = match (everywhere, &user) {
             (true, Some(user)) => state.store.revoke_tokens_of(user, now).await?,

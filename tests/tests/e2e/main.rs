@@ -9,6 +9,7 @@ mod hardening;
 mod lifecycle;
 mod login;
 mod proxy;
+mod review;
 mod screening;
 mod store;
 mod tls;
