@@ -217,7 +217,10 @@ pub(crate) async fn establish(
     let mut set = vec![cookies::set(cookies::SESSION, &session, s.max_lifetime)];
     // No remember token while something is still required of the person.
     if !pending && !s.login_token_ttl.is_zero() {
-        let (token, _) = state.store.create_token(user, &ip, user_agent, s.login_token_ttl, now).await?;
+        let (token, _) = state
+            .store
+            .create_token_for(&session.hash(), user, &ip, user_agent, s.login_token_ttl, now)
+            .await?;
         set.push(cookies::set(cookies::REMEMBER, &token, s.login_token_ttl));
     }
     let account = regulate::account(&state.policy.load(), user);
@@ -242,8 +245,10 @@ pub(crate) async fn remember_now(
     if ttl.is_zero() || p.record.authenticated_ms == 0 {
         return Ok(None);
     }
-    let (token, _) =
-        state.store.create_token(p.user(), &client_ip.to_string(), user_agent, ttl, now_ms()).await?;
+    let (token, _) = state
+        .store
+        .create_token_for(&p.session, p.user(), &client_ip.to_string(), user_agent, ttl, now_ms())
+        .await?;
     Ok(Some(cookies::set(cookies::REMEMBER, &token, ttl)))
 }
 

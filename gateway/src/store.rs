@@ -794,6 +794,32 @@ impl Store {
         ttl: Duration,
         now: u64,
     ) -> Result<(Secret, RememberToken)> {
+        self.issue_token(user, ip, user_agent, ttl, None, now).await
+    }
+
+    /// A remember token issued beside `session` at a sign-in: revoking the
+    /// token ends that session too.
+    pub async fn create_token_for(
+        &self,
+        session: &SecretHash,
+        user: &str,
+        ip: &str,
+        user_agent: &str,
+        ttl: Duration,
+        now: u64,
+    ) -> Result<(Secret, RememberToken)> {
+        self.issue_token(user, ip, user_agent, ttl, Some(session), now).await
+    }
+
+    async fn issue_token(
+        &self,
+        user: &str,
+        ip: &str,
+        user_agent: &str,
+        ttl: Duration,
+        session: Option<&SecretHash>,
+        now: u64,
+    ) -> Result<(Secret, RememberToken)> {
         let secret = Secret::generate();
         let hash = secret.hash();
         let token = RememberToken {
@@ -805,7 +831,7 @@ impl Store {
             last_used_ms: None,
             last_ip: ip.to_string(),
             user_agent: truncate(user_agent, 256),
-            session: None,
+            session: session.map(SecretHash::hex),
         };
         let ttl = Some(ttl.max(Duration::from_millis(1)));
         self.kv.set(&self.key(&["t", &hash.hex()]), &encode(&token)?, ttl, Durability::Durable).await?;
