@@ -233,6 +233,22 @@ pub(crate) async fn establish(
     Ok(set)
 }
 
+/// Ends every remember token and session of `user` and closes their
+/// websockets: tokens first, so a renewal in flight either finds its token
+/// gone or made a session that ends here. Returns (sessions, tokens).
+pub(crate) async fn sign_out_everywhere(
+    state: &State,
+    user: &str,
+    now: u64,
+) -> Result<(u64, u64), StoreError> {
+    let tokens = state.store.revoke_tokens_of(user, now).await?;
+    for (hash, _) in state.store.sessions_of(user, now).await? {
+        state.auth.sockets.close(&hash);
+    }
+    let sessions = state.store.delete_sessions_of(user).await?;
+    Ok((sessions, tokens))
+}
+
 /// A remember token for a person whose last requirement was just met in a
 /// session a real ceremony made (none is issued while one is pending).
 pub(crate) async fn remember_now(

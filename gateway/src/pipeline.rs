@@ -12,7 +12,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use pbxgate_policies::{
-    decide_on_route, normalize_path, parameters_change_route, parse_host, screen, Access, Facts, Host,
+    decide_on_route, lenient_reading_changes_route, normalize_path, parse_host, screen, Access, Facts, Host,
     HostError, Principal, Screen, Verdict,
 };
 
@@ -81,11 +81,11 @@ pub(crate) async fn handle(
         }
     };
     log.path = path;
-    // A PBX that drops `;` parameters must not be served a path the policy
-    // decided under another rule.
-    if parameters_change_route(&policy, path) {
+    // A PBX that reads paths leniently (`;` parameters, case, trailing dots)
+    // must not be served a path the policy decided under another rule.
+    if lenient_reading_changes_route(&policy, path) {
         let response = respond(&Refusal::BadRequest, browser);
-        return Ok(log.write(response, None, "bad_request", "path_parameters"));
+        return Ok(log.write(response, None, "bad_request", "lenient_path"));
     }
     let user_agent = user_agent.unwrap_or_default();
 

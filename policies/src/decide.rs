@@ -255,14 +255,17 @@ pub fn unlock_scope<'p>(policy: &'p Policy, path: &str) -> (&'p str, Duration) {
     (ADMIN_PAGES_SCOPE, ADMIN_UNLOCK_MAX)
 }
 
-/// Whether `path` (normalised) falls under another rule once its `;`
-/// parameters are dropped, as a PBX on a servlet container routes it: the
-/// rule that decided would then not be the one guarding what the PBX serves
-/// (`/public/..;/admin/`, `/admin;x/`), so such a request is refused.
-pub fn parameters_change_route(policy: &Policy, path: &str) -> bool {
-    let Some(plain) = crate::path::without_parameters(path) else { return false };
-    let index = |p: &str| policy.route_for(p).map(|r| r.index);
-    index(&plain) != index(path)
+/// Whether `path` (normalised) falls under another rule when a lenient PBX
+/// reads it (see [`crate::lenient_reading`]: `;` parameters dropped, case
+/// ignored, trailing dots and spaces trimmed): the rule that decided would
+/// then not be the one guarding what the PBX serves (`/public/..;/admin/`,
+/// `/admin;x/`, `/ADMIN/`, `/admin./`), so such a request is refused.
+pub fn lenient_reading_changes_route(policy: &Policy, path: &str) -> bool {
+    let Some(read) = crate::path::lenient_reading(path) else { return false };
+    let strict = policy.route_for(path).map(|r| r.index);
+    // Route paths are compared without case too: `/Admin/` covers `/admin/x` here.
+    let lenient = policy.routes.iter().find(|r| r.matches_ignoring_case(&read)).map(|r| r.index);
+    strict != lenient
 }
 
 /// A user's own networks and their role's networks both apply when set.

@@ -12,12 +12,12 @@ mod policy;
 mod screen;
 
 pub use decide::{
-    decide, decide_endpoint, decide_on_route, parameters_change_route, sign_in, unlock_scope,
+    decide, decide_endpoint, decide_on_route, lenient_reading_changes_route, sign_in, unlock_scope,
     user_may_come_from, Decision, DenyReason, Endpoint, Principal, Proof, Rule, SignInRefusal, Verdict,
     ADMIN_PAGES_SCOPE, ADMIN_UNLOCK_MAX, RECENT_AUTH,
 };
 pub use host::{parse_host, Host, HostError};
-pub use path::{normalize_path, without_parameters, PathError};
+pub use path::{lenient_reading, normalize_path, PathError};
 pub use policy::{Access, Domain, Policy, PolicyError, Role, RoleSettings, Route, User};
 pub use screen::{screen, DropReason, Screen};
 

@@ -84,17 +84,42 @@ fn is_normal(raw: &str) -> bool {
     tidy(bytes.get(start..).unwrap_or_default(), true)
 }
 
-/// The path as servlet containers (Tomcat, Jetty) and the frameworks on them
-/// route it: `;` parameters dropped from every segment, then normalised
-/// again (`/public/..;/admin/` is `/admin/` to them). `None` when `path`
-/// (normalised) has no parameters.
-pub fn without_parameters(path: &str) -> Option<String> {
-    if !path.contains(';') {
+/// The path as a lenient PBX may read it: servlet containers (Tomcat,
+/// Jetty) drop `;` parameters from every segment (`/public/..;/admin/` is
+/// `/admin/` to them); IIS and other Windows servers ignore case and trim
+/// trailing dots and spaces from segments (`/ADMIN./` is `/admin/`). The
+/// result is normalised again. `None` when `path` (normalised) reads the
+/// same either way.
+pub fn lenient_reading(path: &str) -> Option<String> {
+    // Nearly every path has none of these: no copy for them.
+    let lenient = path.bytes().any(|b| matches!(b, b';' | b'A'..=b'Z'))
+        || path.contains("./")
+        || path.ends_with('.')
+        || path.contains("%20");
+    if !lenient {
         return None;
     }
-    let plain: Vec<&str> = path.split('/').map(|s| s.split(';').next().unwrap_or_default()).collect();
-    let plain = plain.join("/");
-    Some(normalize_path(&plain).map_or_else(|_| "/".to_string(), Cow::into_owned))
+    let segments: Vec<String> = path
+        .split('/')
+        .map(|segment| {
+            let segment = segment.split(';').next().unwrap_or_default();
+            let mut segment = segment.to_ascii_lowercase();
+            // Trailing dots and (encoded) spaces, in any mix, but not `.` and `..` themselves.
+            while segment != "." && segment != ".." {
+                if let Some(rest) = segment.strip_suffix("%20") {
+                    segment = rest.to_string();
+                } else if segment.len() > 1 && segment.ends_with('.') && !segment.ends_with("..") {
+                    segment.pop();
+                } else {
+                    break;
+                }
+            }
+            segment
+        })
+        .collect();
+    let joined = segments.join("/");
+    let read = normalize_path(&joined).map_or_else(|_| "/".to_string(), Cow::into_owned);
+    (read != path).then_some(read)
 }
 
 fn decode_unreserved(raw: &str) -> Result<String, PathError> {

@@ -177,6 +177,14 @@ impl Route {
         path.starts_with(&self.path)
             || (self.path.len() > 1 && self.path.ends_with('/') && path == &self.path[..self.path.len() - 1])
     }
+
+    /// [`Route::matches`] for a lower-case `path`, the route's own ignoring case.
+    pub fn matches_ignoring_case(&self, path: &str) -> bool {
+        let own = self.path.as_bytes();
+        let bare = own.strip_suffix(b"/").filter(|b| !b.is_empty());
+        path.as_bytes().get(..own.len()).is_some_and(|p| p.eq_ignore_ascii_case(own))
+            || bare.is_some_and(|b| path.as_bytes().eq_ignore_ascii_case(b))
+    }
 }
 
 #[derive(Debug, Clone, Default)]

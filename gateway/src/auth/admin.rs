@@ -108,18 +108,16 @@ async fn act(state: &State, admin: &Principal, ctx: &Ctx<'_>, a: &Action) -> Res
     let done = match (a.action.as_str(), known) {
         ("tokens-revoke" | "revoke-token", _) => state.store.revoke_token(&a.id).await?.is_some(),
         ("sessions-revoke" | "revoke-sessions", Some(user)) => {
-            for (hash, _) in state.store.sessions_of(&user, now).await? {
-                state.auth.sockets.close(&hash);
-            }
-            state.store.delete_sessions_of(&user).await?;
-            state.store.revoke_tokens_of(&user, now).await?;
+            super::sign_out_everywhere(state, &user, now).await?;
             true
         }
         ("passkeys-delete" | "delete-passkey", Some(user)) => {
             state.store.delete_passkey(&user, &a.id).await?
         }
         ("passkeys-reset" | "reset-passkeys", Some(user)) => {
+            // A reset is for a lost or taken passkey: whatever it signed in ends too.
             state.store.delete_passkeys_of(&user).await?;
+            super::sign_out_everywhere(state, &user, now).await?;
             let flags = state.store.flags(&user).await?;
             state.store.set_flags(&user, &UserFlags { onboarding_required: true, ..flags }).await?;
             true

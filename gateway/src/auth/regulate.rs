@@ -60,7 +60,21 @@ pub fn account(policy: &Policy, login: &str) -> String {
 }
 
 fn keys(kind: Kind, account: &str, ip: IpAddr) -> (String, String) {
-    (format!("{}:u:{account}", kind.tag()), format!("{}:ip:{ip}", kind.tag()))
+    (format!("{}:u:{account}", kind.tag()), format!("{}:ip:{}", kind.tag(), address(ip)))
+}
+
+/// The bucket of an address: an IPv4 address, or the /64 an IPv6 one is in
+/// (one host usually holds a whole /64, and could otherwise take a new
+/// address for every guess).
+fn address(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or_else(|| v6.to_string(), |v4| v4.to_string()),
+        v4 => v4.to_string(),
+    }
 }
 
 /// Takes one attempt for `account` (from [`account`]; empty when not yet
@@ -119,5 +133,16 @@ mod tests {
         }
         assert_eq!(account(&policy, "  Nobody   Here "), "?nobody here");
         assert_ne!(account(&policy, "=100"), "=100", "a typed '=' cannot reach an account's bucket");
+    }
+
+    #[test]
+    fn an_ipv6_host_is_one_bucket_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap_or(IpAddr::from([0; 16]));
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap_or(IpAddr::from([0; 16]));
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap_or(IpAddr::from([0; 16]));
+        assert_eq!(address(a), address(b));
+        assert_ne!(address(a), address(other));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap_or(IpAddr::from([0; 16]));
+        assert_eq!(address(mapped), "192.0.2.7");
     }
 }

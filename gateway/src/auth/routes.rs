@@ -901,19 +901,12 @@ async fn logout(
         if let Some(t) = &token {
             state.store.revoke_token(&t.id).await?;
         }
-        let tokens = match (everywhere, &user) {
-            (true, Some(user)) => state.store.revoke_tokens_of(user, now).await?,
-            _ => 0,
-        };
         if let Some(hash) = &session {
             state.auth.sockets.close(hash);
             state.store.delete_session(hash).await?;
         }
         if let (true, Some(user)) = (everywhere, &user) {
-            for (hash, _) in state.store.sessions_of(user, now).await? {
-                state.auth.sockets.close(&hash);
-            }
-            let sessions = state.store.delete_sessions_of(user).await?;
+            let (sessions, tokens) = super::sign_out_everywhere(state, user, now).await?;
             tracing::info!(target: "pbxgate::audit", %user, client = %ctx.client_ip, sessions, tokens, "signed out everywhere");
         } else if let Some(user) = &user {
             tracing::info!(target: "pbxgate::audit", %user, client = %ctx.client_ip, "signed out");

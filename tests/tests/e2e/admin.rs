@@ -606,6 +606,10 @@ async fn admins_turn_passkey_onboarding_on_and_reset_passkeys() {
     assert_eq!(reset.status, 200);
     assert_eq!(rig.gw.store.passkey_count("101").await.unwrap(), 0);
     assert!(rig.gw.store.flags("101").await.unwrap().onboarding_required);
+    assert!(
+        rig.gw.store.sessions_of("101", pbxgate::store::now_ms()).await.unwrap().is_empty(),
+        "whatever a lost passkey signed in ends with the reset"
+    );
     let unknown =
         rig.post("/.pbxgate/api/admin/passkeys/reset", "{\"user\":\"nobody\"}", &[("cookie", &admin)]).await;
     assert_eq!(unknown.status, 404);
