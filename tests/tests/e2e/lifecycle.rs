@@ -89,14 +89,21 @@ fn check_config_names_bad_keys_and_exits_2() {
     assert!(err.contains("route[2].networks[0]"), "{err}");
 }
 
+/// The example configuration, as is, in a copy of the checkout's layout: its
+/// relative paths (the policy, `pbxgate-data/`) land in a temporary
+/// directory, never in the checkout where a gateway started by hand may run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_config_runs_as_is_with_env_overrides() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = TempDir::new("example");
+    std::fs::create_dir_all(dir.path().join("policies/examples")).unwrap();
+    dir.write("policies/examples/pbx.toml", std::fs::read(root.join("policies/examples/pbx.toml")).unwrap());
+    let config = dir.write("gateway.toml", std::fs::read(root.join("gateway.toml.example")).unwrap());
     let upstream = Upstream::start().await;
     let url = upstream.url();
     let started = Instant::now();
     let gw = GatewayProcess::start(
-        &root.join("gateway.toml.example"),
+        &config,
         &[
             ("PBXGATE_LISTEN__HTTPS", "127.0.0.1:0"),
             ("PBXGATE_LISTEN__HTTP", "127.0.0.1:0"),
@@ -120,6 +127,7 @@ async fn example_config_runs_as_is_with_env_overrides() {
         metrics.text()
     );
     assert_eq!(pbxgate_e2e::client::http_get(admin, "/readyz", &[]).await.status, 200);
+    assert!(dir.path().join("pbxgate-data/store.db").is_file(), "the store is in the copy's state directory");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
