@@ -67,6 +67,11 @@ pub struct Config {
     /// The file this was loaded from (relative paths in it are relative to its directory).
     pub source: PathBuf,
     pub policy_file: PathBuf,
+    /// Where the gateway keeps what it makes: the embedded store (a relative
+    /// `embedded://` path is relative to it) and the self-signed certificate.
+    /// `state_directory`, relative to the configuration file's directory;
+    /// by default that directory itself.
+    pub state_directory: PathBuf,
     pub policy: Arc<Policy>,
     pub public_url: PublicUrl,
     pub listen: Listen,
@@ -135,6 +140,8 @@ pub struct Tls {
     pub min_version: TlsVersion,
     pub max_version: TlsVersion,
     pub self_signed: bool,
+    /// Where the self-signed certificate and its key are kept (the state directory).
+    pub self_signed_dir: PathBuf,
     /// Zero turns session resumption off.
     pub session_ticket_lifetime: Duration,
     pub key_log_file: Option<PathBuf>,

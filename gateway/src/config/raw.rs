@@ -18,6 +18,8 @@ use crate::store::{RedisOptions, RedisTls};
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     policy_file: String,
+    #[serde(default)]
+    state_directory: String,
     #[serde(default = "d_public_url")]
     public_url: String,
     #[serde(default)]
@@ -130,8 +132,10 @@ defaults!(RawStore {
     ca_file: String = "",
     client_cert_file: String = "",
     client_key_file: String = "",
+    password_file: String = "",
     sentinel_username: String = "",
     sentinel_password: String = "",
+    sentinel_password_file: String = "",
 });
 
 defaults!(RawSession {
@@ -142,7 +146,11 @@ defaults!(RawSession {
 
 defaults!(RawLinks { ttl: Text = "15m", invite_ttl: Text = "72h" });
 
-defaults!(RawEmail { smtp_url: String = "", from: String = "PBX <pbx@example.com>" });
+defaults!(RawEmail {
+    smtp_url: String = "",
+    smtp_password_file: String = "",
+    from: String = "PBX <pbx@example.com>",
+});
 
 defaults!(RawWebauthn {
     rp_id: String = "",
@@ -242,12 +250,70 @@ impl Check {
         if text.is_empty() {
             return None;
         }
-        let resolved = resolve(base, text);
+        let resolved = resolve_file(base, text);
         if !resolved.is_file() {
             self.error(path, format!("{}: no such file", resolved.display()));
         }
         Some(resolved)
     }
+
+    /// The first line of a `*_file` secret, trimmed; an error when the file
+    /// is missing, unreadable or empty.
+    fn secret(&mut self, path: &str, base: &Path, text: &str) -> Option<String> {
+        let file = self.file(path, base, text)?;
+        match std::fs::read_to_string(&file) {
+            Ok(text) => match text.lines().next().map(str::trim).filter(|l| !l.is_empty()) {
+                Some(line) => Some(line.to_string()),
+                None => {
+                    self.error(path, format!("{}: empty", file.display()));
+                    None
+                }
+            },
+            Err(e) if file.is_file() => {
+                self.error(path, format!("{}: {e}", file.display()));
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// A file a key names (`*_file`, certificates and keys): a relative path is
+/// first looked up in `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`,
+/// where the service finds root-only files copied for it), then next to the
+/// configuration file. A credential named like the file it is loaded from
+/// makes the service and a root shell's commands read the same file.
+fn resolve_file(base: &Path, text: &str) -> PathBuf {
+    let p = Path::new(text);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    if let Some(credentials) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
+        let candidate = Path::new(&credentials).join(p);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    base.join(p)
+}
+
+/// `url` with `password` as its password (percent-encoded), in place of any
+/// the URL has: `scheme://[user[:password]@]rest`.
+fn with_password(url: &str, password: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (user, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (auth.split_once(':').map_or(auth, |(user, _)| user), hosts),
+        None => ("", rest),
+    };
+    let mut encoded = String::with_capacity(password.len() * 3);
+    for b in password.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("{scheme}://{user}:{encoded}@{hosts}")
 }
 
 /// Relative paths in the config are relative to the config file's directory.
@@ -266,6 +332,7 @@ impl RawConfig {
         let mut c = Check::default();
 
         let policy_file = resolve(base, self.policy_file.trim());
+        let state_directory = state_directory(&mut c, base, &self.state_directory);
         let policy = match std::fs::read_to_string(&policy_file) {
             Ok(text) => match Policy::from_toml(&text) {
                 Ok(p) => Some(Arc::new(p)),
@@ -333,6 +400,7 @@ impl RawConfig {
             min_version: c.tls_version("tls.min_version", &t.min_version),
             max_version: c.tls_version("tls.max_version", &t.max_version),
             self_signed: t.self_signed,
+            self_signed_dir: state_directory.clone(),
             session_ticket_lifetime: c.duration("tls.session_ticket_lifetime", &t.session_ticket_lifetime),
             key_log_file: Some(t.key_log_file.trim()).filter(|s| !s.is_empty()).map(|s| resolve(base, s)),
             handshake_timeout: c.positive_duration("tls.handshake_timeout", &t.handshake_timeout),
@@ -385,7 +453,7 @@ impl RawConfig {
             }),
         };
 
-        let store_url = self.store.url.trim().to_string();
+        let mut store_url = self.store.url.trim().to_string();
         let known_store = [
             "embedded://",
             "redis://",
@@ -408,6 +476,13 @@ impl RawConfig {
             }
         }
         let st = &self.store;
+        if let Some(password) = c.secret("store.password_file", base, &st.password_file) {
+            if store_url.starts_with("embedded://") {
+                c.error("store.password_file", "is for Redis: the embedded store has no password");
+            } else {
+                store_url = with_password(&store_url, &password);
+            }
+        }
         let ca_file = c.file("store.ca_file", base, &st.ca_file);
         let cert = c.file("store.client_cert_file", base, &st.client_cert_file);
         let key = c.file("store.client_key_file", base, &st.client_key_file);
@@ -432,8 +507,14 @@ impl RawConfig {
             );
         }
         let sentinel = |value: &str| (!value.is_empty()).then(|| value.to_string());
-        let (sentinel_username, sentinel_password) =
+        let (sentinel_username, mut sentinel_password) =
             (sentinel(&st.sentinel_username), sentinel(&st.sentinel_password));
+        if let Some(password) = c.secret("store.sentinel_password_file", base, &st.sentinel_password_file) {
+            if sentinel_password.is_some() {
+                c.error("store.sentinel_password_file", "set store.sentinel_password or this, not both");
+            }
+            sentinel_password = Some(password);
+        }
         if sentinel_username.is_some() && sentinel_password.is_none() {
             c.error("store.sentinel_password", "store.sentinel_username needs a password");
         }
@@ -458,7 +539,18 @@ impl RawConfig {
             ttl: c.positive_duration("links.ttl", &self.links.ttl),
             invite_ttl: c.positive_duration("links.invite_ttl", &self.links.invite_ttl),
         };
-        let smtp_url = Some(self.email.smtp_url.trim()).filter(|s| !s.is_empty()).map(str::to_string);
+        let mut smtp_url = Some(self.email.smtp_url.trim()).filter(|s| !s.is_empty()).map(str::to_string);
+        if let Some(password) = c.secret("email.smtp_password_file", base, &self.email.smtp_password_file) {
+            match &mut smtp_url {
+                Some(url) if url.split_once("://").is_some_and(|(_, rest)| rest.contains('@')) => {
+                    *url = with_password(url, &password);
+                }
+                _ => c.error(
+                    "email.smtp_password_file",
+                    "needs an email.smtp_url with the user name, e.g. smtps://pbx@mail.example.com:465",
+                ),
+            }
+        }
         if let Some(url) = &smtp_url {
             if !["smtp://", "smtps://"].iter().any(|s| url.starts_with(s)) {
                 c.error("email.smtp_url", "use smtps://host:465, smtp://host:587?tls=required (STARTTLS) or smtp://host:25 (local relay)");
@@ -569,6 +661,7 @@ impl RawConfig {
             (Some(policy), Some(public_url), true) => Ok(Config {
                 source: source.to_path_buf(),
                 policy_file,
+                state_directory,
                 policy,
                 public_url,
                 listen,
@@ -589,6 +682,40 @@ impl RawConfig {
             _ => Err(ConfigErrors(c.errors)),
         }
     }
+}
+
+/// `state_directory`, or the configuration file's directory. Under systemd
+/// (`StateDirectory=`, which sets `$STATE_DIRECTORY`) the two must agree:
+/// otherwise the service and a root shell's `pbxgate` commands would use
+/// different stores.
+fn state_directory(c: &mut Check, base: &Path, text: &str) -> PathBuf {
+    let dir = match text.trim() {
+        "" => base.to_path_buf(),
+        text => resolve(base, text),
+    };
+    // systemd separates several state directories with ':'; the first is ours.
+    let systemd = std::env::var_os("STATE_DIRECTORY")
+        .and_then(|v| v.to_str().and_then(|v| v.split(':').next()).map(PathBuf::from))
+        .filter(|p| !p.as_os_str().is_empty());
+    if let Some(systemd) = systemd {
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        if !same(&dir, &systemd) {
+            c.error(
+                "state_directory",
+                format!(
+                    "is {} but systemd's StateDirectory= is {} ($STATE_DIRECTORY): set state_directory = {:?} \
+                     so that the service and the pbxgate commands use the same store",
+                    dir.display(),
+                    systemd.display(),
+                    systemd.display().to_string()
+                ),
+            );
+        }
+    }
+    dir
 }
 
 fn parse_public_url(c: &mut Check, text: &str) -> Option<PublicUrl> {
