@@ -180,6 +180,167 @@ defaults!(RawLog { format: String = "pretty" });
 
 defaults!(RawBootstrap { admin: String = "", one_time_password_file: String = "" });
 
+/// Reports, and removes from `root`, every unknown key and every value of
+/// the wrong type, each at its key path and with the `PBXGATE_*` variable
+/// it came from; what is left deserializes. A number or boolean from the
+/// environment for a string key is taken as its text
+/// (`PBXGATE_BOOTSTRAP__ADMIN=100`).
+pub(super) fn check_keys(figment: &figment::Figment, root: &mut figment::value::Dict) -> Vec<ConfigError> {
+    let mut c = Check::default();
+    let known = fields_of::<RawConfig>();
+    unknown_keys(&mut c, figment, root, &[], known);
+    for key in ["policy_file", "state_directory", "public_url"] {
+        if let Some(value) = root.get_mut(key) {
+            if !typed::<String>(&mut c, figment, value, &[key]) {
+                root.remove(key);
+            }
+        }
+    }
+    type Section = fn(&mut Check, &figment::Figment, &mut figment::value::Dict, &str);
+    let sections: [(&str, Section); 14] = [
+        ("listen", section::<RawListen>),
+        ("tls", section::<RawTls>),
+        ("upstream", section::<RawUpstream>),
+        ("limits", section::<RawLimits>),
+        ("store", section::<RawStore>),
+        ("session", section::<RawSession>),
+        ("links", section::<RawLinks>),
+        ("email", section::<RawEmail>),
+        ("webauthn", section::<RawWebauthn>),
+        ("passwords", section::<RawPasswords>),
+        ("history", section::<RawHistory>),
+        ("headers", section::<RawHeaders>),
+        ("log", section::<RawLog>),
+        ("bootstrap", section::<RawBootstrap>),
+    ];
+    for (name, check) in sections {
+        match root.get_mut(name) {
+            Some(figment::value::Value::Dict(_, dict)) => check(&mut c, figment, dict, name),
+            Some(_) => {
+                c.error(name, "must be a table ([section])");
+                root.remove(name);
+            }
+            None => {}
+        }
+    }
+    c.errors
+}
+
+/// One `[section]`: its unknown keys, then each key on its own (the section's
+/// other keys keep their defaults), so every wrong value is reported.
+fn section<T: serde::de::DeserializeOwned>(
+    c: &mut Check,
+    figment: &figment::Figment,
+    dict: &mut figment::value::Dict,
+    name: &str,
+) {
+    unknown_keys(c, figment, dict, &[name], fields_of::<T>());
+    if name == "tls" {
+        if let Some(figment::value::Value::Array(_, certificates)) = dict.get_mut("certificates") {
+            for (i, certificate) in certificates.iter_mut().enumerate() {
+                if let figment::value::Value::Dict(_, d) = certificate {
+                    let at = format!("tls.certificates[{i}]");
+                    unknown_keys(c, figment, d, &[&at], fields_of::<RawCertificate>());
+                }
+            }
+        }
+    }
+    let keys: Vec<String> = dict.keys().cloned().collect();
+    for key in keys {
+        let Some(value) = dict.get_mut(&key) else { continue };
+        let mut one = figment::value::Dict::new();
+        one.insert(key.clone(), value.clone());
+        // Boxed: figment's error is large.
+        let alone =
+            |one: figment::value::Dict| figment::value::Value::from(one).deserialize::<T>().map_err(Box::new);
+        let Err(e) = alone(one) else { continue };
+        // A number or boolean the environment parsed, for a string key.
+        let from_env = from_environment(figment, value, &[name, key.as_str()]).is_some();
+        if from_env && matches!(value, figment::value::Value::Num(..) | figment::value::Value::Bool(..)) {
+            let text = figment::value::Value::String(value.tag(), value_text(value));
+            let mut one = figment::value::Dict::new();
+            one.insert(key.clone(), text.clone());
+            if alone(one).is_ok() {
+                *value = text;
+                continue;
+            }
+        }
+        let message = e.kind.to_string();
+        let path = format!("{name}.{key}");
+        c.error(&path, with_origin(figment, value, &[name, key.as_str()], message));
+        dict.remove(&key);
+    }
+}
+
+/// A scalar value as text (`100`, `1.3`, `true`).
+fn value_text(value: &figment::value::Value) -> String {
+    use figment::value::{Num, Value};
+    match value {
+        Value::Num(_, Num::F32(f)) => f.to_string(),
+        Value::Num(_, Num::F64(f)) => f.to_string(),
+        Value::Num(..) => value
+            .to_i128()
+            .map(|i| i.to_string())
+            .or_else(|| value.to_u128().map(|u| u.to_string()))
+            .unwrap_or_default(),
+        Value::Bool(_, b) => b.to_string(),
+        Value::String(_, s) => s.clone(),
+        Value::Char(_, ch) => ch.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// `value` as a `T`, or an error at `keys` (and false).
+fn typed<T: serde::de::DeserializeOwned>(
+    c: &mut Check,
+    figment: &figment::Figment,
+    value: &mut figment::value::Value,
+    keys: &[&str],
+) -> bool {
+    let Err(e) = value.deserialize::<T>() else { return true };
+    if from_environment(figment, value, keys).is_some()
+        && matches!(value, figment::value::Value::Num(..) | figment::value::Value::Bool(..))
+    {
+        *value = figment::value::Value::String(value.tag(), value_text(value));
+        if value.deserialize::<T>().is_ok() {
+            return true;
+        }
+    }
+    let message = with_origin(figment, value, keys, e.kind.to_string());
+    c.error(keys.join("."), message);
+    false
+}
+
+/// Reports and removes the keys of `dict` that are not `fields`.
+fn unknown_keys(
+    c: &mut Check,
+    figment: &figment::Figment,
+    dict: &mut figment::value::Dict,
+    at: &[&str],
+    fields: &[&str],
+) {
+    let unknown: Vec<String> = dict.keys().filter(|k| !fields.contains(&k.as_str())).cloned().collect();
+    for key in unknown {
+        let Some(value) = dict.remove(&key) else { continue };
+        let keys: Vec<&str> = at.iter().copied().chain([key.as_str()]).collect();
+        let message = with_origin(figment, &value, &keys, "unknown key".to_string());
+        c.error(keys.join("."), message);
+    }
+}
+
+/// `message`, naming the environment variable `value` came from, if any.
+fn with_origin(
+    figment: &figment::Figment,
+    value: &figment::value::Value,
+    keys: &[&str],
+    message: String,
+) -> String {
+    match from_environment(figment, value, keys) {
+        Some(name) => format!("{message} (from {name})"),
+        None => message,
+    }
+}
+
 /// A string that the environment may have turned into a number.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(transparent)]

@@ -68,18 +68,29 @@ fn check_config_names_bad_keys_and_exits_2() {
         .expect("run");
     let err = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(2), "{err}");
-    assert!(err.contains("tls.min_version"), "{err}");
-    assert!(err.contains("upstream.timeout"), "{err}");
+    assert!(err.contains("tls.min_version") && err.contains("(from PBXGATE_TLS__MIN_VERSION)"), "{err}");
+    assert!(err.contains("upstream.timeout") && err.contains("(from PBXGATE_UPSTREAM__TIMEOUT)"), "{err}");
+
+    // An extension number for a string key, unquoted as shells write it.
+    let number = Command::new(binary())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("PBXGATE_BOOTSTRAP__ADMIN", "100")
+        .output()
+        .expect("run");
+    assert_eq!(number.status.code(), Some(0), "{}", String::from_utf8_lossy(&number.stderr));
 
     let unknown = Command::new(binary())
         .args(["check-config", "--config"])
         .arg(&config)
         .env("PBXGATE_TLS__MIN_VERSON", "1.3")
+        .env("PBXGATE_UPSTREAM__TIMEOUT", "soon")
         .output()
         .expect("run");
     let err = String::from_utf8_lossy(&unknown.stderr);
     assert_eq!(unknown.status.code(), Some(2), "{err}");
-    assert!(err.contains("tls.min_verson"), "{err}");
+    assert!(err.contains("tls.min_verson: unknown key (from PBXGATE_TLS__MIN_VERSON)"), "{err}");
+    assert!(err.contains("upstream.timeout"), "an unknown key hides no other problem: {err}");
 
     let bad_policy = TEST_POLICY.replace("networks = [\"10.0.0.0/8\"]", "networks = [\"10.0.0/8\"]");
     dir.write("policy.toml", bad_policy);
