@@ -67,6 +67,11 @@ pub struct Config {
     /// The file this was loaded from (relative paths in it are relative to its directory).
     pub source: PathBuf,
     pub policy_file: PathBuf,
+    /// Where the gateway keeps what it makes: the embedded store (a relative
+    /// `embedded://` path is relative to it) and the self-signed certificate.
+    /// `state_directory`, relative to the configuration file's directory;
+    /// by default that directory itself.
+    pub state_directory: PathBuf,
     pub policy: Arc<Policy>,
     pub public_url: PublicUrl,
     pub listen: Listen,
@@ -135,6 +140,8 @@ pub struct Tls {
     pub min_version: TlsVersion,
     pub max_version: TlsVersion,
     pub self_signed: bool,
+    /// Where the self-signed certificate and its key are kept (the state directory).
+    pub self_signed_dir: PathBuf,
     /// Zero turns session resumption off.
     pub session_ticket_lifetime: Duration,
     pub key_log_file: Option<PathBuf>,
@@ -257,13 +264,88 @@ impl Config {
         if !path.is_file() {
             return Err(one("config", format!("cannot read {}: no such file", path.display())));
         }
-        let raw: RawConfig = figment.extract().map_err(figment_errors)?;
-        raw.validate(path)
+        // The merged keys first, so that every problem is found in one pass:
+        // unknown keys and values of the wrong type are reported and left out,
+        // and what remains is still validated.
+        let mut root: figment::value::Dict = figment.extract().map_err(figment_errors)?;
+        let mut errors = raw::check_keys(&figment, &mut root);
+        let merged = figment::value::Value::from(root);
+        let raw: RawConfig = match merged.deserialize() {
+            Ok(raw) => raw,
+            Err(e) => {
+                errors.extend(figment_errors(e).0);
+                return Err(ConfigErrors(errors));
+            }
+        };
+        match raw.validate(path) {
+            Ok(config) if errors.is_empty() => Ok(config),
+            Ok(_) => Err(ConfigErrors(errors)),
+            Err(more) => {
+                for mut e in more.0 {
+                    if let Some(name) = environment_variable(&figment, &merged, &e.path) {
+                        e.message = format!("{} (from {name})", e.message);
+                    }
+                    errors.push(e);
+                }
+                Err(ConfigErrors(errors))
+            }
+        }
     }
 }
 
+/// The `PBXGATE_*` variable the value at `path` (`tls.min_version`,
+/// `tls.certificates[0].cert`) came from, if it came from the environment.
+fn environment_variable(figment: &Figment, merged: &figment::value::Value, path: &str) -> Option<String> {
+    let keys: Vec<&str> = path.split('.').map(|k| k.split('[').next().unwrap_or(k)).collect();
+    let value = merged.find_ref(&keys.join("."))?;
+    from_environment(figment, value, &keys)
+}
+
+/// The variable behind `value` (at `keys`) when the environment provided it.
+pub(crate) fn from_environment(
+    figment: &Figment,
+    value: &figment::value::Value,
+    keys: &[&str],
+) -> Option<String> {
+    let metadata = figment.get_metadata(value.tag())?;
+    let upper: Vec<String> = keys.iter().map(|k| k.to_ascii_uppercase()).collect();
+    metadata.name.contains("environment").then(|| format!("{ENV_PREFIX}{}", upper.join(ENV_SPLIT)))
+}
+
+const ENV_PREFIX: &str = "PBXGATE_";
+const ENV_SPLIT: &str = "__";
+
+/// The field names a derived `Deserialize` struct accepts, as serde hands
+/// them to the deserializer: the schema stays in the raw structs alone.
+pub(crate) fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{Error, Visitor};
+    struct Grab<'a>(&'a mut &'static [&'static str]);
+    impl<'de> Deserializer<'de> for Grab<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(Self::Error::custom("fields read"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+            unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Grab(&mut fields));
+    fields
+}
+
 pub(crate) fn env_provider() -> Env {
-    Env::prefixed("PBXGATE_").split("__")
+    Env::prefixed(ENV_PREFIX).split(ENV_SPLIT)
 }
 
 fn one(path: impl Into<String>, message: impl Into<String>) -> ConfigErrors {

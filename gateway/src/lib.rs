@@ -148,6 +148,8 @@ impl Gateway {
         let spoofable = proxy::Spoofable::new(config.headers.all());
         let store = store::Store::open_configured(&config).await?;
         store.watch_revocations();
+        store.mark_in_use().await?;
+        store.announce_running();
         tracing::info!(backend = store.backend(), "store opened");
         let commands = match store.serve_commands() {
             Some(Ok(socket)) => {

@@ -52,6 +52,10 @@ enum Command {
         action: UserAction,
         #[arg(short, long, default_value = "gateway.toml", global = true)]
         config: PathBuf,
+        /// Make the store if no gateway has used it yet (otherwise refused:
+        /// a command on a new, empty store reaches no running gateway).
+        #[arg(long, global = true)]
+        create: bool,
     },
     /// Remember tokens ("stay signed in" cookies) that have been issued.
     Tokens {
@@ -59,6 +63,10 @@ enum Command {
         action: TokensAction,
         #[arg(short, long, default_value = "gateway.toml", global = true)]
         config: PathBuf,
+        /// Make the store if no gateway has used it yet (otherwise refused:
+        /// a command on a new, empty store reaches no running gateway).
+        #[arg(long, global = true)]
+        create: bool,
     },
     /// The sign-in history (successes and failures), newest first.
     History {
@@ -69,6 +77,10 @@ enum Command {
         limit: usize,
         #[arg(short, long, default_value = "gateway.toml")]
         config: PathBuf,
+        /// Make the store if no gateway has used it yet (otherwise refused:
+        /// a command on a new, empty store reaches no running gateway).
+        #[arg(long)]
+        create: bool,
     },
 }
 
@@ -111,8 +123,8 @@ fn main() -> ExitCode {
             serve(config, admin_username.zip(password))
         }
         Command::CheckConfig { config } => check_config(config),
-        Command::User { action: UserAction::List, config } => {
-            with_store(config, |config, store| async move {
+        Command::User { action: UserAction::List, config, create } => {
+            with_store(config, create, |config, store| async move {
                 let now = pbxgate::store::now_ms();
                 println!("{:<16} {:<6} {:<28} {:>8}  last sign-in", "name", "role", "email", "passkeys");
                 for u in &config.policy.users {
@@ -132,8 +144,8 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::User { action: UserAction::ResetPasskeys { name }, config } => {
-            with_store(config, |config, store| async move {
+        Command::User { action: UserAction::ResetPasskeys { name }, config, create } => {
+            with_store(config, create, |config, store| async move {
                 let Some(user) = config.policy.user(&name) else {
                     eprintln!("{name}: no such user");
                     return Ok(ExitCode::from(2));
@@ -148,9 +160,9 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::User { action, config } => user(action, config),
-        Command::Tokens { action: TokensAction::List { name }, config } => {
-            with_store(config, |config, store| async move {
+        Command::User { action, config, create } => user(action, config, create),
+        Command::Tokens { action: TokensAction::List { name }, config, create } => {
+            with_store(config, create, |config, store| async move {
                 let Some(user) = config.policy.user(&name) else {
                     eprintln!("{name}: no such user");
                     return Ok(ExitCode::from(2));
@@ -174,8 +186,8 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             })
         }
-        Command::Tokens { action: TokensAction::Revoke { id }, config } => {
-            with_store(config, |_, store| async move {
+        Command::Tokens { action: TokensAction::Revoke { id }, config, create } => {
+            with_store(config, create, |_, store| async move {
                 match store.revoke_token(&id).await? {
                     Some(user) => {
                         tracing::info!(target: "pbxgate::audit", %user, token = %id, "token revoked from the command line");
@@ -189,29 +201,31 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::History { name, limit, config } => with_store(config, |config, store| async move {
-            let events = store
-                .history(name.as_deref(), config.history.retention, limit, pbxgate::store::now_ms())
-                .await?;
-            for e in events {
-                println!(
-                    "{}  {:<12} {:<20} {:<16} {:<16} {}",
-                    pbxgate::auth::pages::when(Some(e.time_ms)),
-                    e.user,
-                    e.method,
-                    e.result,
-                    e.ip,
-                    e.user_agent
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }),
+        Command::History { name, limit, config, create } => {
+            with_store(config, create, |config, store| async move {
+                let events = store
+                    .history(name.as_deref(), config.history.retention, limit, pbxgate::store::now_ms())
+                    .await?;
+                for e in events {
+                    println!(
+                        "{}  {:<12} {:<20} {:<16} {:<16} {}",
+                        pbxgate::auth::pages::when(Some(e.time_ms)),
+                        e.user,
+                        e.method,
+                        e.result,
+                        e.ip,
+                        e.user_agent
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            })
+        }
     }
 }
 
 /// Loads the configuration, opens its store and runs `work` (exit 1 when the
 /// store fails, 2 for a bad configuration).
-fn with_store<F, Fut>(path: PathBuf, work: F) -> ExitCode
+fn with_store<F, Fut>(path: PathBuf, create: bool, work: F) -> ExitCode
 where
     F: FnOnce(std::sync::Arc<Config>, pbxgate::store::Store) -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode, pbxgate::store::StoreError>>,
@@ -222,7 +236,7 @@ where
     };
     let Some(runtime) = current_thread_runtime() else { return ExitCode::FAILURE };
     runtime.block_on(async move {
-        let store = match open_store(&config).await {
+        let store = match open_store(&config, &path, create).await {
             Ok(s) => s,
             Err(code) => return code,
         };
@@ -236,15 +250,43 @@ where
     })
 }
 
-/// The store a CLI command works on, next to the configuration file.
-async fn open_store(config: &Config) -> Result<pbxgate::store::Store, ExitCode> {
-    pbxgate::store::Store::open_for_command(config).await.map_err(|e| {
-        eprintln!("cannot open the store: {e}");
-        if matches!(e, pbxgate::store::StoreError::Locked(_)) {
-            eprintln!("(a running gateway answers commands on the socket next to it; this one has none)");
+/// The store a command works on: the one the configuration names, through
+/// the running gateway where it holds it. Says so when no gateway runs on
+/// it, and refuses to make a new one unless `create`.
+async fn open_store(config: &Config, path: &Path, create: bool) -> Result<pbxgate::store::Store, ExitCode> {
+    use pbxgate::store::{Store, StoreError};
+    let shown = || match Store::embedded_file(config) {
+        Some(file) => file.display().to_string(),
+        None => pbxgate::config::redact(&config.store.url),
+    };
+    match Store::open_for_command(config, create).await {
+        Ok(opened) => {
+            if !opened.gateway_running {
+                eprintln!(
+                    "note: no running gateway uses this store ({}); what this command changes applies when a gateway starts with {}",
+                    shown(),
+                    path.display()
+                );
+            }
+            Ok(opened.store)
         }
-        ExitCode::FAILURE
-    })
+        Err(StoreError::NotCreated(why)) => {
+            eprintln!("refused: {why}.");
+            eprintln!(
+                "Check state_directory and [store] url in {} (the service's configuration, e.g. --config /etc/pbxgate/gateway.toml), \
+                 or pass --create to make a new store there.",
+                path.display()
+            );
+            Err(ExitCode::from(2))
+        }
+        Err(e) => {
+            eprintln!("cannot open the store: {e}");
+            if matches!(e, StoreError::Locked(_)) {
+                eprintln!("(a running gateway answers commands on the socket next to it; this one has none)");
+            }
+            Err(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// A single-threaded runtime: enough for a CLI command, and for `serve`'s
@@ -257,7 +299,7 @@ fn current_thread_runtime() -> Option<tokio::runtime::Runtime> {
         .ok()
 }
 
-fn user(action: UserAction, path: PathBuf) -> ExitCode {
+fn user(action: UserAction, path: PathBuf, create: bool) -> ExitCode {
     let config = match load(&path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -285,7 +327,7 @@ fn user(action: UserAction, path: PathBuf) -> ExitCode {
         _ => None,
     };
     runtime.block_on(async move {
-        let store = match open_store(&config).await {
+        let store = match open_store(&config, &path, create).await {
             Ok(s) => s,
             Err(code) => return code,
         };
@@ -423,7 +465,7 @@ fn check_config(path: PathBuf) -> ExitCode {
         Err(code) => return code,
     };
     if config.listen.https.is_some() {
-        if let Err(e) = pbxgate::tls::server_config(&config.tls, &config.policy) {
+        if let Err(e) = pbxgate::tls::check(&config.tls, &config.policy) {
             eprintln!("{}: configuration is invalid\n  error: {e}", path.display());
             return ExitCode::from(2);
         }

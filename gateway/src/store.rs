@@ -42,9 +42,22 @@ pub enum StoreError {
     /// The embedded store's file, held by another process.
     #[error("{0}: in use by another process")]
     Locked(String),
+    /// A command would make a new store (see [`Store::open_for_command`]).
+    #[error("{0}")]
+    NotCreated(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// How long a gateway's "running" mark on Redis outlives its last renewal.
+const ALIVE_TTL: Duration = Duration::from_secs(30);
+
+/// A store opened for a command, and whether a running gateway uses it.
+#[derive(Debug)]
+pub struct Opened {
+    pub store: Store,
+    pub gateway_running: bool,
+}
 
 /// Milliseconds since the Unix epoch: the store's clock.
 pub fn now_ms() -> u64 {
@@ -405,26 +418,99 @@ impl Store {
         Self::open_with(url, prefix, base, &RedisOptions::default()).await
     }
 
-    /// The store `config` names (`[store]`), next to its configuration file.
+    /// The store `config` names (`[store]`); a relative `embedded://` path is
+    /// relative to `state_directory`.
     pub async fn open_configured(config: &crate::config::Config) -> Result<Self> {
-        let base =
-            config.source.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-        Self::open_with(&config.store.url, &config.store.key_prefix, base, &config.store.redis).await
+        Self::open_with(
+            &config.store.url,
+            &config.store.key_prefix,
+            &config.state_directory,
+            &config.store.redis,
+        )
+        .await
+    }
+
+    /// The file of an `embedded://` store, resolved as [`Store::open_configured`] does.
+    pub fn embedded_file(config: &crate::config::Config) -> Option<std::path::PathBuf> {
+        let path = std::path::Path::new(config.store.url.strip_prefix("embedded://")?);
+        Some(if path.is_absolute() { path.to_path_buf() } else { config.state_directory.join(path) })
     }
 
     /// [`Store::open_configured`] for a command (`pbxgate user …`): when a
     /// running gateway holds the embedded store, through that gateway.
-    pub async fn open_for_command(config: &crate::config::Config) -> Result<Self> {
-        match Self::open_configured(config).await {
+    ///
+    /// A store no gateway has ever used is refused unless `create`: a typo in
+    /// the URL, or a configuration other than the service's, would otherwise
+    /// make a new, empty store that no gateway reads. The [`Opened`] says
+    /// whether a running gateway uses the store.
+    pub async fn open_for_command(config: &crate::config::Config, create: bool) -> Result<Opened> {
+        let shown = crate::config::redact(&config.store.url);
+        if let Some(file) = Self::embedded_file(config) {
+            if !file.exists() && !create {
+                return Err(StoreError::NotCreated(format!(
+                    "no store at {} (store.url {shown:?}, state_directory {}): no gateway has used it",
+                    file.display(),
+                    config.state_directory.display()
+                )));
+            }
+        }
+        let store = match Self::open_configured(config).await {
             Err(StoreError::Locked(file)) => {
                 let socket = remote::socket_path(std::path::Path::new(&file));
                 if !socket.exists() {
                     return Err(StoreError::Locked(file));
                 }
-                Self::through_gateway(std::path::Path::new(&file), &config.store.key_prefix).await
+                let store =
+                    Self::through_gateway(std::path::Path::new(&file), &config.store.key_prefix).await?;
+                return Ok(Opened { store, gateway_running: true });
             }
-            opened => opened,
+            opened => opened?,
+        };
+        if store.file.is_none() && !create && !store.in_use_marked().await? {
+            return Err(StoreError::NotCreated(format!(
+                "{shown} holds no pbxgate store under key_prefix {:?}: no gateway has used it",
+                config.store.key_prefix
+            )));
         }
+        if create {
+            store.mark_in_use().await?;
+        }
+        let gateway_running = store.file.is_none() && store.gateway_alive().await?;
+        Ok(Opened { store, gateway_running })
+    }
+
+    /// Marks the store as one a gateway uses (kept for good) and, with Redis,
+    /// keeps saying that this gateway is running while the process lives.
+    pub async fn mark_in_use(&self) -> Result<()> {
+        self.kv.set_nx(&self.key(&["store", "created"]), now_ms().to_string().as_bytes(), None).await?;
+        Ok(())
+    }
+
+    async fn in_use_marked(&self) -> Result<bool> {
+        Ok(self.kv.get(&self.key(&["store", "created"])).await?.is_some())
+    }
+
+    /// Tells `pbxgate` commands on Redis that a gateway runs on this store:
+    /// a key that lives [`ALIVE_TTL`] and is renewed well before it ends.
+    /// (The embedded store's lock says as much by itself.)
+    pub fn announce_running(&self) {
+        if self.file.is_some() || self.backend != "redis" {
+            return;
+        }
+        // Ends with the gateway: it holds the only strong reference to its cache.
+        let alive = Arc::downgrade(&self.cache);
+        let store = Store { cache: Arc::new(SessionCache::default()), ..self.clone() };
+        tokio::spawn(async move {
+            let key = store.key(&["store", "alive"]);
+            while alive.upgrade().is_some() {
+                let _ = store.kv.set(&key, b"1", Some(ALIVE_TTL), Durability::Lazy).await;
+                tokio::time::sleep(ALIVE_TTL / 3).await;
+            }
+        });
+    }
+
+    async fn gateway_alive(&self) -> Result<bool> {
+        Ok(self.kv.get(&self.key(&["store", "alive"])).await?.is_some())
     }
 
     /// The embedded store in `file`, held by a running gateway, through the

@@ -254,8 +254,67 @@ pub struct Policy {
 
 impl Policy {
     /// Parses and validates a policy file, reporting every problem found.
+    /// Every problem at once, each at its key path: unknown keys are
+    /// reported and left out, so that they hide nothing else; a value of the
+    /// wrong type is reported at its route or user. Only TOML syntax errors,
+    /// which leave no key to name, are given by line.
     pub fn from_toml(source: &str) -> Result<Self, Vec<PolicyError>> {
-        let raw: RawPolicy = toml::from_str(source).map_err(|e| vec![toml_error(source, &e)])?;
+        let mut table: toml::Table = toml::from_str(source).map_err(|e| vec![toml_error(source, &e)])?;
+        let mut errors = Vec::new();
+        unknown_keys(&mut table, "", fields_of::<RawPolicy>(), &mut errors);
+        for (key, fields) in [("route", fields_of::<RawRoute>()), ("user", fields_of::<RawUser>())] {
+            if let Some(toml::Value::Array(items)) = table.get_mut(key) {
+                for (i, item) in items.iter_mut().enumerate() {
+                    let at = format!("{key}[{i}]");
+                    match item {
+                        toml::Value::Table(t) => {
+                            unknown_keys(t, &at, fields, &mut errors);
+                            if key == "route" {
+                                typed::<RawRoute>(t, &at, &mut errors);
+                            } else {
+                                typed::<RawUser>(t, &at, &mut errors);
+                            }
+                        }
+                        _ => errors.push(PolicyError::new(at, format!("use [[{key}]] tables"))),
+                    }
+                }
+            }
+        }
+        if let Some(toml::Value::Table(roles)) = table.get_mut("roles") {
+            for (name, settings) in roles.iter_mut() {
+                if let toml::Value::Table(t) = settings {
+                    let at = format!("roles.{name}");
+                    unknown_keys(t, &at, fields_of::<RawRoleSettings>(), &mut errors);
+                    typed::<RawRoleSettings>(t, &at, &mut errors);
+                }
+            }
+        }
+        // The other keys one by one: a wrong type names its key.
+        let keys: Vec<String> =
+            table.keys().filter(|k| !matches!(k.as_str(), "route" | "user")).cloned().collect();
+        for key in keys {
+            if let Some(value) = table.get(&key) {
+                let mut one = toml::Table::new();
+                one.insert(key.clone(), value.clone());
+                if let Err(e) = RawPolicy::deserialize(toml::Value::Table(one)) {
+                    errors.push(PolicyError::new(key, e.message().trim().to_string()));
+                }
+            }
+        }
+        if !errors.is_empty() {
+            // With the unknown keys left out, the rest can still be checked.
+            let only_unknown = errors.iter().all(|e| e.message == UNKNOWN_KEY);
+            if only_unknown {
+                if let Ok(raw) = RawPolicy::deserialize(toml::Value::Table(table)) {
+                    if let Err(more) = Self::validate(raw) {
+                        errors.extend(more);
+                    }
+                }
+            }
+            return Err(errors);
+        }
+        let raw = RawPolicy::deserialize(toml::Value::Table(table))
+            .map_err(|e| vec![PolicyError::new("policy", e.message().trim().to_string())])?;
         Self::validate(raw)
     }
 
@@ -580,6 +639,54 @@ fn looks_like_email(text: &str) -> bool {
         }
         None => false,
     }
+}
+
+const UNKNOWN_KEY: &str = "unknown key";
+
+/// Reports and removes the keys of `table` that are not `fields`.
+fn unknown_keys(table: &mut toml::Table, at: &str, fields: &[&str], errors: &mut Vec<PolicyError>) {
+    let unknown: Vec<String> = table.keys().filter(|k| !fields.contains(&k.as_str())).cloned().collect();
+    for key in unknown {
+        table.remove(&key);
+        let path = if at.is_empty() { key } else { format!("{at}.{key}") };
+        errors.push(PolicyError::new(path, UNKNOWN_KEY));
+    }
+}
+
+/// Reports a table that is not a `T` (a value of the wrong type, a missing key).
+fn typed<T: serde::de::DeserializeOwned>(table: &toml::Table, at: &str, errors: &mut Vec<PolicyError>) {
+    if let Err(e) = T::deserialize(toml::Value::Table(table.clone())) {
+        errors.push(PolicyError::new(at, e.message().trim().replace('\n', " ")));
+    }
+}
+
+/// The field names a derived `Deserialize` struct accepts, as serde hands
+/// them to the deserializer: the schema stays in the struct alone.
+fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{Error, Visitor};
+    struct Grab<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Grab<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(Self::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(Self::Error::custom("fields read"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+            unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Grab(&mut fields));
+    fields
 }
 
 fn toml_error(source: &str, error: &toml::de::Error) -> PolicyError {

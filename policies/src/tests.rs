@@ -474,11 +474,41 @@ fn validation_names_every_bad_key() {
 }
 
 #[test]
-fn unknown_keys_are_refused_with_their_line() {
-    let errs =
-        errors("domains = [\"a.example\"]\n\n[[route]]\npath = \"/\"\naccess = \"user\"\nstepup = \"5m\"\n");
-    assert_eq!(errs.len(), 1);
-    assert!(errs[0].starts_with("line 6:") && errs[0].contains("stepup"), "{errs:?}");
+fn unknown_keys_are_refused_by_key_path_and_hide_no_other_problem() {
+    let head = "domains = [\"a.example\"]\n";
+    // (policy, every error expected, in order)
+    let cases: &[(&str, &[&str])] = &[
+        ("[[route]]\npath = \"/\"\naccess = \"user\"\nstepup = \"5m\"\n", &["route[0].stepup: unknown key"]),
+        (
+            "dommains = [\"b\"]\n[[route]]\npath = \"/\"\nacess = \"user\"\naccess = \"everyone\"\n\
+             [[user]]\nname = \"100\"\nrole = \"root\"\nemial = \"a@b.c\"\n",
+            &[
+                "dommains: unknown key",
+                "route[0].acess: unknown key",
+                "user[0].emial: unknown key",
+                "route[0].access:",
+                "user[0].role:",
+            ],
+        ),
+        (
+            "[roles.admin]\nrequire_pass = true\n[[route]]\npath = \"/\"\naccess = \"user\"\n",
+            &["roles.admin.require_pass: unknown key"],
+        ),
+        (
+            "trusted_proxies = \"10.0.0.1\"\n[[route]]\npath = 5\naccess = \"user\"\n",
+            &["route[0]: invalid type: integer `5`", "trusted_proxies: invalid type: string"],
+        ),
+    ];
+    for (policy, want) in cases {
+        let errs = errors(&format!("{head}{policy}"));
+        assert_eq!(errs.len(), want.len(), "{policy}\n{errs:#?}");
+        for (err, want) in errs.iter().zip(want.iter()) {
+            assert!(err.starts_with(want), "{policy}\nwanted {want:?}, got {errs:#?}");
+        }
+    }
+    // Syntax errors leave no key to name: they are given by line.
+    let errs = errors("domains = [\"a.example\"\n[[route]]\n");
+    assert!(errs.len() == 1 && errs[0].starts_with("line "), "{errs:?}");
 }
 
 #[test]

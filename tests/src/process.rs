@@ -24,8 +24,23 @@ pub fn binary() -> PathBuf {
 /// Runs `pbxgate ARGS --config CONFIG` with `env` and `stdin`: its exit code
 /// and everything it printed (stdout, then stderr).
 pub fn command(config: &Path, env: &[(&str, &str)], args: &[&str], stdin: &str) -> (Option<i32>, String) {
+    command_in(None, config, env, args, stdin)
+}
+
+/// As [`command`], run from the directory `cwd` (a root shell's, anywhere).
+pub fn command_in(
+    cwd: Option<&Path>,
+    config: &Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+    stdin: &str,
+) -> (Option<i32>, String) {
     use std::io::Write;
-    let mut child = Command::new(binary())
+    let mut command = Command::new(binary());
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    let mut child = command
         .args(args)
         .arg("--config")
         .arg(config)
@@ -60,7 +75,17 @@ impl GatewayProcess {
 
     /// As [`GatewayProcess::start`], with more `serve` arguments.
     pub fn start_with_args(config: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
-        let mut child = Command::new(binary())
+        Self::start_in(None, config, env, args)
+    }
+
+    /// As [`GatewayProcess::start_with_args`], in the working directory `cwd`
+    /// (as a systemd unit's `WorkingDirectory=`).
+    pub fn start_in(cwd: Option<&Path>, config: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
+        let mut command = Command::new(binary());
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = command
             .args(["serve", "--config"])
             .arg(config)
             .args(args)

@@ -18,6 +18,8 @@ use crate::store::{RedisOptions, RedisTls};
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     policy_file: String,
+    #[serde(default)]
+    state_directory: String,
     #[serde(default = "d_public_url")]
     public_url: String,
     #[serde(default)]
@@ -130,8 +132,10 @@ defaults!(RawStore {
     ca_file: String = "",
     client_cert_file: String = "",
     client_key_file: String = "",
+    password_file: String = "",
     sentinel_username: String = "",
     sentinel_password: String = "",
+    sentinel_password_file: String = "",
 });
 
 defaults!(RawSession {
@@ -142,7 +146,11 @@ defaults!(RawSession {
 
 defaults!(RawLinks { ttl: Text = "15m", invite_ttl: Text = "72h" });
 
-defaults!(RawEmail { smtp_url: String = "", from: String = "PBX <pbx@example.com>" });
+defaults!(RawEmail {
+    smtp_url: String = "",
+    smtp_password_file: String = "",
+    from: String = "PBX <pbx@example.com>",
+});
 
 defaults!(RawWebauthn {
     rp_id: String = "",
@@ -171,6 +179,167 @@ defaults!(RawHeaders {
 defaults!(RawLog { format: String = "pretty" });
 
 defaults!(RawBootstrap { admin: String = "", one_time_password_file: String = "" });
+
+/// Reports, and removes from `root`, every unknown key and every value of
+/// the wrong type, each at its key path and with the `PBXGATE_*` variable
+/// it came from; what is left deserializes. A number or boolean from the
+/// environment for a string key is taken as its text
+/// (`PBXGATE_BOOTSTRAP__ADMIN=100`).
+pub(super) fn check_keys(figment: &figment::Figment, root: &mut figment::value::Dict) -> Vec<ConfigError> {
+    let mut c = Check::default();
+    let known = fields_of::<RawConfig>();
+    unknown_keys(&mut c, figment, root, &[], known);
+    for key in ["policy_file", "state_directory", "public_url"] {
+        if let Some(value) = root.get_mut(key) {
+            if !typed::<String>(&mut c, figment, value, &[key]) {
+                root.remove(key);
+            }
+        }
+    }
+    type Section = fn(&mut Check, &figment::Figment, &mut figment::value::Dict, &str);
+    let sections: [(&str, Section); 14] = [
+        ("listen", section::<RawListen>),
+        ("tls", section::<RawTls>),
+        ("upstream", section::<RawUpstream>),
+        ("limits", section::<RawLimits>),
+        ("store", section::<RawStore>),
+        ("session", section::<RawSession>),
+        ("links", section::<RawLinks>),
+        ("email", section::<RawEmail>),
+        ("webauthn", section::<RawWebauthn>),
+        ("passwords", section::<RawPasswords>),
+        ("history", section::<RawHistory>),
+        ("headers", section::<RawHeaders>),
+        ("log", section::<RawLog>),
+        ("bootstrap", section::<RawBootstrap>),
+    ];
+    for (name, check) in sections {
+        match root.get_mut(name) {
+            Some(figment::value::Value::Dict(_, dict)) => check(&mut c, figment, dict, name),
+            Some(_) => {
+                c.error(name, "must be a table ([section])");
+                root.remove(name);
+            }
+            None => {}
+        }
+    }
+    c.errors
+}
+
+/// One `[section]`: its unknown keys, then each key on its own (the section's
+/// other keys keep their defaults), so every wrong value is reported.
+fn section<T: serde::de::DeserializeOwned>(
+    c: &mut Check,
+    figment: &figment::Figment,
+    dict: &mut figment::value::Dict,
+    name: &str,
+) {
+    unknown_keys(c, figment, dict, &[name], fields_of::<T>());
+    if name == "tls" {
+        if let Some(figment::value::Value::Array(_, certificates)) = dict.get_mut("certificates") {
+            for (i, certificate) in certificates.iter_mut().enumerate() {
+                if let figment::value::Value::Dict(_, d) = certificate {
+                    let at = format!("tls.certificates[{i}]");
+                    unknown_keys(c, figment, d, &[&at], fields_of::<RawCertificate>());
+                }
+            }
+        }
+    }
+    let keys: Vec<String> = dict.keys().cloned().collect();
+    for key in keys {
+        let Some(value) = dict.get_mut(&key) else { continue };
+        let mut one = figment::value::Dict::new();
+        one.insert(key.clone(), value.clone());
+        // Boxed: figment's error is large.
+        let alone =
+            |one: figment::value::Dict| figment::value::Value::from(one).deserialize::<T>().map_err(Box::new);
+        let Err(e) = alone(one) else { continue };
+        // A number or boolean the environment parsed, for a string key.
+        let from_env = from_environment(figment, value, &[name, key.as_str()]).is_some();
+        if from_env && matches!(value, figment::value::Value::Num(..) | figment::value::Value::Bool(..)) {
+            let text = figment::value::Value::String(value.tag(), value_text(value));
+            let mut one = figment::value::Dict::new();
+            one.insert(key.clone(), text.clone());
+            if alone(one).is_ok() {
+                *value = text;
+                continue;
+            }
+        }
+        let message = e.kind.to_string();
+        let path = format!("{name}.{key}");
+        c.error(&path, with_origin(figment, value, &[name, key.as_str()], message));
+        dict.remove(&key);
+    }
+}
+
+/// A scalar value as text (`100`, `1.3`, `true`).
+fn value_text(value: &figment::value::Value) -> String {
+    use figment::value::{Num, Value};
+    match value {
+        Value::Num(_, Num::F32(f)) => f.to_string(),
+        Value::Num(_, Num::F64(f)) => f.to_string(),
+        Value::Num(..) => value
+            .to_i128()
+            .map(|i| i.to_string())
+            .or_else(|| value.to_u128().map(|u| u.to_string()))
+            .unwrap_or_default(),
+        Value::Bool(_, b) => b.to_string(),
+        Value::String(_, s) => s.clone(),
+        Value::Char(_, ch) => ch.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// `value` as a `T`, or an error at `keys` (and false).
+fn typed<T: serde::de::DeserializeOwned>(
+    c: &mut Check,
+    figment: &figment::Figment,
+    value: &mut figment::value::Value,
+    keys: &[&str],
+) -> bool {
+    let Err(e) = value.deserialize::<T>() else { return true };
+    if from_environment(figment, value, keys).is_some()
+        && matches!(value, figment::value::Value::Num(..) | figment::value::Value::Bool(..))
+    {
+        *value = figment::value::Value::String(value.tag(), value_text(value));
+        if value.deserialize::<T>().is_ok() {
+            return true;
+        }
+    }
+    let message = with_origin(figment, value, keys, e.kind.to_string());
+    c.error(keys.join("."), message);
+    false
+}
+
+/// Reports and removes the keys of `dict` that are not `fields`.
+fn unknown_keys(
+    c: &mut Check,
+    figment: &figment::Figment,
+    dict: &mut figment::value::Dict,
+    at: &[&str],
+    fields: &[&str],
+) {
+    let unknown: Vec<String> = dict.keys().filter(|k| !fields.contains(&k.as_str())).cloned().collect();
+    for key in unknown {
+        let Some(value) = dict.remove(&key) else { continue };
+        let keys: Vec<&str> = at.iter().copied().chain([key.as_str()]).collect();
+        let message = with_origin(figment, &value, &keys, "unknown key".to_string());
+        c.error(keys.join("."), message);
+    }
+}
+
+/// `message`, naming the environment variable `value` came from, if any.
+fn with_origin(
+    figment: &figment::Figment,
+    value: &figment::value::Value,
+    keys: &[&str],
+    message: String,
+) -> String {
+    match from_environment(figment, value, keys) {
+        Some(name) => format!("{message} (from {name})"),
+        None => message,
+    }
+}
 
 /// A string that the environment may have turned into a number.
 #[derive(Debug, Clone, Deserialize)]
@@ -242,12 +411,70 @@ impl Check {
         if text.is_empty() {
             return None;
         }
-        let resolved = resolve(base, text);
+        let resolved = resolve_file(base, text);
         if !resolved.is_file() {
             self.error(path, format!("{}: no such file", resolved.display()));
         }
         Some(resolved)
     }
+
+    /// The first line of a `*_file` secret, trimmed; an error when the file
+    /// is missing, unreadable or empty.
+    fn secret(&mut self, path: &str, base: &Path, text: &str) -> Option<String> {
+        let file = self.file(path, base, text)?;
+        match std::fs::read_to_string(&file) {
+            Ok(text) => match text.lines().next().map(str::trim).filter(|l| !l.is_empty()) {
+                Some(line) => Some(line.to_string()),
+                None => {
+                    self.error(path, format!("{}: empty", file.display()));
+                    None
+                }
+            },
+            Err(e) if file.is_file() => {
+                self.error(path, format!("{}: {e}", file.display()));
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// A file a key names (`*_file`, certificates and keys): a relative path is
+/// first looked up in `$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`,
+/// where the service finds root-only files copied for it), then next to the
+/// configuration file. A credential named like the file it is loaded from
+/// makes the service and a root shell's commands read the same file.
+fn resolve_file(base: &Path, text: &str) -> PathBuf {
+    let p = Path::new(text);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    if let Some(credentials) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) {
+        let candidate = Path::new(&credentials).join(p);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    base.join(p)
+}
+
+/// `url` with `password` as its password (percent-encoded), in place of any
+/// the URL has: `scheme://[user[:password]@]rest`.
+fn with_password(url: &str, password: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (user, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (auth.split_once(':').map_or(auth, |(user, _)| user), hosts),
+        None => ("", rest),
+    };
+    let mut encoded = String::with_capacity(password.len() * 3);
+    for b in password.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("{scheme}://{user}:{encoded}@{hosts}")
 }
 
 /// Relative paths in the config are relative to the config file's directory.
@@ -266,6 +493,7 @@ impl RawConfig {
         let mut c = Check::default();
 
         let policy_file = resolve(base, self.policy_file.trim());
+        let state_directory = state_directory(&mut c, base, &self.state_directory);
         let policy = match std::fs::read_to_string(&policy_file) {
             Ok(text) => match Policy::from_toml(&text) {
                 Ok(p) => Some(Arc::new(p)),
@@ -333,6 +561,7 @@ impl RawConfig {
             min_version: c.tls_version("tls.min_version", &t.min_version),
             max_version: c.tls_version("tls.max_version", &t.max_version),
             self_signed: t.self_signed,
+            self_signed_dir: state_directory.clone(),
             session_ticket_lifetime: c.duration("tls.session_ticket_lifetime", &t.session_ticket_lifetime),
             key_log_file: Some(t.key_log_file.trim()).filter(|s| !s.is_empty()).map(|s| resolve(base, s)),
             handshake_timeout: c.positive_duration("tls.handshake_timeout", &t.handshake_timeout),
@@ -385,7 +614,7 @@ impl RawConfig {
             }),
         };
 
-        let store_url = self.store.url.trim().to_string();
+        let mut store_url = self.store.url.trim().to_string();
         let known_store = [
             "embedded://",
             "redis://",
@@ -408,6 +637,13 @@ impl RawConfig {
             }
         }
         let st = &self.store;
+        if let Some(password) = c.secret("store.password_file", base, &st.password_file) {
+            if store_url.starts_with("embedded://") {
+                c.error("store.password_file", "is for Redis: the embedded store has no password");
+            } else {
+                store_url = with_password(&store_url, &password);
+            }
+        }
         let ca_file = c.file("store.ca_file", base, &st.ca_file);
         let cert = c.file("store.client_cert_file", base, &st.client_cert_file);
         let key = c.file("store.client_key_file", base, &st.client_key_file);
@@ -432,8 +668,14 @@ impl RawConfig {
             );
         }
         let sentinel = |value: &str| (!value.is_empty()).then(|| value.to_string());
-        let (sentinel_username, sentinel_password) =
+        let (sentinel_username, mut sentinel_password) =
             (sentinel(&st.sentinel_username), sentinel(&st.sentinel_password));
+        if let Some(password) = c.secret("store.sentinel_password_file", base, &st.sentinel_password_file) {
+            if sentinel_password.is_some() {
+                c.error("store.sentinel_password_file", "set store.sentinel_password or this, not both");
+            }
+            sentinel_password = Some(password);
+        }
         if sentinel_username.is_some() && sentinel_password.is_none() {
             c.error("store.sentinel_password", "store.sentinel_username needs a password");
         }
@@ -458,7 +700,18 @@ impl RawConfig {
             ttl: c.positive_duration("links.ttl", &self.links.ttl),
             invite_ttl: c.positive_duration("links.invite_ttl", &self.links.invite_ttl),
         };
-        let smtp_url = Some(self.email.smtp_url.trim()).filter(|s| !s.is_empty()).map(str::to_string);
+        let mut smtp_url = Some(self.email.smtp_url.trim()).filter(|s| !s.is_empty()).map(str::to_string);
+        if let Some(password) = c.secret("email.smtp_password_file", base, &self.email.smtp_password_file) {
+            match &mut smtp_url {
+                Some(url) if url.split_once("://").is_some_and(|(_, rest)| rest.contains('@')) => {
+                    *url = with_password(url, &password);
+                }
+                _ => c.error(
+                    "email.smtp_password_file",
+                    "needs an email.smtp_url with the user name, e.g. smtps://pbx@mail.example.com:465",
+                ),
+            }
+        }
         if let Some(url) = &smtp_url {
             if !["smtp://", "smtps://"].iter().any(|s| url.starts_with(s)) {
                 c.error("email.smtp_url", "use smtps://host:465, smtp://host:587?tls=required (STARTTLS) or smtp://host:25 (local relay)");
@@ -569,6 +822,7 @@ impl RawConfig {
             (Some(policy), Some(public_url), true) => Ok(Config {
                 source: source.to_path_buf(),
                 policy_file,
+                state_directory,
                 policy,
                 public_url,
                 listen,
@@ -589,6 +843,40 @@ impl RawConfig {
             _ => Err(ConfigErrors(c.errors)),
         }
     }
+}
+
+/// `state_directory`, or the configuration file's directory. Under systemd
+/// (`StateDirectory=`, which sets `$STATE_DIRECTORY`) the two must agree:
+/// otherwise the service and a root shell's `pbxgate` commands would use
+/// different stores.
+fn state_directory(c: &mut Check, base: &Path, text: &str) -> PathBuf {
+    let dir = match text.trim() {
+        "" => base.to_path_buf(),
+        text => resolve(base, text),
+    };
+    // systemd separates several state directories with ':'; the first is ours.
+    let systemd = std::env::var_os("STATE_DIRECTORY")
+        .and_then(|v| v.to_str().and_then(|v| v.split(':').next()).map(PathBuf::from))
+        .filter(|p| !p.as_os_str().is_empty());
+    if let Some(systemd) = systemd {
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        if !same(&dir, &systemd) {
+            c.error(
+                "state_directory",
+                format!(
+                    "is {} but systemd's StateDirectory= is {} ($STATE_DIRECTORY): set state_directory = {:?} \
+                     so that the service and the pbxgate commands use the same store",
+                    dir.display(),
+                    systemd.display(),
+                    systemd.display().to_string()
+                ),
+            );
+        }
+    }
+    dir
 }
 
 fn parse_public_url(c: &mut Check, text: &str) -> Option<PublicUrl> {

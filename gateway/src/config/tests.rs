@@ -226,3 +226,140 @@ fn sentinel_credentials_are_for_a_sentinel_url_and_never_shown() {
         Ok(())
     });
 }
+
+#[test]
+fn state_directory_is_relative_to_the_file_and_must_be_systemds() {
+    Jail::expect_with(|jail| {
+        jail.create_file("policy.toml", POLICY)?;
+        let head = "policy_file = \"policy.toml\"\n[tls]\nself_signed = true\n";
+        jail.create_file("gateway.toml", head)?;
+        let c = load(jail).map_err(|e| e.to_string())?;
+        assert_eq!(c.state_directory, jail.directory(), "by default the configuration's directory");
+        assert_eq!(c.tls.self_signed_dir, jail.directory());
+
+        jail.create_file("gateway.toml", &format!("state_directory = \"data\"\n{head}"))?;
+        let c = load(jail).map_err(|e| e.to_string())?;
+        assert_eq!(c.state_directory, jail.directory().join("data"));
+
+        // Under systemd, another StateDirectory= than the file's is refused.
+        std::fs::create_dir_all(jail.directory().join("data")).map_err(|e| e.to_string())?;
+        jail.set_env("STATE_DIRECTORY", jail.directory().join("elsewhere").display());
+        let errors = load(jail).expect_err("differs");
+        assert_eq!(paths(&errors), vec!["state_directory".to_string()]);
+        assert!(errors.to_string().contains("$STATE_DIRECTORY"), "{errors}");
+        jail.set_env("STATE_DIRECTORY", jail.directory().join("data").display());
+        load(jail).map_err(|e| e.to_string())?;
+        Ok(())
+    });
+}
+
+#[test]
+fn secret_files_come_from_the_credentials_directory_first() {
+    Jail::expect_with(|jail| {
+        jail.create_file("policy.toml", POLICY)?;
+        std::fs::create_dir_all(jail.directory().join("credentials")).map_err(|e| e.to_string())?;
+        jail.create_file("credentials/smtp-password", "p@ss word/1\n")?;
+        jail.create_file("credentials/redis-password", "r3dis\n")?;
+        jail.create_file("sentinel-password", "s3ntinel\n")?;
+        jail.create_file(
+            "gateway.toml",
+            "policy_file = \"policy.toml\"\n[tls]\nself_signed = true\n\
+             [email]\nsmtp_url = \"smtps://pbx@mail.example.com:465\"\nsmtp_password_file = \"smtp-password\"\n\
+             [store]\nurl = \"redis+sentinel://:old@10.0.0.1:26379/pbx\"\npassword_file = \"redis-password\"\n\
+             sentinel_password_file = \"sentinel-password\"\n",
+        )?;
+        // Without systemd's directory the relative names are next to the file: missing.
+        let errors = load(jail).expect_err("not next to the file");
+        assert_eq!(
+            paths(&errors),
+            vec!["store.password_file".to_string(), "email.smtp_password_file".into()],
+            "{errors}"
+        );
+
+        jail.set_env("CREDENTIALS_DIRECTORY", jail.directory().join("credentials").display());
+        let c = load(jail).map_err(|e| e.to_string())?;
+        assert_eq!(c.email.smtp_url.as_deref(), Some("smtps://pbx:p%40ss%20word%2F1@mail.example.com:465"));
+        assert_eq!(c.store.url, "redis+sentinel://:r3dis@10.0.0.1:26379/pbx", "in place of the URL's");
+        // Not a credential: found next to the configuration file.
+        assert_eq!(c.store.redis.sentinel_password.as_deref(), Some("s3ntinel"));
+        Ok(())
+    });
+}
+
+/// Every problem at once, at its key path, naming the `PBXGATE_*` variable
+/// behind a value from the environment: (file, environment, expected
+/// (path, part of the message) in order).
+#[test]
+fn every_problem_at_once_with_the_variable_behind_it() {
+    type Case =
+        (&'static str, &'static [(&'static str, &'static str)], &'static [(&'static str, &'static str)]);
+    let cases: &[Case] = &[
+        (
+            "[tls]\nmin_versoin = \"1.3\"\n[log]\nformat = \"xml\"\n[listen]\nhttps = \"nowhere\"\n",
+            &[],
+            &[
+                ("tls.min_versoin", "unknown key"),
+                ("listen.https", "not an address"),
+                ("listen", "set listen.https or listen.http"),
+                ("log.format", "xml"),
+            ],
+        ),
+        (
+            "",
+            &[("PBXGATE_TLS__MIN_VERSON", "1.3"), ("PBXGATE_UPSTREAM__TIMEOUT", "soon")],
+            &[
+                ("tls.min_verson", "unknown key (from PBXGATE_TLS__MIN_VERSON)"),
+                ("upstream.timeout", "(from PBXGATE_UPSTREAM__TIMEOUT)"),
+            ],
+        ),
+        (
+            "[listen]\nworkers = \"many\"\n[passwords]\nstrength = \"weak\"\n",
+            &[("PBXGATE_SESSION__MAX_LIFETIME", "true"), ("PBXGATE_LOG__FORMAT", "7")],
+            &[
+                ("listen.workers", "string \"many\""),
+                ("session.max_lifetime", "(from PBXGATE_SESSION__MAX_LIFETIME)"),
+                ("passwords.strength", "weak"),
+                ("log.format", "\"7\": use pretty or json (from PBXGATE_LOG__FORMAT)"),
+            ],
+        ),
+        // A number in the file for a string key is the file's mistake.
+        ("[bootstrap]\nadmin = 100\n", &[], &[("bootstrap.admin", "invalid type")]),
+    ];
+    for (file, env, want) in cases {
+        Jail::expect_with(|jail| {
+            jail.create_file("policy.toml", POLICY)?;
+            jail.create_file("gateway.toml", &format!("policy_file = \"policy.toml\"\n{file}"))?;
+            jail.set_env("PBXGATE_TLS__SELF_SIGNED", "true");
+            for (k, v) in env.iter() {
+                jail.set_env(k, v);
+            }
+            let errors = load(jail).expect_err("invalid");
+            let got: Vec<(String, String)> =
+                errors.0.iter().map(|e| (e.path.clone(), e.message.clone())).collect();
+            assert_eq!(got.len(), want.len(), "{file} {env:?}\n{errors}");
+            for ((path, message), (want_path, want_message)) in got.iter().zip(want.iter()) {
+                assert_eq!(path, want_path, "{file} {env:?}\n{errors}");
+                assert!(message.contains(want_message), "{path}: {message:?} lacks {want_message:?}");
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn numbers_from_the_environment_are_text_for_string_keys() {
+    Jail::expect_with(|jail| {
+        jail.create_file("policy.toml", &format!("{POLICY}[[user]]\nname = \"100\"\nrole = \"admin\"\n"))?;
+        jail.create_file("otp", "Open sesame 99\n")?;
+        jail.create_file(
+            "gateway.toml",
+            "policy_file = \"policy.toml\"\n[tls]\nself_signed = true\n[bootstrap]\none_time_password_file = \"otp\"\n",
+        )?;
+        jail.set_env("PBXGATE_BOOTSTRAP__ADMIN", "100");
+        jail.set_env("PBXGATE_HEADERS__USER", "7");
+        let c = load(jail).map_err(|e| e.to_string())?;
+        assert_eq!(c.bootstrap.admin.as_deref(), Some("100"));
+        assert_eq!(c.headers.user.as_str(), "7");
+        Ok(())
+    });
+}

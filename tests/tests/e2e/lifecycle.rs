@@ -68,18 +68,29 @@ fn check_config_names_bad_keys_and_exits_2() {
         .expect("run");
     let err = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(2), "{err}");
-    assert!(err.contains("tls.min_version"), "{err}");
-    assert!(err.contains("upstream.timeout"), "{err}");
+    assert!(err.contains("tls.min_version") && err.contains("(from PBXGATE_TLS__MIN_VERSION)"), "{err}");
+    assert!(err.contains("upstream.timeout") && err.contains("(from PBXGATE_UPSTREAM__TIMEOUT)"), "{err}");
+
+    // An extension number for a string key, unquoted as shells write it.
+    let number = Command::new(binary())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("PBXGATE_BOOTSTRAP__ADMIN", "100")
+        .output()
+        .expect("run");
+    assert_eq!(number.status.code(), Some(0), "{}", String::from_utf8_lossy(&number.stderr));
 
     let unknown = Command::new(binary())
         .args(["check-config", "--config"])
         .arg(&config)
         .env("PBXGATE_TLS__MIN_VERSON", "1.3")
+        .env("PBXGATE_UPSTREAM__TIMEOUT", "soon")
         .output()
         .expect("run");
     let err = String::from_utf8_lossy(&unknown.stderr);
     assert_eq!(unknown.status.code(), Some(2), "{err}");
-    assert!(err.contains("tls.min_verson"), "{err}");
+    assert!(err.contains("tls.min_verson: unknown key (from PBXGATE_TLS__MIN_VERSON)"), "{err}");
+    assert!(err.contains("upstream.timeout"), "an unknown key hides no other problem: {err}");
 
     let bad_policy = TEST_POLICY.replace("networks = [\"10.0.0.0/8\"]", "networks = [\"10.0.0/8\"]");
     dir.write("policy.toml", bad_policy);
@@ -89,14 +100,21 @@ fn check_config_names_bad_keys_and_exits_2() {
     assert!(err.contains("route[2].networks[0]"), "{err}");
 }
 
+/// The example configuration, as is, in a copy of the checkout's layout: its
+/// relative paths (the policy, `pbxgate-data/`) land in a temporary
+/// directory, never in the checkout where a gateway started by hand may run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_config_runs_as_is_with_env_overrides() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = TempDir::new("example");
+    std::fs::create_dir_all(dir.path().join("policies/examples")).unwrap();
+    dir.write("policies/examples/pbx.toml", std::fs::read(root.join("policies/examples/pbx.toml")).unwrap());
+    let config = dir.write("gateway.toml", std::fs::read(root.join("gateway.toml.example")).unwrap());
     let upstream = Upstream::start().await;
     let url = upstream.url();
     let started = Instant::now();
     let gw = GatewayProcess::start(
-        &root.join("gateway.toml.example"),
+        &config,
         &[
             ("PBXGATE_LISTEN__HTTPS", "127.0.0.1:0"),
             ("PBXGATE_LISTEN__HTTP", "127.0.0.1:0"),
@@ -120,6 +138,7 @@ async fn example_config_runs_as_is_with_env_overrides() {
         metrics.text()
     );
     assert_eq!(pbxgate_e2e::client::http_get(admin, "/readyz", &[]).await.status, 200);
+    assert!(dir.path().join("pbxgate-data/store.db").is_file(), "the store is in the copy's state directory");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

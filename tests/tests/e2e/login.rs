@@ -686,7 +686,11 @@ async fn cli_passwords_and_invites_and_no_secret_in_any_log_line() {
     ];
     let cli = |args: &[&str], stdin: &str| pbxgate_e2e::process::command(&config, &env, args, stdin);
     let password = "Correct horse 42!";
-    let (code, out) = cli(&["user", "set-password", "101"], "abc\n");
+    // Before the first start: no gateway has made the store yet.
+    let (code, out) = cli(&["user", "set-password", "101"], &format!("{password}\n"));
+    assert_eq!(code, Some(2), "a new store is made only when asked: {out}");
+    assert!(out.contains("--create"), "{out}");
+    let (code, out) = cli(&["user", "set-password", "101", "--create"], "abc\n");
     assert_eq!(code, Some(2), "a weak password is refused: {out}");
     let (code, out) = cli(&["user", "set-password", "101"], &format!("{password}\n"));
     assert_eq!(code, Some(0), "{out}");

@@ -5,6 +5,7 @@
 
 mod admin;
 mod attacks;
+mod deploy;
 mod hardening;
 mod lifecycle;
 mod login;

@@ -133,3 +133,82 @@ async fn hsts_on_the_tls_listener_only_when_configured() {
         "off by default"
     );
 }
+
+/// `tls.self_signed`: one certificate, kept in the state directory and named
+/// for the policy's domains, the same across restarts and reloads (a browser's
+/// exception for it stays valid); other domains make a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_self_signed_certificate_is_kept_across_restarts_and_reloads() {
+    use pbxgate_e2e::GatewayProcess;
+    use std::os::unix::fs::PermissionsExt;
+    let upstream = Upstream::start().await;
+    let dir = TempDir::new("self-signed");
+    let policy = TEST_POLICY.replace(
+        "domains = [\"localhost\", \"a.test\", \"b.test\"]",
+        "domains = [\"pbx.test\", \"localhost\", \"*.pbx.test\"]",
+    );
+    let config = pbxgate_e2e::write_config(&dir, &upstream.url(), &policy);
+    let reloads =
+        |gw: &GatewayProcess| gw.log_lines().iter().filter(|l| l.contains("policy reloaded")).count();
+    let reload = |gw: &GatewayProcess| {
+        let before = reloads(gw);
+        gw.signal("HUP");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while reloads(gw) == before {
+            assert!(std::time::Instant::now() < deadline, "no reload:\n{}", gw.log_lines().join("\n"));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let served = async |gw: &GatewayProcess| {
+        let tls = tls_connect(gw.https.expect("https"), &TlsOptions::default()).await.expect("connect");
+        peer_certificate(&tls).expect("a certificate")
+    };
+
+    let gw = GatewayProcess::start(&config, &[]);
+    let first = served(&gw).await;
+    let (_, cert) = x509_parser::parse_x509_certificate(&first).expect("x509");
+    let cn = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
+    assert_eq!(cn.as_deref(), Some("pbx.test"), "the first domain");
+    let sans: Vec<String> = cert
+        .subject_alternative_name()
+        .expect("SAN")
+        .expect("SAN")
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sans, ["pbx.test", "localhost", "*.pbx.test"], "every domain, the wildcard too");
+    let validity = cert.validity();
+    let days = (validity.not_after.timestamp() - validity.not_before.timestamp()) / 86_400;
+    assert!((360..=370).contains(&days), "about a year: {days} days");
+    let key_mode =
+        std::fs::metadata(dir.path().join("self-signed.key")).expect("kept key").permissions().mode();
+    assert_eq!(key_mode & 0o777, 0o600, "the key is the service's alone");
+    let kept = std::fs::read_to_string(dir.path().join("self-signed.crt")).expect("kept certificate");
+    assert!(kept.starts_with("-----BEGIN CERTIFICATE-----"));
+
+    // A reload with the same domains keeps it.
+    reload(&gw);
+    assert_eq!(served(&gw).await, first, "the same certificate after a reload");
+    drop(gw);
+
+    // A restart keeps it.
+    let gw = GatewayProcess::start(&config, &[]);
+    assert_eq!(served(&gw).await, first, "the same certificate after a restart");
+
+    // Other domains: a new one, at the reload.
+    dir.write("policy.toml", policy.replace("\"*.pbx.test\"]", "\"*.pbx.test\", \"pbx2.test\"]"));
+    reload(&gw);
+    let renamed = served(&gw).await;
+    assert_ne!(renamed, first, "a new certificate for the new domains");
+    let (_, cert) = x509_parser::parse_x509_certificate(&renamed).expect("x509");
+    let names = format!("{:?}", cert.subject_alternative_name().expect("SAN").expect("SAN").value);
+    assert!(names.contains("pbx2.test"), "{names}");
+    drop(gw);
+    let gw = GatewayProcess::start(&config, &[]);
+    assert_eq!(served(&gw).await, renamed, "and that one is kept");
+}
