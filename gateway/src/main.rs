@@ -431,8 +431,8 @@ fn serve(path: PathBuf, bootstrap: Option<(String, String)>) -> ExitCode {
     match runtime.block_on(pbxgate::run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("pbxgate: {e}");
+            // Once: the log goes to stderr too.
+            tracing::error!("pbxgate: {e}");
             ExitCode::FAILURE
         }
     }
