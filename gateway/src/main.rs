@@ -291,8 +291,8 @@ fn user(action: UserAction, path: PathBuf) -> ExitCode {
         };
         match password {
             Some(password) => {
-                if let Err(message) = pbxgate::auth::passwords::check_new(&config.passwords, &password) {
-                    eprintln!("{message}");
+                if let Err(weak) = pbxgate::auth::passwords::check_new(&config.passwords, &password) {
+                    eprintln!("{}", weak.text(pbxgate::ui::Lang::En));
                     return ExitCode::from(2);
                 }
                 let hash = match pbxgate::auth::passwords::hash(password).await {
@@ -314,7 +314,14 @@ fn user(action: UserAction, path: PathBuf) -> ExitCode {
                 ExitCode::SUCCESS
             }
             None => {
-                let mailer = match pbxgate::auth::mail::Mailer::new(&config.email) {
+                let ui = match pbxgate::ui::Ui::from_config(&config) {
+                    Ok(ui) => std::sync::Arc::new(ui),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let mailer = match pbxgate::auth::mail::Mailer::new(&config.email, ui) {
                     Ok(m) => m,
                     Err(e) => {
                         eprintln!("{e}");
@@ -422,6 +429,10 @@ fn check_config(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Err(e) = pbxgate::ui::Ui::from_config(&config) {
+        eprintln!("{}: configuration is invalid\n  error: {e}", path.display());
+        return ExitCode::from(2);
+    }
     if config.listen.https.is_some() {
         if let Err(e) = pbxgate::tls::server_config(&config.tls, &config.policy) {
             eprintln!("{}: configuration is invalid\n  error: {e}", path.display());

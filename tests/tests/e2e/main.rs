@@ -8,6 +8,7 @@ mod attacks;
 mod hardening;
 mod lifecycle;
 mod login;
+mod pages;
 mod proxy;
 mod screening;
 mod store;
