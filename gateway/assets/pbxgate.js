@@ -3,6 +3,8 @@
 (function () {
   const page = document.body.dataset.page;
   const $ = (id) => document.getElementById(id);
+  // The page's words, in its language (data-* of #messages).
+  const words = ($("messages") || { dataset: {} }).dataset;
 
   function say(message, kind) {
     const el = $("status");
@@ -22,7 +24,7 @@
     let data = {};
     try { data = await response.json(); } catch (e) { /* not JSON */ }
     if (!response.ok) {
-      const error = new Error(data.message || "Something went wrong. Please try again.");
+      const error = new Error(data.message || words.failed);
       error.code = data.error;
       throw error;
     }
@@ -75,7 +77,7 @@
       options.signal = signal;
     }
     const credential = await navigator.credentials.get(options);
-    if (!credential) throw new Error("No passkey was chosen.");
+    if (!credential) throw new Error(words.noneChosen);
     const done = await post("/.pbxgate/api/passkey/login/finish", {
       ceremony: start.ceremony,
       credential: credentialJSON(credential),
@@ -95,10 +97,10 @@
   }
 
   function explain(error) {
-    if (error && error.name === "NotAllowedError") return "The passkey request was cancelled or timed out.";
-    if (error && error.name === "InvalidStateError") return "This device already has a passkey for this account.";
+    if (error && error.name === "NotAllowedError") return words.cancelled;
+    if (error && error.name === "InvalidStateError") return words.alreadyRegistered;
     if (error && error.name === "AbortError") return null;
-    return (error && error.message) || "Something went wrong. Please try again.";
+    return (error && error.message) || words.failed;
   }
 
   if (page === "login" && hasPasskeys) {
@@ -137,7 +139,7 @@
   const register = $("register-form");
   if (register) {
     if (!hasPasskeys) {
-      say("This browser cannot create passkeys.", "error");
+      say(words.unsupported, "error");
     } else {
       register.addEventListener("submit", (event) => {
         event.preventDefault();
@@ -146,7 +148,7 @@
         createPasskey($("device").value.trim())
           .then(() => location.assign(register.dataset.rd || "/"))
           .catch((e) => {
-            say(explain(e) || "Cancelled.", "error");
+            say(explain(e) || words.stopped, "error");
             button.disabled = false;
           });
       });
@@ -173,7 +175,7 @@
         });
         location.assign(done.redirect);
       } catch (e) {
-        say(explain(e) || "Cancelled.", "error");
+        say(explain(e) || words.stopped, "error");
         button.disabled = false;
       }
     });
@@ -183,11 +185,11 @@
     for (const item of document.querySelectorAll("#passkeys li[data-id]")) {
       const id = item.dataset.id;
       item.querySelector(".rename").addEventListener("click", () => {
-        const name = prompt("New name for this passkey", item.querySelector(".name").textContent);
+        const name = prompt(words.renamePrompt, item.querySelector(".name").textContent);
         if (name) post("/.pbxgate/api/passkeys/rename", { id, name }).then(() => location.reload(), (e) => say(explain(e), "error"));
       });
       item.querySelector(".delete").addEventListener("click", () => {
-        if (confirm("Delete this passkey? You can no longer sign in with it.")) {
+        if (confirm(words.deleteConfirm)) {
           post("/.pbxgate/api/passkeys/delete", { id }).then(() => location.reload(), (e) => say(explain(e), "error"));
         }
       });

@@ -361,7 +361,9 @@ pub async fn mail_link(
     let value = serde_json::json!({"user": user.name, "rd": rd}).to_string();
     store.put_once(one_time, &token, value.as_bytes(), ttl).await.map_err(|e| e.to_string())?;
     let link = format!("{origin}/.pbxgate/link?token={}", token.expose());
-    mailer.send_link(kind, email, &user.name, &config.webauthn.rp_name, &link, ttl).await?;
+    let lang =
+        user.language.as_deref().and_then(crate::ui::Lang::from_tag).unwrap_or(config.ui.default_language);
+    mailer.send_link(kind, email, &user.name, lang, &link, ttl).await?;
     tracing::info!(target: "pbxgate::audit", user = %user.name, link = token.hash().short_id(), kind = ?kind, "link sent");
     Ok(())
 }

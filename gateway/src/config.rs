@@ -88,6 +88,24 @@ pub struct Config {
     pub headers: IdentityHeaders,
     pub log: Log,
     pub bootstrap: Bootstrap,
+    pub ui: UiSettings,
+}
+
+/// `[ui]`: the operator's brand and the pages' language.
+#[derive(Debug, Clone)]
+pub struct UiSettings {
+    /// Shown on every page and email; default `webauthn.rp_name`.
+    pub product_name: String,
+    /// An SVG or PNG file, served under `/.pbxgate/assets/`.
+    pub logo: Option<PathBuf>,
+    /// `#rgb` or `#rrggbb`.
+    pub accent_color: Option<String>,
+    /// An email address or phone line shown on every page and email.
+    pub support: Option<String>,
+    /// For people whose language is not known and whose browser asks for none of ours.
+    pub default_language: crate::ui::Lang,
+    /// Templates here replace the built-in ones of the same name.
+    pub templates_dir: Option<PathBuf>,
 }
 
 /// A one-time password for an admin, for a first start or a lost admin

@@ -2,11 +2,12 @@
 //! a refused request becomes a status code and a body.
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{Either, Full};
 
 use crate::config::ConfigErrors;
+use crate::ui::{Lang, Ui};
 use crate::Body;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,24 +99,23 @@ impl Refusal {
         }
     }
 
-    /// What a person reads. Constant: details go to the log, never to the client.
-    fn message(&self) -> &'static str {
-        match self {
-            Self::LoginRequired { .. } => "Please sign in.",
-            Self::StepUpRequired { .. } => "Please unlock this section first.",
-            Self::PasskeyRequired { .. } => "Create a passkey at /.pbxgate/passkey-offer first.",
-            Self::Reauthenticate => "For your security, sign in again first.",
-            Self::TooManyAttempts => "Too many attempts. Please wait a few minutes and try again.",
-            Self::Busy => "The sign-in service is busy. Please try again in a moment.",
-            Self::Forbidden => "You do not have access to this page.",
-            Self::NotFound => "This page does not exist.",
-            Self::BadRequest => "The request could not be understood.",
-            Self::PayloadTooLarge => "The upload is larger than this gateway accepts.",
-            Self::BadGateway => "The phone system is not reachable right now. Please try again shortly.",
-            Self::GatewayTimeout => "The phone system took too long to answer. Please try again.",
-            Self::Unavailable => "The sign-in service is unavailable right now. Please try again shortly.",
-        }
+    /// The key of what a person reads (`error.<code>` in the catalogues).
+    /// Constant: details go to the log, never to the client.
+    pub fn message_key(&self) -> String {
+        format!("error.{}", self.code())
     }
+}
+
+/// A refusal or API error whose words are filled in once the language of
+/// the person is known (see [`localize`]): the response carries this until
+/// then, with an English body (a program reading it before then still gets
+/// words) or, for a page, none.
+#[derive(Debug, Clone)]
+pub struct Localize {
+    code: &'static str,
+    key: String,
+    args: Vec<(&'static str, String)>,
+    page: bool,
 }
 
 /// Maps a refusal to the response a browser (`browser = true`: a GET that
@@ -131,10 +131,18 @@ pub fn respond(refusal: &Refusal, browser: bool) -> Response<Body> {
         Refusal::PasskeyRequired { rd } if browser => {
             redirect(&format!("/.pbxgate/passkey-offer?rd={}", encode_rd(rd)))
         }
-        _ if browser => html(refusal.status(), refusal.message()),
+        _ if browser => {
+            let mut response = empty(refusal.status());
+            response.extensions_mut().insert(Localize {
+                code: refusal.code(),
+                key: refusal.message_key(),
+                args: Vec::new(),
+                page: true,
+            });
+            response
+        }
         _ => {
-            let body = format!("{{\"error\":\"{}\",\"message\":\"{}\"}}", refusal.code(), refusal.message());
-            let mut response = json(refusal.status(), &body);
+            let mut response = api_error(refusal.status(), refusal.code(), &refusal.message_key());
             if refusal.status() == StatusCode::UNAUTHORIZED {
                 // RFC 9110 asks a 401 to name a scheme; one browsers do not
                 // prompt for (Basic would open a password dialog on every
@@ -144,6 +152,54 @@ pub fn respond(refusal: &Refusal, browser: bool) -> Response<Body> {
             response
         }
     }
+}
+
+/// The one JSON error shape, `{"error": code, "message": text}`; `key`
+/// names the text in the catalogues.
+pub fn api_error(status: StatusCode, code: &'static str, key: &str) -> Response<Body> {
+    api_error_with(status, code, key, Vec::new())
+}
+
+/// [`api_error`] with placeholders in the text.
+pub fn api_error_with(
+    status: StatusCode,
+    code: &'static str,
+    key: &str,
+    args: Vec<(&'static str, String)>,
+) -> Response<Body> {
+    let localize = Localize { code, key: key.to_string(), args, page: false };
+    let mut response = json(status, &error_json(&localize, Lang::En));
+    response.extensions_mut().insert(localize);
+    response
+}
+
+fn error_json(l: &Localize, lang: Lang) -> String {
+    let args: Vec<(&str, &str)> = l.args.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let message = crate::ui::i18n::messages().text(lang, &l.key, &args);
+    serde_json::json!({"error": l.code, "message": message}).to_string()
+}
+
+/// Fills in the words of a refusal or API error (see [`Localize`]) in
+/// `lang`: a page with the operator's brand, or the JSON message.
+pub fn localize(mut response: Response<Body>, ui: &Ui, lang: Lang) -> Response<Body> {
+    let Some(l) = response.extensions_mut().remove::<Localize>() else { return response };
+    if l.page {
+        let args: Vec<(&str, &str)> = l.args.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let message = ui.text(lang, &l.key, &args);
+        let mut page = ui.error_page(lang, response.status(), l.code, &message);
+        for (name, value) in response.headers() {
+            if name == SET_COOKIE || name == WWW_AUTHENTICATE {
+                page.headers_mut().append(name, value.clone());
+            }
+        }
+        return page;
+    }
+    if lang == Lang::En {
+        return response;
+    }
+    *response.body_mut() = Either::Right(Full::new(Bytes::from(error_json(&l, lang))));
+    response.headers_mut().remove(CONTENT_LENGTH);
+    response
 }
 
 /// The challenge of a 401 that asks for a session: sign in at the login page.
@@ -171,33 +227,6 @@ pub fn json(status: StatusCode, body: &str) -> Response<Body> {
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-/// A small self-contained page (no external resources).
-pub fn html(status: StatusCode, message: &str) -> Response<Body> {
-    let body = crate::reserved::page(
-        status.canonical_reason().unwrap_or("Error"),
-        &format!("<p>{}</p>", escape(message)),
-    );
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *response.status_mut() = status;
-    crate::reserved::page_headers(response.headers_mut());
-    response
-}
-
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// Percent-encodes the return path for a query parameter.

@@ -25,6 +25,7 @@ pub mod store;
 pub mod telemetry;
 mod timer;
 pub mod tls;
+pub mod ui;
 mod workers;
 
 use std::future::Future;
@@ -56,6 +57,8 @@ pub(crate) struct State {
     pub metrics: metrics::Metrics,
     pub store: store::Store,
     pub auth: Auth,
+    /// Pages and emails: templates, messages, brand.
+    pub ui: Arc<ui::Ui>,
 }
 
 /// Sign-in machinery, built once at start-up.
@@ -70,8 +73,28 @@ pub(crate) struct Auth {
 }
 
 impl State {
-    fn product_name(&self) -> String {
-        self.config.webauthn.rp_name.clone()
+    /// The language of `user` (the policy's `language`), else `fallback`
+    /// (what the request asked for).
+    fn lang_of(&self, user: &str, fallback: ui::Lang) -> ui::Lang {
+        self.policy
+            .load()
+            .user(user)
+            .and_then(|u| u.language.as_deref())
+            .and_then(ui::Lang::from_tag)
+            .unwrap_or(fallback)
+    }
+
+    /// The words of a refusal (see [`error::Localize`]) in the language of
+    /// `user`, else the one the request asks for.
+    fn page_words(
+        &self,
+        response: http::Response<Body>,
+        headers: &http::HeaderMap,
+        user: Option<&str>,
+    ) -> http::Response<Body> {
+        let asked = ui::i18n::negotiate(headers, self.ui.default_lang);
+        let lang = user.map_or(asked, |u| self.lang_of(u, asked));
+        error::localize(response, &self.ui, lang)
     }
 
     /// Whether any account may use a password (else the login page hides it).
@@ -91,8 +114,17 @@ impl State {
     }
 }
 
+/// A template or logo that cannot be used stops start-up like a bad key.
+fn ui_error(message: String) -> Error {
+    let (path, message) = message.split_once(": ").unwrap_or(("ui", &message));
+    Error::Config(config::ConfigErrors(vec![config::ConfigError {
+        path: path.to_string(),
+        message: message.to_string(),
+    }]))
+}
+
 impl Auth {
-    async fn new(config: &Config, store: &store::Store) -> Result<Self, Error> {
+    async fn new(config: &Config, store: &store::Store, ui: Arc<ui::Ui>) -> Result<Self, Error> {
         let signer = match &config.headers.assertion {
             Some(_) => {
                 let audience = config.upstream.url.to_string();
@@ -109,7 +141,7 @@ impl Auth {
         };
         Ok(Self {
             passkeys: auth::passkeys::Passkeys::new(config).map_err(Error::Auth)?,
-            mailer: auth::mail::Mailer::new(&config.email).map_err(Error::Auth)?,
+            mailer: auth::mail::Mailer::new(&config.email, ui).map_err(Error::Auth)?,
             signer,
             sockets: auth::sockets::Sockets::default(),
             basic: auth::basic::BasicCache::default(),
@@ -162,7 +194,8 @@ impl Gateway {
             }
             None => None,
         };
-        let auth = Auth::new(&config, &store).await?;
+        let ui = Arc::new(ui::Ui::from_config(&config).map_err(ui_error)?);
+        let auth = Auth::new(&config, &store, ui.clone()).await?;
         auth::arm_bootstrap(&config, &store).await?;
         let mut addrs = Addrs::default();
         let mut listeners = Vec::new();
@@ -195,6 +228,7 @@ impl Gateway {
             metrics: metrics::Metrics::default(),
             store,
             auth,
+            ui,
         });
         tokio::spawn(auth::sockets::watch(Arc::downgrade(&state)));
         Ok(Self { state, addrs, listeners, commands })

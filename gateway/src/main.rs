@@ -333,8 +333,8 @@ fn user(action: UserAction, path: PathBuf, create: bool) -> ExitCode {
         };
         match password {
             Some(password) => {
-                if let Err(message) = pbxgate::auth::passwords::check_new(&config.passwords, &password) {
-                    eprintln!("{message}");
+                if let Err(weak) = pbxgate::auth::passwords::check_new(&config.passwords, &password) {
+                    eprintln!("{}", weak.text(pbxgate::ui::Lang::En));
                     return ExitCode::from(2);
                 }
                 let hash = match pbxgate::auth::passwords::hash(password).await {
@@ -356,7 +356,14 @@ fn user(action: UserAction, path: PathBuf, create: bool) -> ExitCode {
                 ExitCode::SUCCESS
             }
             None => {
-                let mailer = match pbxgate::auth::mail::Mailer::new(&config.email) {
+                let ui = match pbxgate::ui::Ui::from_config(&config) {
+                    Ok(ui) => std::sync::Arc::new(ui),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                let mailer = match pbxgate::auth::mail::Mailer::new(&config.email, ui) {
                     Ok(m) => m,
                     Err(e) => {
                         eprintln!("{e}");
@@ -464,6 +471,10 @@ fn check_config(path: PathBuf) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Err(e) = pbxgate::ui::Ui::from_config(&config) {
+        eprintln!("{}: configuration is invalid\n  error: {e}", path.display());
+        return ExitCode::from(2);
+    }
     if config.listen.https.is_some() {
         if let Err(e) = pbxgate::tls::check(&config.tls, &config.policy) {
             eprintln!("{}: configuration is invalid\n  error: {e}", path.display());

@@ -77,7 +77,8 @@ pub(crate) async fn handle(
     let path: &str = match &normalized {
         Ok(path) => path,
         Err(e) => {
-            return Ok(log.write(respond(&Refusal::BadRequest, browser), None, "bad_request", &e.to_string()))
+            let response = state.page_words(respond(&Refusal::BadRequest, browser), &parts.headers, None);
+            return Ok(log.write(response, None, "bad_request", &e.to_string()));
         }
     };
     log.path = path;
@@ -99,6 +100,7 @@ pub(crate) async fn handle(
             origin: format!("{}://{authority}", conn.proto),
             user_agent: user_agent.into(),
             browser,
+            lang: crate::ui::i18n::negotiate(&head.headers, state.ui.default_lang),
             set_cookies: Default::default(),
             user: Default::default(),
         };
@@ -109,6 +111,8 @@ pub(crate) async fn handle(
         let renewed = ctx.set_cookies.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         let response = with_cookies(response, renewed);
         let user = ctx.user.get().map_or("-", String::as_str);
+        let lang = if user == "-" { ctx.lang } else { state.lang_of(user, ctx.lang) };
+        let response = crate::error::localize(response, &state.ui, lang);
         let log = Log { state, method: &method, host: &host, path: &path, client: client_ip, user };
         return Ok(log.write(response, None, "reserved", "reserved"));
     }
@@ -165,7 +169,8 @@ pub(crate) async fn handle(
                 if let Some(skipped) = STORE_DOWN.due(now_ms) {
                     tracing::error!(error = %e, skipped, "store unavailable: refusing (fail closed)");
                 }
-                let response = respond(&Refusal::Unavailable, browser);
+                let response =
+                    state.page_words(respond(&Refusal::Unavailable, browser), &parts.headers, None);
                 return Ok(log.write(response, None, "deny", "store_unavailable"));
             }
         }
@@ -199,7 +204,8 @@ pub(crate) async fn handle(
     };
     let verdict = verdict_name(verdict);
     if let Some(refusal) = refusal {
-        let response = with_cookies(respond(&refusal, browser), identity.set_cookies);
+        let response = state.page_words(respond(&refusal, browser), &parts.headers, who.map(|p| p.user()));
+        let response = with_cookies(response, identity.set_cookies);
         return Ok(log.write(response, None, verdict, decision.rule.name()));
     }
 
@@ -231,7 +237,7 @@ pub(crate) async fn handle(
     let upstream_started = Instant::now();
     let response = match state.upstream.forward(parts, body, out, &state.spoofable, upstream_started).await {
         Ok(response) => response,
-        Err(refusal) => respond(&refusal, browser),
+        Err(refusal) => state.page_words(respond(&refusal, browser), &parts.headers, who.map(|p| p.user())),
     };
     let upstream_took = upstream_started.elapsed();
     state.metrics.upstream_latency(upstream_took);

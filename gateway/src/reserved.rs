@@ -9,10 +9,9 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::auth::routes::{self, Ctx};
-use crate::error::{escape, json};
+use crate::error::json;
 use crate::{Body, State};
 
-const CSS: &str = include_str!("../assets/pbxgate.css");
 const JS: &str = include_str!("../assets/pbxgate.js");
 
 pub(crate) fn is_reserved(path: &str) -> bool {
@@ -28,8 +27,22 @@ pub(crate) async fn handle(
     match path {
         "/.pbxgate/healthz" => json(StatusCode::OK, "{\"status\":\"ok\"}"),
         "/.pbxgate/readyz" => readiness(state).await,
-        "/.pbxgate/assets/pbxgate.css" => asset(CSS, "text/css; charset=utf-8"),
-        "/.pbxgate/assets/pbxgate.js" => asset(JS, "text/javascript; charset=utf-8"),
+        "/.pbxgate/assets/pbxgate.css" => asset(state.ui.css.clone(), "text/css; charset=utf-8"),
+        "/.pbxgate/assets/pbxgate.js" => {
+            asset(Bytes::from_static(JS.as_bytes()), "text/javascript; charset=utf-8")
+        }
+        "/.pbxgate/assets/logo.svg" | "/.pbxgate/assets/logo.png" => match &state.ui.logo {
+            Some((bytes, kind)) if kind.path() == path => {
+                let mut response = asset(bytes.clone(), kind.content_type());
+                // An SVG opened on its own is a document: it may run nothing.
+                response.headers_mut().insert(
+                    "content-security-policy",
+                    HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; sandbox"),
+                );
+                response
+            }
+            _ => crate::error::respond(&crate::error::Refusal::NotFound, ctx.browser),
+        },
         _ => routes::handle(state, ctx, request, path).await,
     }
 }
@@ -42,24 +55,13 @@ pub(crate) async fn readiness(state: &State) -> Response<Body> {
     }
 }
 
-fn asset(content: &'static str, content_type: &'static str) -> Response<Body> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(content.as_bytes()))));
+fn asset(content: Bytes, content_type: &'static str) -> Response<Body> {
+    let mut response = Response::new(Either::Right(Full::new(content)));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("public, max-age=3600"));
     headers.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
     response
-}
-
-/// A whole page around `body_html`: no external resources, one stylesheet of ours.
-pub(crate) fn page(title: &str, body_html: &str) -> String {
-    format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title}</title><link rel=\"stylesheet\" href=\"/.pbxgate/assets/pbxgate.css\"></head>\
-         <body><main><h1>{title}</h1>{body_html}</main></body></html>",
-        title = escape(title)
-    )
 }
 
 /// Headers every page of ours carries: a strict CSP, no framing, no caching.

@@ -73,6 +73,7 @@ struct RawUser {
     name: String,
     email: Option<String>,
     display_name: Option<String>,
+    language: Option<String>,
     #[serde(default = "default_role")]
     role: String,
     #[serde(default)]
@@ -83,6 +84,16 @@ struct RawUser {
     password_login: bool,
     #[serde(default)]
     basic_auth: bool,
+}
+
+/// A language tag's shape (RFC 5646, simplified): a primary language of two
+/// or three letters, then subtags of letters and digits.
+fn is_language_tag(tag: &str) -> bool {
+    let mut parts = tag.split('-');
+    let primary = parts.next().unwrap_or_default();
+    (2..=3).contains(&primary.len())
+        && primary.bytes().all(|b| b.is_ascii_lowercase())
+        && parts.all(|p| (1..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 fn default_role() -> String {
@@ -198,6 +209,10 @@ pub struct User {
     pub name: String,
     pub email: Option<String>,
     pub display_name: Option<String>,
+    /// The language pages and emails are in for this person: a language
+    /// tag such as `de` or `fr-CH`, lower case; the gateway falls back to
+    /// its default for one it does not speak.
+    pub language: Option<String>,
     pub role: Role,
     /// Where this account may come from; empty: anywhere (the role's networks still apply).
     pub networks: Vec<IpNet>,
@@ -494,6 +509,14 @@ impl Policy {
                     "only accounts with role = \"api\" may use Basic auth",
                 ));
             }
+            let language =
+                u.language.as_deref().map(str::trim).map(|tag| tag.to_ascii_lowercase().replace('_', "-"));
+            if let Some(tag) = language.as_deref().filter(|tag| !is_language_tag(tag)) {
+                errors.push(PolicyError::new(
+                    format!("{at}.language"),
+                    format!("{tag:?} is not a language tag like \"de\" or \"fr-CH\""),
+                ));
+            }
             for login in std::iter::once(name).chain(email) {
                 let key = login.to_lowercase();
                 if let Some(&other) = by_login.get(&key) {
@@ -509,6 +532,7 @@ impl Policy {
                 name: name.to_string(),
                 email: email.map(str::to_string),
                 display_name: u.display_name.clone(),
+                language,
                 role,
                 networks,
                 require_passkey: u.require_passkey,

@@ -725,3 +725,20 @@ fn path_parameters_never_move_a_path_to_another_rule() {
         assert!(!lenient_reading_changes_route(&p, kept), "{kept}");
     }
 }
+
+#[test]
+fn a_users_language_is_a_language_tag() {
+    let with = |tag: &str| {
+        Policy::from_toml(&format!(
+            "domains = [\"localhost\"]\n[[route]]\npath = \"/\"\naccess = \"user\"\n\
+             [[user]]\nname = \"100\"\nlanguage = \"{tag}\"\n"
+        ))
+    };
+    let p = with(" de_CH ").unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(p.user("100").and_then(|u| u.language.as_deref()), Some("de-ch"));
+    assert!(with("fr").is_ok());
+    for bad in ["", "deutsch", "d", "de-<script>", "de--x"] {
+        let errors = with(bad).err().unwrap_or_default();
+        assert!(errors.iter().any(|e| e.path.ends_with(".language")), "{bad:?}: {errors:?}");
+    }
+}

@@ -74,6 +74,20 @@ impl Browser {
         self.page.goto(url).await.unwrap_or_else(|e| panic!("navigate to {url}: {e}"));
     }
 
+    /// Sends `Accept-Language: value` with every request from now on, as a
+    /// browser set to that language does.
+    pub async fn accept_language(&self, value: &str) {
+        use chromiumoxide::cdp::browser_protocol::network::{
+            EnableParams, Headers, SetExtraHttpHeadersParams,
+        };
+        self.page.execute(EnableParams::default()).await.expect("Network.enable");
+        let headers = Headers::new(serde_json::json!({ "Accept-Language": value }));
+        self.page
+            .execute(SetExtraHttpHeadersParams::new(headers))
+            .await
+            .expect("Network.setExtraHTTPHeaders");
+    }
+
     pub async fn url(&self) -> String {
         self.page.url().await.ok().flatten().unwrap_or_default()
     }

@@ -5,14 +5,15 @@
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::routes::{
     api_error, authorized, bad_request, form, parse, read_body, see_other, unavailable, Ctx,
 };
-use super::{pages, Principal};
-use crate::error::{encode_rd, escape, json, respond, Refusal};
+use super::Principal;
+use crate::error::{encode_rd, json, respond, Refusal};
 use crate::store::{now_ms, StoreError, UserFlags};
+use crate::ui::{i18n, Lang};
 use crate::{Body, State};
 use pbxgate_policies::Endpoint;
 
@@ -32,6 +33,7 @@ pub(crate) async fn handle(
         Ok(p) => p,
         Err(answer) => return answer,
     };
+    let lang = state.lang_of(admin.user(), ctx.lang);
     let uri_query = request.uri().query().map(str::to_string);
     let query = |name: &str| crate::reserved::query_param(uri_query.as_deref(), name).unwrap_or_default();
     let result: Result<Response<Body>, StoreError> = async {
@@ -42,7 +44,7 @@ pub(crate) async fn handle(
             (http::Method::GET, "/.pbxgate/api/admin/user") => {
                 match user_detail(state, &query("name")).await? {
                     Some(v) => json(StatusCode::OK, &v.to_string()),
-                    None => api_error(StatusCode::NOT_FOUND, "not_found", "No such user."),
+                    None => api_error(StatusCode::NOT_FOUND, "not_found", "api.no_such_user"),
                 }
             }
             (http::Method::GET, "/.pbxgate/api/admin/history") => {
@@ -53,9 +55,11 @@ pub(crate) async fn handle(
                     &history(state, Some(user.as_str()).filter(|u| !u.is_empty()), limit).await?.to_string(),
                 )
             }
-            (http::Method::GET, "/.pbxgate/admin") => users_page(state).await?,
-            (http::Method::GET, "/.pbxgate/admin/user") => user_page(state, &query("name")).await?,
-            (http::Method::GET, "/.pbxgate/admin/history") => history_page(state, &query("user")).await?,
+            (http::Method::GET, "/.pbxgate/admin") => users_page(state, lang).await?,
+            (http::Method::GET, "/.pbxgate/admin/user") => user_page(state, lang, &query("name")).await?,
+            (http::Method::GET, "/.pbxgate/admin/history") => {
+                history_page(state, lang, &query("user")).await?
+            }
             (http::Method::POST, "/.pbxgate/admin/action") => {
                 let Some(body) = read_body(request).await else { return Ok(bad_request()) };
                 let f = form(&body);
@@ -75,11 +79,7 @@ pub(crate) async fn handle(
                 action.action = p.trim_start_matches("/.pbxgate/api/admin/").replace('/', "-");
                 match act(state, &admin, ctx, &action).await? {
                     true => json(StatusCode::OK, "{\"status\":\"ok\"}"),
-                    false => api_error(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        "Nothing to do: unknown user, token or passkey.",
-                    ),
+                    false => api_error(StatusCode::NOT_FOUND, "not_found", "api.nothing_to_do"),
                 }
             }
             _ => respond(&Refusal::NotFound, ctx.browser && !api),
@@ -191,115 +191,141 @@ async fn history(state: &State, user: Option<&str>, limit: usize) -> Result<serd
     Ok(serde_json::to_value(events).unwrap_or_default())
 }
 
-fn product(state: &State) -> String {
-    state.product_name()
+#[derive(Serialize)]
+struct UserRow {
+    href: String,
+    name: String,
+    role: String,
+    email: String,
+    passkeys: u64,
+    last_login: String,
 }
 
-async fn users_page(state: &State) -> Result<Response<Body>, StoreError> {
+async fn users_page(state: &State, lang: Lang) -> Result<Response<Body>, StoreError> {
     let list = users(state).await?;
-    let mut rows = String::new();
-    for u in list.as_array().into_iter().flatten() {
-        let name = u["name"].as_str().unwrap_or_default();
-        rows.push_str(&format!(
-            "<tr><td><a href=\"/.pbxgate/admin/user?name={q}\">{n}</a></td><td>{role}</td><td>{email}</td><td>{keys}</td><td>{last}</td></tr>",
-            q = encode_rd(name),
-            n = escape(name),
-            role = escape(u["role"].as_str().unwrap_or_default()),
-            email = escape(u["email"].as_str().unwrap_or("")),
-            keys = u["passkeys"],
-            last = pages::when(u["last_login_ms"].as_u64()),
-        ));
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let users: Vec<UserRow> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|u| UserRow {
+            href: format!("/.pbxgate/admin/user?name={}", encode_rd(u["name"].as_str().unwrap_or_default())),
+            name: text(&u["name"]),
+            role: text(&u["role"]),
+            email: text(&u["email"]),
+            passkeys: u["passkeys"].as_u64().unwrap_or(0),
+            last_login: i18n::when(lang, u["last_login_ms"].as_u64()),
+        })
+        .collect();
+    let title = state.ui.text(lang, "admin.title", &[]);
+    #[derive(Serialize)]
+    struct View {
+        users: Vec<UserRow>,
     }
-    let body = format!(
-        "<p><a href=\"/.pbxgate/admin/history\">Login history</a> · <a href=\"/.pbxgate/account\">Your account</a></p>\
-         <table id=\"users\"><tr><th>User</th><th>Role</th><th>Email</th><th>Passkeys</th><th>Last sign-in</th></tr>{rows}</table>\
-         <form method=\"post\" action=\"/.pbxgate/unlock/end\"><button type=\"submit\">Lock the admin pages now</button></form>"
-    );
-    Ok(pages::render(StatusCode::OK, &product(state), "admin", "Administration", &body))
+    Ok(state.ui.page(lang, StatusCode::OK, "admin.html", "admin", &title, &View { users }))
 }
 
-fn button(user: &str, action: &str, id: &str, label: &str, extra: &str) -> String {
-    format!(
-        "<form method=\"post\" action=\"/.pbxgate/admin/action\" class=\"inline\">\
-         <input type=\"hidden\" name=\"user\" value=\"{u}\"><input type=\"hidden\" name=\"action\" value=\"{a}\">\
-         <input type=\"hidden\" name=\"id\" value=\"{i}\">{extra}<button type=\"submit\" data-action=\"{a}\" data-id=\"{i}\">{l}</button></form>",
-        u = escape(user),
-        a = escape(action),
-        i = escape(id),
-        l = escape(label),
-    )
+#[derive(Serialize)]
+struct TokenRow {
+    id: String,
+    created: String,
+    last_used: String,
+    last_ip: String,
+    user_agent: String,
+    expires: String,
 }
 
-async fn user_page(state: &State, name: &str) -> Result<Response<Body>, StoreError> {
+#[derive(Serialize)]
+struct PasskeyRow {
+    id: String,
+    name: String,
+    created: String,
+    last_used: String,
+}
+
+#[derive(Serialize)]
+struct UserView {
+    user: String,
+    history_href: String,
+    tokens: Vec<TokenRow>,
+    passkeys: Vec<PasskeyRow>,
+    sessions: usize,
+    onboarding: bool,
+}
+
+async fn user_page(state: &State, lang: Lang, name: &str) -> Result<Response<Body>, StoreError> {
     let Some(d) = user_detail(state, name).await? else {
         return Ok(respond(&Refusal::NotFound, true));
     };
-    let user = d["name"].as_str().unwrap_or_default().to_string();
-    let mut tokens = String::new();
-    for t in d["tokens"].as_array().into_iter().flatten() {
-        let id = t["id"].as_str().unwrap_or_default();
-        tokens.push_str(&format!(
-            "<tr><td><code>{id}</code></td><td>{c}</td><td>{u}</td><td>{ip}</td><td>{ua}</td><td>{e}</td><td>{b}</td></tr>",
-            id = escape(id),
-            c = pages::when(t["created_ms"].as_u64()),
-            u = pages::when(t["last_used_ms"].as_u64()),
-            ip = escape(t["last_ip"].as_str().unwrap_or_default()),
-            ua = escape(t["user_agent"].as_str().unwrap_or_default()),
-            e = pages::when(t["expires_ms"].as_u64()),
-            b = button(&user, "revoke-token", id, "Revoke", ""),
-        ));
-    }
-    let mut keys = String::new();
-    for k in d["passkeys"].as_array().into_iter().flatten() {
-        let id = k["id"].as_str().unwrap_or_default();
-        keys.push_str(&format!(
-            "<tr><td>{n}</td><td>{c}</td><td>{u}</td><td>{b}</td></tr>",
-            n = escape(k["name"].as_str().unwrap_or_default()),
-            c = pages::when(k["created_ms"].as_u64()),
-            u = pages::when(k["last_used_ms"].as_u64()),
-            b = button(&user, "delete-passkey", id, "Delete", ""),
-        ));
-    }
-    let onboarding = d["onboarding_required"].as_bool().unwrap_or(false);
-    let body = format!(
-        "<p><a href=\"/.pbxgate/admin\">All users</a> · <a href=\"/.pbxgate/admin/history?user={q}\">History</a></p>\
-         <h2>Remember tokens</h2><table id=\"tokens\"><tr><th>Id</th><th>Created</th><th>Last used</th><th>Last IP</th><th>Browser</th><th>Expires</th><th></th></tr>{tokens}</table>\
-         <h2>Passkeys</h2><table id=\"passkeys\"><tr><th>Name</th><th>Created</th><th>Last used</th><th></th></tr>{keys}</table>{reset}\
-         <h2>Sessions</h2><p>{n} active. {revoke}</p>\
-         <h2>Passkey setup</h2><p>{state_text} {toggle}</p>",
-        q = encode_rd(&user),
-        reset = button(&user, "reset-passkeys", "", "Reset all passkeys", ""),
-        n = d["sessions"].as_array().map_or(0, Vec::len),
-        revoke = button(&user, "revoke-sessions", "", "Sign out everywhere", ""),
-        state_text = if onboarding { "Required at next sign-in." } else { "Not required." },
-        toggle = button(
-            &user,
-            "set-onboarding",
-            "",
-            if onboarding { "Do not require" } else { "Require at next sign-in" },
-            &format!("<input type=\"hidden\" name=\"required\" value=\"{}\">", if onboarding { "0" } else { "1" })
-        ),
-    );
-    Ok(pages::render(StatusCode::OK, &product(state), "admin-user", &format!("User {user}"), &body))
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let when = |v: &serde_json::Value| i18n::when(lang, v.as_u64());
+    let user = text(&d["name"]);
+    let tokens = d["tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| TokenRow {
+            id: text(&t["id"]),
+            created: when(&t["created_ms"]),
+            last_used: when(&t["last_used_ms"]),
+            last_ip: text(&t["last_ip"]),
+            user_agent: text(&t["user_agent"]),
+            expires: when(&t["expires_ms"]),
+        })
+        .collect();
+    let passkeys = d["passkeys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|k| PasskeyRow {
+            id: text(&k["id"]),
+            name: text(&k["name"]),
+            created: when(&k["created_ms"]),
+            last_used: when(&k["last_used_ms"]),
+        })
+        .collect();
+    let view = UserView {
+        history_href: format!("/.pbxgate/admin/history?user={}", encode_rd(&user)),
+        tokens,
+        passkeys,
+        sessions: d["sessions"].as_array().map_or(0, Vec::len),
+        onboarding: d["onboarding_required"].as_bool().unwrap_or(false),
+        user,
+    };
+    let title = state.ui.text(lang, "admin.user_title", &[("user", &view.user)]);
+    Ok(state.ui.page(lang, StatusCode::OK, "admin-user.html", "admin-user", &title, &view))
 }
 
-async fn history_page(state: &State, user: &str) -> Result<Response<Body>, StoreError> {
+#[derive(Serialize)]
+struct EventRow {
+    time: String,
+    user: String,
+    method: String,
+    result: String,
+    ip: String,
+    user_agent: String,
+}
+
+async fn history_page(state: &State, lang: Lang, user: &str) -> Result<Response<Body>, StoreError> {
     let events = history(state, Some(user).filter(|u| !u.is_empty()), 500).await?;
-    let mut rows = String::new();
-    for e in events.as_array().into_iter().flatten() {
-        rows.push_str(&format!(
-            "<tr><td>{t}</td><td>{u}</td><td>{m}</td><td>{r}</td><td>{ip}</td><td>{ua}</td></tr>",
-            t = pages::when(e["time_ms"].as_u64()),
-            u = escape(e["user"].as_str().unwrap_or_default()),
-            m = escape(e["method"].as_str().unwrap_or_default()),
-            r = escape(e["result"].as_str().unwrap_or_default()),
-            ip = escape(e["ip"].as_str().unwrap_or_default()),
-            ua = escape(e["user_agent"].as_str().unwrap_or_default()),
-        ));
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let events: Vec<EventRow> = events
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| EventRow {
+            time: i18n::when(lang, e["time_ms"].as_u64()),
+            user: text(&e["user"]),
+            method: text(&e["method"]),
+            result: text(&e["result"]),
+            ip: text(&e["ip"]),
+            user_agent: text(&e["user_agent"]),
+        })
+        .collect();
+    #[derive(Serialize)]
+    struct View {
+        events: Vec<EventRow>,
     }
-    let body = format!(
-        "<p><a href=\"/.pbxgate/admin\">All users</a></p><table id=\"history\"><tr><th>Time</th><th>User</th><th>Method</th>\
-         <th>Result</th><th>Address</th><th>Browser</th></tr>{rows}</table>"
-    );
-    Ok(pages::render(StatusCode::OK, &product(state), "admin-history", "Login history", &body))
+    let title = state.ui.text(lang, "admin.history_title", &[]);
+    Ok(state.ui.page(lang, StatusCode::OK, "admin-history.html", "admin-history", &title, &View { events }))
 }

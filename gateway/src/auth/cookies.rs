@@ -101,6 +101,14 @@ pub fn clear(name: &str) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
+/// The language picked on the sign-in page, for a year. A preference, not
+/// a secret: readable by the page, sent to no other site.
+pub fn language(lang: crate::ui::Lang) -> HeaderValue {
+    let value =
+        format!("{}={}; Path=/; SameSite=Lax; Max-Age=31536000", crate::ui::i18n::LANG_COOKIE, lang.code());
+    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
 #[cfg(test)]
 mod tests {
     use http::header::COOKIE;

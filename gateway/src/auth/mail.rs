@@ -7,12 +7,29 @@ use std::time::Duration;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-use crate::config::Email;
-use crate::error::escape;
+use serde::Serialize;
 
-pub enum Mailer {
+use crate::config::Email;
+use crate::ui::{i18n, Lang, Ui};
+
+pub struct Mailer {
+    ui: std::sync::Arc<Ui>,
+    way: Way,
+}
+
+enum Way {
     Smtp { transport: AsyncSmtpTransport<Tokio1Executor>, from: Mailbox },
     Log,
+}
+
+/// What the link email's templates show.
+#[derive(Serialize)]
+struct LinkView<'a> {
+    subject: &'a str,
+    intro: &'a str,
+    user: &'a str,
+    valid_for: &'a str,
+    link: &'a str,
 }
 
 /// What an email is for; decides its wording.
@@ -27,61 +44,51 @@ impl Mailer {
         AsyncSmtpTransport::<Tokio1Executor>::from_url(url).map(|_| ()).map_err(|e| e.to_string())
     }
 
-    pub fn new(email: &Email) -> Result<Self, String> {
+    pub fn new(email: &Email, ui: std::sync::Arc<Ui>) -> Result<Self, String> {
         let Some(url) = &email.smtp_url else {
             tracing::warn!(
                 "email.smtp_url is empty: sign-in links will be written to the log (development only)"
             );
-            return Ok(Self::Log);
+            return Ok(Self { ui, way: Way::Log });
         };
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
             .map_err(|e| format!("email.smtp_url: {e}"))?
             .timeout(Some(Duration::from_secs(15)))
             .build();
         let from = email.from.parse::<Mailbox>().map_err(|e| format!("email.from: {e}"))?;
-        Ok(Self::Smtp { transport, from })
+        Ok(Self { ui, way: Way::Smtp { transport, from } })
     }
 
-    /// Sends a link. Errors are for the log only: the person was already told
-    /// "if an account matches, we sent a link", whatever happens here.
+    /// Sends a link, in `lang`. Errors are for the log only: the person
+    /// was already told "if an account matches, we sent a link", whatever
+    /// happens here.
     pub async fn send_link(
         &self,
         kind: LinkKind,
         to: &str,
         user: &str,
-        product: &str,
+        lang: Lang,
         link: &str,
         valid_for: Duration,
     ) -> Result<(), String> {
-        let minutes = valid_for.as_secs().div_ceil(60);
-        let validity =
-            if minutes >= 120 { format!("{} hours", minutes / 60) } else { format!("{minutes} minutes") };
-        let (subject, intro) = match kind {
-            LinkKind::SignIn => {
-                (format!("Sign in to {product}"), "Someone (hopefully you) asked for a link to sign in.")
-            }
-            LinkKind::Invite => (format!("Welcome to {product}"), "An account has been set up for you."),
+        let ui = &self.ui;
+        let product = ui.brand.product.as_str();
+        let (subject_key, intro_key) = match kind {
+            LinkKind::SignIn => ("mail.sign_in.subject", "mail.sign_in.intro"),
+            LinkKind::Invite => ("mail.invite.subject", "mail.invite.intro"),
         };
-        let text = format!(
-            "{intro}\n\nAccount: {user}\nOpen this link to sign in (it works once, for {validity}):\n\n{link}\n\n\
-             After signing in you can create a passkey, so next time your fingerprint, face or device PIN is enough.\n\
-             If you did not ask for this, ignore this email.\n"
-        );
-        let html = format!(
-            "<p>{intro}</p><p>Account: <b>{user}</b></p><p><a href=\"{link}\">Sign in to {product}</a></p>\
-             <p>The link works once, for {validity}. After signing in you can create a passkey, so next time \
-             your fingerprint, face or device PIN is enough.</p><p>If you did not ask for this, ignore this email.</p>",
-            intro = escape(intro),
-            user = escape(user),
-            link = escape(link),
-            product = escape(product),
-        );
-        match self {
-            Self::Log => {
+        let subject = ui.text(lang, subject_key, &[("product", product)]);
+        let intro = ui.text(lang, intro_key, &[]);
+        let valid_for = i18n::duration(lang, valid_for);
+        let view = LinkView { subject: &subject, intro: &intro, user, valid_for: &valid_for, link };
+        let text = ui.render(lang, "email-link.txt", "", &subject, &view).map_err(|e| e.to_string())?;
+        let html = ui.render(lang, "email-link.html", "", &subject, &view).map_err(|e| e.to_string())?;
+        match &self.way {
+            Way::Log => {
                 tracing::warn!(%user, %link, "no SMTP configured: this sign-in link would have been emailed");
                 Ok(())
             }
-            Self::Smtp { transport, from } => {
+            Way::Smtp { transport, from } => {
                 let to: Mailbox = to.parse().map_err(|e| format!("recipient: {e}"))?;
                 let message = Message::builder()
                     .from(from.clone())

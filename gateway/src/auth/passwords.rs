@@ -26,21 +26,60 @@ pub fn score(password: &str) -> u32 {
         .sum()
 }
 
-/// Why a new password is refused, in words for the person choosing it.
-pub fn check_new(policy: &Passwords, password: &str) -> Result<(), String> {
+/// Why a new password is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Weak {
+    Empty,
+    /// Its score, and the score the configured strength needs.
+    TooWeak {
+        score: u32,
+        needed: u32,
+    },
+}
+
+impl Weak {
+    /// In words for the person choosing it, in `lang`.
+    pub fn text(&self, lang: crate::ui::Lang) -> String {
+        let messages = crate::ui::i18n::messages();
+        match self {
+            Self::Empty => messages.text(lang, "api.empty_password", &[]),
+            Self::TooWeak { score, needed } => messages.text(
+                lang,
+                "api.weak_password",
+                &[("score", &score.to_string()), ("needed", &needed.to_string())],
+            ),
+        }
+    }
+
+    /// The JSON answer to a script that tried to set it.
+    pub fn answer(&self) -> http::Response<crate::Body> {
+        match self {
+            Self::Empty => {
+                crate::error::api_error(http::StatusCode::BAD_REQUEST, "weak_password", "api.empty_password")
+            }
+            Self::TooWeak { score, needed } => crate::error::api_error_with(
+                http::StatusCode::BAD_REQUEST,
+                "weak_password",
+                "api.weak_password",
+                vec![("score", score.to_string()), ("needed", needed.to_string())],
+            ),
+        }
+    }
+}
+
+/// Whether `password` is strong enough for the configured strength.
+pub fn check_new(policy: &Passwords, password: &str) -> Result<(), Weak> {
     if password.is_empty() {
-        return if policy.allow_empty { Ok(()) } else { Err("An empty password is not allowed.".into()) };
+        return if policy.allow_empty { Ok(()) } else { Err(Weak::Empty) };
     }
     let needed = match policy.strength {
         PasswordStrength::AcceptAll => 0,
         PasswordStrength::Medium => 120,
         PasswordStrength::High => 200,
     };
-    if score(password) < needed {
-        return Err(format!(
-            "This password is too weak (score {} of {needed} needed). Use a longer one, mixing letters, digits and symbols.",
-            score(password)
-        ));
+    let score = score(password);
+    if score < needed {
+        return Err(Weak::TooWeak { score, needed });
     }
     Ok(())
 }

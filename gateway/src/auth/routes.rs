@@ -18,8 +18,10 @@ use webauthn_rs::prelude::{PublicKeyCredential, RegisterPublicKeyCredential};
 use super::mail::LinkKind;
 use super::passkeys::PasskeyError;
 use super::{cookies, establish, identify, pages, passwords, record, regulate, safe_rd, Principal};
+pub(crate) use crate::error::api_error;
 use crate::error::{empty, json, respond, Refusal};
 use crate::store::{now_ms, OneTime, Secret, StoreError};
+use crate::ui::Lang;
 use crate::{Body, State};
 
 const MAX_BODY: usize = 64 * 1024;
@@ -34,6 +36,9 @@ pub(crate) struct Ctx<'a> {
     pub origin: String,
     pub user_agent: String,
     pub browser: bool,
+    /// The language the request asked for (picked on the sign-in page, or
+    /// its `Accept-Language`); a known person's own comes first.
+    pub lang: Lang,
     /// Cookies the answer must carry whatever it is (a session renewed from
     /// a remember token on the way).
     pub set_cookies: std::sync::Mutex<Vec<HeaderValue>>,
@@ -92,11 +97,6 @@ pub(crate) async fn authorized(
     Err(respond(&refusal, page))
 }
 
-/// A JSON error a script can act on and a person can read.
-pub(crate) fn api_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json(status, &serde_json::json!({"error": code, "message": message}).to_string())
-}
-
 pub(crate) fn unavailable(e: &StoreError, browser: bool) -> Response<Body> {
     static STORE_DOWN: crate::telemetry::Repeated = crate::telemetry::Repeated::new();
     if let Some(skipped) = STORE_DOWN.due(now_ms()) {
@@ -105,19 +105,14 @@ pub(crate) fn unavailable(e: &StoreError, browser: bool) -> Response<Body> {
     respond(&Refusal::Unavailable, browser)
 }
 
-fn too_many(state: &State, json_api: bool) -> Response<Body> {
-    let message = "Too many attempts. Please wait a few minutes and try again.";
+fn too_many(state: &State, ctx: &Ctx<'_>, json_api: bool) -> Response<Body> {
+    let key = "error.too_many_attempts";
     if json_api {
-        api_error(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts", message)
+        api_error(StatusCode::TOO_MANY_REQUESTS, "too_many_attempts", key)
     } else {
-        let view = pages::LoginView {
-            rd: "/",
-            login: "",
-            error: Some(message),
-            info: None,
-            passwords: state.passwords_possible(),
-        };
-        pages::login(&state.product_name(), &view, StatusCode::TOO_MANY_REQUESTS)
+        let view =
+            pages::LoginView { rd: "/", login: "", error: Some(key), passwords: state.passwords_possible() };
+        pages::login(&state.ui, ctx.lang, &view, StatusCode::TOO_MANY_REQUESTS)
     }
 }
 
@@ -184,7 +179,7 @@ pub(crate) async fn handle(
 ) -> Response<Body> {
     let method = request.method().clone();
     if method != Method::GET && method != Method::HEAD && method != Method::POST {
-        return api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "Use GET or POST.");
+        return api_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "api.method_not_allowed");
     }
     // Every state-changing request: from one of the configured origins.
     let origin = match method {
@@ -192,11 +187,7 @@ pub(crate) async fn handle(
             Some(origin) => Some(origin.to_string()),
             None => {
                 tracing::warn!(target: "pbxgate::audit", client = %ctx.client_ip, %path, "POST refused: foreign or missing Origin");
-                return api_error(
-                    StatusCode::FORBIDDEN,
-                    "bad_origin",
-                    "This request did not come from this site.",
-                );
+                return api_error(StatusCode::FORBIDDEN, "bad_origin", "api.bad_origin");
             }
         },
         _ => None,
@@ -210,27 +201,34 @@ pub(crate) async fn handle(
     if let Some(origin) = origin {
         return post(state, ctx, request, path, &origin).await;
     }
-    let product = state.product_name();
+    let (ui, lang) = (&*state.ui, ctx.lang);
     match path {
         "/.pbxgate/login" => {
             let rd = safe_rd(&query(&request, "rd"));
+            // The language picker: the choice is remembered in this browser.
+            let picked = crate::reserved::query_param(request.uri().query(), "lang")
+                .and_then(|tag| Lang::from_tag(&tag));
+            let lang = picked.unwrap_or(lang);
+            let lang_cookie = picked.map(super::cookies::language).into_iter();
             match identify(state, request.headers(), ctx.client_ip, &ctx.user_agent, now_ms()).await {
-                Ok(identity) if identity.principal.is_some() => see_other(&rd, identity.set_cookies),
+                Ok(identity) if identity.principal.is_some() => {
+                    see_other(&rd, identity.set_cookies.into_iter().chain(lang_cookie).collect())
+                }
                 Ok(identity) => {
                     let view = pages::LoginView {
                         rd: &rd,
                         login: "",
                         error: None,
-                        info: None,
                         passwords: state.passwords_possible(),
                     };
-                    with_cookies(pages::login(&product, &view, StatusCode::OK), identity.set_cookies)
+                    let cookies = identity.set_cookies.into_iter().chain(lang_cookie).collect();
+                    with_cookies(pages::login(ui, lang, &view, StatusCode::OK), cookies)
                 }
                 Err(e) => unavailable(&e, true),
             }
         }
-        "/.pbxgate/link" => pages::link_landing(&product, &query(&request, "token")),
-        "/.pbxgate/logout" => pages::logout_form(&product),
+        "/.pbxgate/link" => pages::link_landing(ui, lang, &query(&request, "token")),
+        "/.pbxgate/logout" => pages::logout_form(ui, lang),
         "/.pbxgate/passkey-offer" | "/.pbxgate/account" => {
             let here = path.to_string();
             let principal =
@@ -238,12 +236,13 @@ pub(crate) async fn handle(
                     Ok(p) => p,
                     Err(answer) => return answer,
                 };
+            let lang = state.lang_of(principal.user(), lang);
             if here == "/.pbxgate/passkey-offer" {
                 let required = principal.record.must_register_passkey;
-                return pages::passkey_offer(&product, &safe_rd(&query(&request, "rd")), required);
+                return pages::passkey_offer(ui, lang, &safe_rd(&query(&request, "rd")), required);
             }
-            match account_view(state, &principal).await {
-                Ok(view) => pages::account(&product, &view),
+            match account_view(state, &principal, lang).await {
+                Ok(view) => pages::account(ui, lang, &view),
                 Err(e) => unavailable(&e, true),
             }
         }
@@ -266,25 +265,39 @@ pub(crate) async fn handle(
     }
 }
 
-async fn account_view(state: &State, p: &Principal) -> Result<pages::AccountView, StoreError> {
+async fn account_view(state: &State, p: &Principal, lang: Lang) -> Result<pages::AccountView, StoreError> {
     let now = now_ms();
+    let when = |ms| crate::ui::i18n::when(lang, ms);
     let passkeys = state
         .store
         .passkeys_of(p.user())
         .await?
         .into_iter()
-        .map(|k| (k.cred_id, k.name, pages::when(Some(k.created_ms)), pages::when(k.last_used_ms)))
+        .map(|k| pages::PasskeyItem {
+            id: k.cred_id,
+            name: k.name,
+            created: when(Some(k.created_ms)),
+            used: when(k.last_used_ms),
+        })
         .collect();
     let sessions = state
         .store
         .sessions_of(p.user(), now)
         .await?
         .into_iter()
-        .map(|(hash, s)| {
-            (hash == p.session, pages::when(Some(s.created_ms)), pages::when(Some(s.last_seen_ms)), s.ip)
+        .map(|(hash, s)| pages::SessionItem {
+            current: hash == p.session,
+            created: when(Some(s.created_ms)),
+            seen: when(Some(s.last_seen_ms)),
+            ip: s.ip,
         })
         .collect();
-    Ok(pages::AccountView { user: p.user().to_string(), passkeys, sessions })
+    Ok(pages::AccountView {
+        user: p.user().to_string(),
+        passkeys,
+        sessions,
+        notice: pages::Notice::default(),
+    })
 }
 
 async fn account_json(state: &State, p: &Principal, path: &str) -> Result<serde_json::Value, StoreError> {
@@ -375,7 +388,7 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Option<T> {
 }
 
 pub(crate) fn bad_request() -> Response<Body> {
-    api_error(StatusCode::BAD_REQUEST, "bad_request", "The request could not be understood.")
+    api_error(StatusCode::BAD_REQUEST, "bad_request", "error.bad_request")
 }
 
 async fn post(
@@ -391,7 +404,7 @@ async fn post(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("application/json"));
     let Some(body) = read_body(request).await else {
-        return api_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "The request is too large.");
+        return api_error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "api.request_too_large");
     };
     let person = |endpoint| authorized(state, ctx, &headers, endpoint, path, false);
     match path {
@@ -408,11 +421,11 @@ async fn post(
             match request_link(state, ctx, origin, &login, &safe_rd(&rd)).await {
                 Ok(true) if is_json => json(
                     StatusCode::OK,
-                    &serde_json::json!({"status": "sent", "message": "If an account matches, we sent a sign-in link to its email address."})
+                    &serde_json::json!({"status": "sent", "message": state.ui.text(ctx.lang, "link_sent.short", &[])})
                         .to_string(),
                 ),
-                Ok(true) => pages::link_sent(&state.product_name(), state.config.links.ttl.as_secs().div_ceil(60)),
-                Ok(false) => too_many(state, is_json),
+                Ok(true) => pages::link_sent(&state.ui, ctx.lang, state.config.links.ttl),
+                Ok(false) => too_many(state, ctx, is_json),
                 Err(e) => unavailable(&e, !is_json),
             }
         }
@@ -440,7 +453,7 @@ async fn post(
             let Some(start) = parse::<LoginStart>(&body) else { return bad_request() };
             match regulate::attempt(&state.store, regulate::Kind::PasskeyStart, "", ctx.client_ip).await {
                 Ok(true) => {}
-                Ok(false) => return too_many(state, true),
+                Ok(false) => return too_many(state, ctx, true),
                 Err(e) => return unavailable(&e, false),
             }
             // A name typed first binds the ceremony to that account (whichever
@@ -459,7 +472,7 @@ async fn post(
                 Err(PasskeyError::Store(e)) => unavailable(&e, false),
                 Err(e) => {
                     tracing::warn!(error = %e, "passkey login could not start");
-                    api_error(StatusCode::BAD_REQUEST, "passkey_failed", "Passkey sign-in could not start.")
+                    api_error(StatusCode::BAD_REQUEST, "passkey_failed", "api.passkey_start_failed")
                 }
             }
         }
@@ -563,7 +576,7 @@ async fn post(
                         action = path.rsplit('/').next().unwrap_or(""), "passkey changed");
                     json(StatusCode::OK, "{\"status\":\"ok\"}")
                 }
-                Ok(false) => api_error(StatusCode::NOT_FOUND, "not_found", "No such passkey."),
+                Ok(false) => api_error(StatusCode::NOT_FOUND, "not_found", "api.no_such_passkey"),
                 Err(e) => unavailable(&e, false),
             }
         }
@@ -577,15 +590,11 @@ async fn post(
                 policy.user(principal.user()).is_some_and(|u| u.password_login)
             };
             if !allowed {
-                return api_error(
-                    StatusCode::FORBIDDEN,
-                    "not_allowed",
-                    "Passwords are set by an administrator here.",
-                );
+                return api_error(StatusCode::FORBIDDEN, "not_allowed", "api.passwords_by_admin");
             }
             let Some(new) = parse::<NewPassword>(&body) else { return bad_request() };
-            if let Err(message) = passwords::check_new(&state.config.passwords, &new.password) {
-                return api_error(StatusCode::BAD_REQUEST, "weak_password", &message);
+            if let Err(weak) = passwords::check_new(&state.config.passwords, &new.password) {
+                return weak.answer();
             }
             let hash = match passwords::hash(new.password).await {
                 Ok(h) => h,
@@ -617,26 +626,16 @@ async fn post(
 fn passkey_error(e: PasskeyError) -> Response<Body> {
     match e {
         PasskeyError::Store(e) => unavailable(&e, false),
-        PasskeyError::Expired => api_error(
-            StatusCode::BAD_REQUEST,
-            "ceremony_expired",
-            "This passkey request expired. Please try again.",
-        ),
-        PasskeyError::Duplicate => {
-            api_error(StatusCode::CONFLICT, "duplicate", "This passkey is already registered.")
+        PasskeyError::Expired => {
+            api_error(StatusCode::BAD_REQUEST, "ceremony_expired", "api.ceremony_expired")
         }
-        PasskeyError::TooMany => api_error(
-            StatusCode::CONFLICT,
-            "too_many_passkeys",
-            "This account has the maximum number of passkeys. Delete one first.",
-        ),
+        PasskeyError::Duplicate => api_error(StatusCode::CONFLICT, "duplicate", "api.duplicate_passkey"),
+        PasskeyError::TooMany => {
+            api_error(StatusCode::CONFLICT, "too_many_passkeys", "api.too_many_passkeys")
+        }
         PasskeyError::Rejected(detail) | PasskeyError::Refused { detail, .. } => {
             tracing::info!(%detail, "passkey registration rejected");
-            api_error(
-                StatusCode::BAD_REQUEST,
-                "passkey_failed",
-                "The passkey was not accepted. Please try again.",
-            )
+            api_error(StatusCode::BAD_REQUEST, "passkey_failed", "api.passkey_rejected")
         }
     }
 }
@@ -692,14 +691,14 @@ async fn consume_link(
     token: &str,
     headers: &http::HeaderMap,
 ) -> Response<Body> {
-    let product = state.product_name();
+    let (ui, lang) = (&*state.ui, ctx.lang);
     match regulate::attempt(&state.store, regulate::Kind::Failure, "", ctx.client_ip).await {
         Ok(true) => {}
-        Ok(false) => return too_many(state, false),
+        Ok(false) => return too_many(state, ctx, false),
         Err(e) => return unavailable(&e, true),
     }
     let Some(token) = Secret::parse(token) else {
-        return pages::link_failed(&product);
+        return pages::link_failed(ui, lang);
     };
     let mut value = None;
     for kind in [OneTime::MagicLink, OneTime::Invite] {
@@ -714,7 +713,7 @@ async fn consume_link(
     }
     let Some((kind, value)) = value else {
         tracing::info!(target: "pbxgate::audit", client = %ctx.client_ip, link = token.hash().short_id(), "expired or used link");
-        return pages::link_failed(&product);
+        return pages::link_failed(ui, lang);
     };
     let value: serde_json::Value = serde_json::from_slice(&value).unwrap_or_default();
     let login = value["user"].as_str().unwrap_or_default().to_string();
@@ -725,7 +724,7 @@ async fn consume_link(
         Err(reason) => {
             tracing::warn!(target: "pbxgate::audit", user = %login, client = %ctx.client_ip, reason, "link sign-in refused");
             record(state, &login, method, reason, ctx.client_ip, &ctx.user_agent).await;
-            return pages::link_failed(&product);
+            return pages::link_failed(ui, lang);
         }
     };
     let previous = cookies::read(headers, cookies::SESSION);
@@ -753,7 +752,7 @@ async fn password_login(
     let account = regulate::account(&state.policy.load(), &login);
     match regulate::attempt(&state.store, regulate::Kind::Failure, &account, ctx.client_ip).await {
         Ok(true) => {}
-        Ok(false) => return too_many(state, is_json),
+        Ok(false) => return too_many(state, ctx, is_json),
         Err(e) => return unavailable(&e, !is_json),
     }
     let candidate = may_sign_in(state, &login, Proof::Password, ctx.client_ip).ok();
@@ -790,18 +789,12 @@ async fn password_login(
             record(state, &name, "password", "bad_credentials", ctx.client_ip, &ctx.user_agent).await;
         }
         tracing::info!(target: "pbxgate::audit", client = %ctx.client_ip, "password sign-in failed");
-        let message = "Wrong name or password, or password sign-in is not enabled for this account.";
+        let key = "login.bad_credentials";
         return if is_json {
-            api_error(StatusCode::UNAUTHORIZED, "bad_credentials", message)
+            api_error(StatusCode::UNAUTHORIZED, "bad_credentials", key)
         } else {
-            let view = pages::LoginView {
-                rd: &rd,
-                login: &login,
-                error: Some(message),
-                info: None,
-                passwords: true,
-            };
-            pages::login(&state.product_name(), &view, StatusCode::UNAUTHORIZED)
+            let view = pages::LoginView { rd: &rd, login: &login, error: Some(key), passwords: true };
+            pages::login(&state.ui, ctx.lang, &view, StatusCode::UNAUTHORIZED)
         };
     };
     let previous = cookies::read(headers, cookies::SESSION);
@@ -822,17 +815,13 @@ async fn passkey_login(
 ) -> Response<Body> {
     match regulate::attempt(&state.store, regulate::Kind::Failure, "", ctx.client_ip).await {
         Ok(true) => {}
-        Ok(false) => return too_many(state, true),
+        Ok(false) => return too_many(state, ctx, true),
         Err(e) => return unavailable(&e, false),
     }
     let failed = |detail: String| async move {
         tracing::info!(target: "pbxgate::audit", client = %ctx.client_ip, %detail, "passkey sign-in failed");
         state.metrics.login("passkey", false);
-        api_error(
-            StatusCode::UNAUTHORIZED,
-            "passkey_failed",
-            "That passkey did not work. Try again, or ask for a sign-in link.",
-        )
+        api_error(StatusCode::UNAUTHORIZED, "passkey_failed", "api.passkey_login_failed")
     };
     let Some(ceremony) = Secret::parse(&finish.ceremony) else {
         return failed("malformed ceremony id".into()).await;
@@ -854,7 +843,7 @@ async fn passkey_login(
     let account = regulate::account(&state.policy.load(), &signed_in.user);
     match regulate::account_locked(&state.store, &account).await {
         Ok(false) => {}
-        Ok(true) => return too_many(state, true),
+        Ok(true) => return too_many(state, ctx, true),
         Err(e) => return unavailable(&e, false),
     }
     let user = match may_sign_in(state, &signed_in.user, Proof::Passkey, ctx.client_ip) {
@@ -921,6 +910,6 @@ async fn logout(
     if is_json {
         with_cookies(json(StatusCode::OK, "{\"redirect\":\"/.pbxgate/login\"}"), clear)
     } else {
-        with_cookies(pages::logged_out(&state.product_name(), everywhere), clear)
+        with_cookies(pages::logged_out(&state.ui, ctx.lang, everywhere), clear)
     }
 }

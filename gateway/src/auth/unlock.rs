@@ -7,14 +7,15 @@ use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use webauthn_rs::prelude::PublicKeyCredential;
 
 use super::passkeys::PasskeyError;
 use super::routes::{api_error, authorized, bad_request, form, parse, see_other, unavailable, Ctx};
 use super::{pages, passwords, regulate, safe_rd, Principal};
-use crate::error::{escape, json, respond, Refusal};
+use crate::error::{json, respond, Refusal};
 use crate::store::{now_ms, Secret};
+use crate::ui::i18n;
 use crate::{Body, State};
 use pbxgate_policies::Endpoint;
 
@@ -37,13 +38,32 @@ fn choices(max: Duration) -> Vec<u64> {
     out
 }
 
+#[derive(Serialize)]
+struct Choice {
+    minutes: u64,
+    label: String,
+    selected: bool,
+}
+
+#[derive(Serialize)]
+struct UnlockView<'a> {
+    rd: &'a str,
+    unlocked_until: Option<String>,
+    choices: Vec<Choice>,
+    password: bool,
+    #[serde(flatten)]
+    notice: pages::Notice,
+}
+
+/// The unlock page; `error`: a message key.
 pub(crate) fn page(
     state: &State,
+    ctx: &Ctx<'_>,
     p: &Principal,
-    ip: IpAddr,
     rd: &str,
     error: Option<&str>,
 ) -> Response<Body> {
+    let lang = state.lang_of(p.user(), ctx.lang);
     let (scope, max) = scope_for(state, rd);
     let now = now_ms() / 1000;
     let unlocked_until = p
@@ -51,52 +71,24 @@ pub(crate) fn page(
         .unlocked
         .iter()
         .find(|(s, until)| *s == scope && *until > now)
-        .map(|(_, until)| until * 1000);
-    let options: String = choices(max)
-        .iter()
-        .map(|m| {
-            let label = if *m >= 60 && m % 60 == 0 {
-                format!("{} hour{}", m / 60, if *m == 60 { "" } else { "s" })
-            } else {
-                format!("{m} minutes")
-            };
-            let selected = if *m == 5 { " selected" } else { "" };
-            format!("<option value=\"{m}\"{selected}>{label}</option>")
+        .map(|(_, until)| i18n::when(lang, Some(until * 1000)));
+    let choices = choices(max)
+        .into_iter()
+        .map(|m| Choice {
+            minutes: m,
+            label: i18n::duration(lang, Duration::from_secs(m * 60)),
+            selected: m == 5,
         })
         .collect();
-    let password = password_allowed(state, p, ip);
-    let password_form = if password {
-        format!(
-            "<details class=\"password\"><summary>Unlock with your password</summary>\
-             <form method=\"post\" action=\"/.pbxgate/unlock/password\">\
-             <input type=\"hidden\" name=\"rd\" value=\"{rd}\"><input type=\"hidden\" name=\"minutes\" value=\"5\" id=\"password-minutes\">\
-             <label>Password<input type=\"password\" name=\"password\" autocomplete=\"current-password\"></label>\
-             <button type=\"submit\">Unlock</button></form></details>",
-            rd = escape(rd)
-        )
-    } else {
-        String::new()
+    let view = UnlockView {
+        rd,
+        unlocked_until,
+        choices,
+        password: password_allowed(state, p, ctx.client_ip),
+        notice: error.map(|key| pages::Notice::error(state.ui.text(lang, key, &[]))).unwrap_or_default(),
     };
-    let lock = match unlocked_until {
-        Some(until) => format!(
-            "<p>Unlocked until {}. <form method=\"post\" action=\"/.pbxgate/unlock/end\" class=\"inline\">\
-             <button type=\"submit\" id=\"lock-button\">Lock now</button></form></p>",
-            pages::when(Some(until))
-        ),
-        None => String::new(),
-    };
-    let notice = match error {
-        Some(e) => format!("<p class=\"notice error\" id=\"status\" role=\"status\">{}</p>", escape(e)),
-        None => "<p class=\"notice\" id=\"status\" role=\"status\" hidden></p>".into(),
-    };
-    let body = format!(
-        "<p>This section is locked. Confirm it is you to unlock it for a while.</p>{notice}{lock}\
-         <form id=\"unlock-form\" data-rd=\"{rd}\"><input type=\"hidden\" id=\"rd\" value=\"{rd}\">\
-         <label for=\"minutes\">Unlock for</label><select id=\"minutes\" name=\"minutes\">{options}</select>\
-         <button type=\"submit\" class=\"primary\" id=\"unlock-button\">Unlock with a passkey</button></form>{password_form}",
-        rd = escape(rd)
-    );
-    pages::render(StatusCode::OK, &state.product_name(), "unlock", "Unlock", &body)
+    let title = state.ui.text(lang, "unlock.title", &[]);
+    state.ui.page(lang, StatusCode::OK, "unlock.html", "unlock", &title, &view)
 }
 
 /// Whether the policy lets this person prove who they are with a password, from here.
@@ -159,7 +151,7 @@ pub(crate) async fn handle(
         Err(answer) => return answer,
     };
     if request.method() == http::Method::GET {
-        return page(state, &p, ctx.client_ip, &safe_rd(&rd_query), None);
+        return page(state, ctx, &p, &safe_rd(&rd_query), None);
     }
     let Some(body) = super::routes::read_body(request).await else {
         return bad_request();
@@ -168,7 +160,7 @@ pub(crate) async fn handle(
         "/.pbxgate/api/unlock/start" => {
             let has_keys = state.store.passkey_count(p.user()).await.unwrap_or(0) > 0;
             if !has_keys {
-                return api_error(StatusCode::BAD_REQUEST, "no_passkey", "This account has no passkey yet.");
+                return api_error(StatusCode::BAD_REQUEST, "no_passkey", "api.no_passkey");
             }
             match regulate::attempt(&state.store, regulate::Kind::PasskeyStart, "", ctx.client_ip).await {
                 Ok(true) => {}
@@ -181,7 +173,7 @@ pub(crate) async fn handle(
                     json(StatusCode::OK, &options.to_string())
                 }
                 Err(PasskeyError::Store(e)) => unavailable(&e, false),
-                Err(_) => api_error(StatusCode::BAD_REQUEST, "passkey_failed", "Could not start."),
+                Err(_) => api_error(StatusCode::BAD_REQUEST, "passkey_failed", "api.passkey_start_failed"),
             }
         }
         "/.pbxgate/api/unlock/finish" => {
@@ -193,9 +185,8 @@ pub(crate) async fn handle(
                 Ok(false) => return respond(&Refusal::TooManyAttempts, false),
                 Err(e) => return unavailable(&e, false),
             }
-            let failed = || {
-                api_error(StatusCode::UNAUTHORIZED, "passkey_failed", "That passkey did not work. Try again.")
-            };
+            let failed =
+                || api_error(StatusCode::UNAUTHORIZED, "passkey_failed", "api.passkey_unlock_failed");
             match state.auth.passkeys.finish_login(&state.store, &ceremony, &finish.credential).await {
                 Ok(signed) if signed.user == p.user() => {
                     if let Err(e) = regulate::succeeded(&state.store, &account).await {
@@ -227,15 +218,7 @@ pub(crate) async fn handle(
             let account = regulate::account(&state.policy.load(), p.user());
             match regulate::attempt(&state.store, regulate::Kind::Failure, &account, ctx.client_ip).await {
                 Ok(true) => {}
-                Ok(false) => {
-                    return page(
-                        state,
-                        &p,
-                        ctx.client_ip,
-                        &rd,
-                        Some("Too many attempts. Please wait a few minutes and try again."),
-                    )
-                }
+                Ok(false) => return page(state, ctx, &p, &rd, Some("error.too_many_attempts")),
                 Err(e) => return unavailable(&e, true),
             }
             let hash = if allowed { state.store.password_hash(p.user()).await.ok().flatten() } else { None };
@@ -254,7 +237,7 @@ pub(crate) async fn handle(
                     &ctx.user_agent,
                 )
                 .await;
-                return page(state, &p, ctx.client_ip, &rd, Some("That password did not work."));
+                return page(state, ctx, &p, &rd, Some("unlock.bad_password"));
             }
             if let Err(e) = regulate::succeeded(&state.store, &account).await {
                 return unavailable(&e, true);

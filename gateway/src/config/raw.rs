@@ -50,6 +50,8 @@ pub struct RawConfig {
     log: RawLog,
     #[serde(default)]
     bootstrap: RawBootstrap,
+    #[serde(default)]
+    ui: RawUi,
 }
 
 fn d_public_url() -> String {
@@ -177,6 +179,15 @@ defaults!(RawHeaders {
 });
 
 defaults!(RawLog { format: String = "pretty" });
+
+defaults!(RawUi {
+    product_name: String = "",
+    logo: String = "",
+    accent_color: String = "",
+    support: String = "",
+    default_language: String = "en",
+    templates_dir: String = "",
+});
 
 defaults!(RawBootstrap { admin: String = "", one_time_password_file: String = "" });
 
@@ -818,6 +829,35 @@ impl RawConfig {
             }
         }
 
+        let u = &self.ui;
+        let logo = c.file("ui.logo", base, &u.logo);
+        if let Some(logo) = &logo {
+            if crate::ui::LogoKind::of(logo).is_none() {
+                c.error("ui.logo", format!("{}: use an .svg or .png file", logo.display()));
+            }
+        }
+        let accent_color = Some(u.accent_color.trim()).filter(|a| !a.is_empty()).map(str::to_ascii_lowercase);
+        if let Some(accent) = accent_color.as_deref().filter(|a| !is_hex_colour(a)) {
+            c.error("ui.accent_color", format!("{accent:?}: use a colour like \"#1f6feb\" or \"#36c\""));
+        }
+        let default_language = crate::ui::Lang::from_tag(&u.default_language).unwrap_or_else(|| {
+            c.error("ui.default_language", format!("{:?}: use en, de, fr, es, it or nl", u.default_language));
+            crate::ui::Lang::En
+        });
+        let templates_dir = Some(u.templates_dir.trim()).filter(|d| !d.is_empty()).map(|d| resolve(base, d));
+        if let Some(dir) = templates_dir.as_ref().filter(|d| !d.is_dir()) {
+            c.error("ui.templates_dir", format!("{}: no such directory", dir.display()));
+        }
+        let support = Some(u.support.trim()).filter(|s| !s.is_empty()).map(str::to_string);
+        if support.as_ref().is_some_and(|s| s.chars().count() > 120 || s.chars().any(char::is_control)) {
+            c.error("ui.support", "one line of at most 120 characters");
+        }
+        let product_name = match u.product_name.trim() {
+            "" => self.webauthn.rp_name.clone(),
+            name => name.to_string(),
+        };
+        let ui = UiSettings { product_name, logo, accent_color, support, default_language, templates_dir };
+
         match (policy, public_url, c.errors.is_empty()) {
             (Some(policy), Some(public_url), true) => Ok(Config {
                 source: source.to_path_buf(),
@@ -839,6 +879,7 @@ impl RawConfig {
                 headers,
                 log: Log { format },
                 bootstrap,
+                ui,
             }),
             _ => Err(ConfigErrors(c.errors)),
         }
@@ -906,6 +947,12 @@ fn parse_public_url(c: &mut Check, text: &str) -> Option<PublicUrl> {
         _ => format!("{scheme}://{host}"),
     };
     Some(PublicUrl { https, host, port, origin })
+}
+
+/// `#rgb` or `#rrggbb`: nothing else reaches the stylesheet or an email.
+fn is_hex_colour(text: &str) -> bool {
+    text.strip_prefix('#')
+        .is_some_and(|hex| matches!(hex.len(), 3 | 6) && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// `Strict-Transport-Security` for `tls.hsts_max_age`; none for zero.

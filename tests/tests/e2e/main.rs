@@ -9,6 +9,7 @@ mod deploy;
 mod hardening;
 mod lifecycle;
 mod login;
+mod pages;
 mod proxy;
 mod review;
 mod screening;
