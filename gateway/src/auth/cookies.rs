@@ -102,10 +102,14 @@ pub fn clear(name: &str) -> HeaderValue {
 }
 
 /// The language picked on the sign-in page, for a year. A preference, not
-/// a secret: readable by the page, sent to no other site.
+/// a secret; named like the gateway's other cookies, so it never reaches
+/// the PBX.
 pub fn language(lang: crate::ui::Lang) -> HeaderValue {
-    let value =
-        format!("{}={}; Path=/; SameSite=Lax; Max-Age=31536000", crate::ui::i18n::LANG_COOKIE, lang.code());
+    let value = format!(
+        "{}={}; Secure; Path=/; SameSite=Lax; Max-Age=31536000",
+        crate::ui::i18n::LANG_COOKIE,
+        lang.code()
+    );
     HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 

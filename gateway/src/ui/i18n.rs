@@ -67,7 +67,7 @@ impl Lang {
 }
 
 /// The cookie that remembers the language picked on the sign-in page.
-pub const LANG_COOKIE: &str = "pbxgate-lang";
+pub const LANG_COOKIE: &str = "__Host-pbxgate-lang";
 
 /// The language for a request from someone not (yet) known: the one picked
 /// on the sign-in page, else the best of `Accept-Language`, else `default`.

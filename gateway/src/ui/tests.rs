@@ -125,7 +125,7 @@ fn accept_language_is_weighed() {
     assert_eq!(pick("fr;q=garbage, nl"), Lang::Nl);
     let mut headers = HeaderMap::new();
     headers.insert(http::header::ACCEPT_LANGUAGE, http::HeaderValue::from_static("de"));
-    headers.insert(http::header::COOKIE, http::HeaderValue::from_static("a=b; pbxgate-lang=it"));
+    headers.insert(http::header::COOKIE, http::HeaderValue::from_static("a=b; __Host-pbxgate-lang=it"));
     assert_eq!(i18n::negotiate(&headers, Lang::En), Lang::It, "the picked language wins");
     assert_eq!(i18n::negotiate(&HeaderMap::new(), Lang::Fr), Lang::Fr);
 }
