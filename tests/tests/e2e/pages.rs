@@ -73,3 +73,22 @@ async fn json_errors_and_emails_speak_the_persons_language() {
     let reply = https_get(addr, "/.pbxgate/api/me", &[("host", "localhost")]).await;
     assert_eq!(reply.json()["message"], "Please sign in.");
 }
+
+/// An error page never leaves a person stuck: it offers the start page,
+/// their account and another sign-in, in their language.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_pages_offer_a_way_on() {
+    let rig = Rig::start("").await;
+    let headers = [("accept", "text/html"), ("accept-language", "de")];
+    let reply = https_get(rig.gw.https(), "/.pbxgate/nothing-here", &headers).await;
+    assert_eq!(reply.status, 404);
+    let page = reply.text();
+    for (id, href, words) in [
+        ("way-home", "/", "Zur Startseite"),
+        ("way-account", "/.pbxgate/account", "Ihr Konto"),
+        ("way-switch", "/.pbxgate/logout", "Mit einem anderen Konto anmelden"),
+    ] {
+        let link = format!("<a href=\"{href}\" id=\"{id}\">{words}</a>");
+        assert!(page.contains(&link), "{link} in {page}");
+    }
+}
