@@ -333,34 +333,9 @@ pub(crate) fn from_environment(
 const ENV_PREFIX: &str = "PBXGATE_";
 const ENV_SPLIT: &str = "__";
 
-/// The field names a derived `Deserialize` struct accepts, as serde hands
-/// them to the deserializer: the schema stays in the raw structs alone.
-pub(crate) fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
-    use serde::de::{Error, Visitor};
-    struct Grab<'a>(&'a mut &'static [&'static str]);
-    impl<'de> Deserializer<'de> for Grab<'_> {
-        type Error = serde::de::value::Error;
-        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
-            Err(Self::Error::custom("not a struct"))
-        }
-        fn deserialize_struct<V: Visitor<'de>>(
-            self,
-            _: &'static str,
-            fields: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            *self.0 = fields;
-            Err(Self::Error::custom("fields read"))
-        }
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
-            unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
-        }
-    }
-    let mut fields: &'static [&'static str] = &[];
-    let _ = T::deserialize(Grab(&mut fields));
-    fields
-}
+/// The field names a derived `Deserialize` struct accepts (one helper for
+/// both files: the policy's parser has it).
+pub(crate) use pbxgate_policies::fields_of;
 
 pub(crate) fn env_provider() -> Env {
     Env::prefixed(ENV_PREFIX).split(ENV_SPLIT)

@@ -18,7 +18,7 @@ pub use decide::{
 };
 pub use host::{parse_host, Host, HostError};
 pub use path::{lenient_reading, normalize_path, PathError};
-pub use policy::{Access, Domain, Policy, PolicyError, Role, RoleSettings, Route, User};
+pub use policy::{fields_of, Access, Domain, Policy, PolicyError, Role, RoleSettings, Route, User};
 pub use screen::{screen, DropReason, Screen};
 
 use std::net::IpAddr;

@@ -686,7 +686,7 @@ fn typed<T: serde::de::DeserializeOwned>(table: &toml::Table, at: &str, errors: 
 
 /// The field names a derived `Deserialize` struct accepts, as serde hands
 /// them to the deserializer: the schema stays in the struct alone.
-fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+pub fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
     use serde::de::{Error, Visitor};
     struct Grab<'a>(&'a mut &'static [&'static str]);
     impl<'de> serde::Deserializer<'de> for Grab<'_> {
