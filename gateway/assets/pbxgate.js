@@ -97,8 +97,12 @@
   }
 
   function explain(error) {
-    if (error && error.name === "NotAllowedError") return words.cancelled;
+    // Browsers report a key that cannot be a passkey here (no resident key,
+    // no user verification: a U2F-only key, a key without a PIN) as they
+    // report a cancelled request, so the message names both.
+    if (error && error.name === "NotAllowedError") return `${words.cancelled} ${words.unusable}`;
     if (error && error.name === "InvalidStateError") return words.alreadyRegistered;
+    if (error && (error.name === "NotSupportedError" || error.name === "ConstraintError")) return words.unusable;
     if (error && error.name === "AbortError") return null;
     return (error && error.message) || words.failed;
   }

@@ -27,6 +27,13 @@ impl Browser {
     /// Starts Chromium with a fresh profile and a page that has a virtual
     /// platform authenticator (resident keys, user verification).
     pub async fn start() -> Self {
+        Self::start_with_key(true, true).await
+    }
+
+    /// As [`Browser::start`], with an authenticator that can or cannot keep
+    /// resident keys and verify its user (a U2F-style security key can do
+    /// neither).
+    pub async fn start_with_key(resident_key: bool, user_verification: bool) -> Self {
         assert!(
             std::path::Path::new(CHROMIUM).is_file(),
             "{CHROMIUM} is missing: install it with `apt-get install -y chromium` (scripts/test does this)"
@@ -55,9 +62,9 @@ impl Browser {
         let options = VirtualAuthenticatorOptions::builder()
             .protocol(AuthenticatorProtocol::Ctap2)
             .transport(AuthenticatorTransport::Internal)
-            .has_resident_key(true)
-            .has_user_verification(true)
-            .is_user_verified(true)
+            .has_resident_key(resident_key)
+            .has_user_verification(user_verification)
+            .is_user_verified(user_verification)
             .automatic_presence_simulation(true)
             .build()
             .expect("authenticator options");

@@ -92,3 +92,30 @@ async fn error_pages_offer_a_way_on() {
         assert!(page.contains(&link), "{link} in {page}");
     }
 }
+
+/// A security key that cannot be a passkey here (no resident key, no user
+/// verification) is named as a possible cause, not only as a cancelled request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_cannot_be_a_passkey_says_so() {
+    let rig = Rig::start("").await;
+    let origin = rig.origin();
+    let browser = Browser::start_with_key(false, false).await;
+    browser.goto(&format!("{origin}/.pbxgate/login?rd=/welcome")).await;
+    browser.wait_for_path("/.pbxgate/login").await;
+    browser.fill("#login", "100").await;
+    browser.click("#link-button").await;
+    let link = rig.smtp.wait_for("alice@example.com", 0).link();
+    browser.goto(&link).await;
+    browser.wait_for_path("/.pbxgate/passkey-offer").await;
+    browser.click("#register-button").await;
+    browser.wait_until("!document.getElementById('status').hidden", "a message about the key").await;
+    let said = browser.eval("document.getElementById('status').textContent").await;
+    assert_eq!(
+        said,
+        "The passkey request was cancelled or timed out. If you did not cancel it, this key cannot be used \
+         here: it must be a passkey that asks for your PIN, fingerprint or face.",
+        "{said}"
+    );
+    assert!(browser.credentials().await.is_empty());
+    browser.close().await;
+}
