@@ -96,6 +96,14 @@
     });
   }
 
+  // Destructive admin actions (revoke, delete, reset, sign out everywhere)
+  // ask first.
+  for (const form of document.querySelectorAll("form[data-confirm]")) {
+    form.addEventListener("submit", (event) => {
+      if (!window.confirm(form.dataset.confirm)) event.preventDefault();
+    });
+  }
+
   function explain(error) {
     // Browsers report a key that cannot be a passkey here (no resident key,
     // no user verification: a U2F-only key, a key without a PIN) as they

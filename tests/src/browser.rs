@@ -83,6 +83,21 @@ impl Browser {
 
     /// Sends `Accept-Language: value` with every request from now on, as a
     /// browser set to that language does.
+    /// Lays pages out as a screen `width` CSS pixels wide (390: a phone).
+    pub async fn width(&self, width: i64) {
+        use chromiumoxide::cdp::browser_protocol::emulation::SetDeviceMetricsOverrideParams;
+        self.page
+            .execute(SetDeviceMetricsOverrideParams::new(width, 844, 1.0, width < 600))
+            .await
+            .expect("Emulation.setDeviceMetricsOverride");
+    }
+
+    /// Whether the page is laid out wider than `width` CSS pixels (something
+    /// spills off a screen that wide; a phone's browser would zoom out).
+    pub async fn overflows(&self, width: i64) -> bool {
+        self.eval(&format!("document.documentElement.scrollWidth > {width}")).await == true
+    }
+
     pub async fn accept_language(&self, value: &str) {
         use chromiumoxide::cdp::browser_protocol::network::{
             EnableParams, Headers, SetExtraHttpHeadersParams,

@@ -227,6 +227,21 @@ async fn unlock_with_a_passkey_in_the_browser_and_the_admin_pages() {
     browser.goto(&format!("{origin}/.pbxgate/admin/user?name=103")).await;
     browser.wait_for_path("/.pbxgate/admin/user").await;
     assert_eq!(browser.eval("document.querySelectorAll('#tokens tr').length").await, 2, "one remember token");
+    // Destructive actions ask first; at phone width nothing spills off the screen.
+    let confirmed = "Array.from(document.querySelectorAll('form[action=\"/.pbxgate/admin/action\"]')) \
+                     .filter(f => !f.dataset.confirm).map(f => f.querySelector('[name=action]').value)";
+    assert_eq!(browser.eval(confirmed).await, serde_json::json!(["set-onboarding"]));
+    browser.width(390).await;
+    for page in
+        ["/.pbxgate/admin", "/.pbxgate/admin/user?name=103", "/.pbxgate/admin/history", "/.pbxgate/account"]
+    {
+        browser.goto(&format!("{origin}{page}")).await;
+        browser.wait_until("document.readyState === 'complete'", page).await;
+        assert!(!browser.overflows(390).await, "{page} is wider than a phone");
+    }
+    browser.width(1280).await;
+    browser.goto(&format!("{origin}/.pbxgate/admin/user?name=103")).await;
+    browser.wait_for_path("/.pbxgate/admin/user").await;
     assert_eq!(browser.eval("document.querySelectorAll('#passkeys tr').length").await, 2, "one passkey");
     browser.goto(&format!("{origin}/.pbxgate/admin/history")).await;
     browser.wait_for_path("/.pbxgate/admin/history").await;
