@@ -11,7 +11,6 @@ mod lifecycle;
 mod login;
 mod pages;
 mod proxy;
-mod review;
 mod screening;
 mod store;
 mod tls;
