@@ -6,6 +6,7 @@
 //! binary; `[ui] templates_dir` may hold an operator's versions of any of
 //! them, by the same name, read and checked at start.
 
+pub mod device;
 pub mod i18n;
 
 use std::path::Path;
@@ -317,14 +318,14 @@ pub(crate) mod samples {
             (
                 "admin-user.html",
                 "admin-user",
-                json!({"history_href": "/", "user": "u", "sessions": 1, "onboarding": true,
+                json!({"history_href": "/", "user": "u", "sessions": 1, "onboarding": true, "required_by": "",
                 "tokens": [{"id": "i", "created": "c", "last_used": "l", "last_ip": "ip", "user_agent": "ua", "expires": "e"}],
                 "passkeys": [{"id": "i", "name": "n", "created": "c", "last_used": "l"}]}),
             ),
             (
                 "admin-user.html",
                 "admin-user",
-                json!({"history_href": "/", "user": "u", "sessions": 0, "onboarding": false,
+                json!({"history_href": "/", "user": "u", "sessions": 0, "onboarding": false, "required_by": "r",
                 "tokens": [], "passkeys": []}),
             ),
             (

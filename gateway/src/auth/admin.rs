@@ -225,6 +225,18 @@ async fn users_page(state: &State, lang: Lang) -> Result<Response<Body>, StoreEr
     Ok(state.ui.page(lang, StatusCode::OK, "admin.html", "admin", &title, &View { users }))
 }
 
+/// "Chrome on Linux", in the reader's language; the agent as sent when it
+/// names no browser and system.
+fn device(state: &State, lang: Lang, user_agent: &serde_json::Value) -> String {
+    let agent = user_agent.as_str().unwrap_or_default();
+    match crate::ui::device::describe(agent) {
+        Some((browser, system)) => {
+            state.ui.text(lang, "admin.device", &[("browser", browser), ("system", system)])
+        }
+        None => agent.to_string(),
+    }
+}
+
 #[derive(Serialize)]
 struct TokenRow {
     id: String,
@@ -251,6 +263,23 @@ struct UserView {
     passkeys: Vec<PasskeyRow>,
     sessions: usize,
     onboarding: bool,
+    /// Why the policy requires a passkey of this person, in words; empty
+    /// when it does not.
+    required_by: String,
+}
+
+/// "Required by the role admin" or "Required for this account", as the
+/// policy says; empty when the policy leaves it to the admins.
+fn required_by(state: &State, lang: Lang, name: &str) -> String {
+    let policy = state.policy.load();
+    let Some(user) = policy.user(name) else { return String::new() };
+    if user.require_passkey {
+        state.ui.text(lang, "admin.required_by_account", &[])
+    } else if policy.role_settings(user.role).is_some_and(|r| r.require_passkey) {
+        state.ui.text(lang, "admin.required_by_role", &[("role", user.role.as_str())])
+    } else {
+        String::new()
+    }
 }
 
 async fn user_page(state: &State, lang: Lang, name: &str) -> Result<Response<Body>, StoreError> {
@@ -269,7 +298,7 @@ async fn user_page(state: &State, lang: Lang, name: &str) -> Result<Response<Bod
             created: when(&t["created_ms"]),
             last_used: when(&t["last_used_ms"]),
             last_ip: text(&t["last_ip"]),
-            user_agent: text(&t["user_agent"]),
+            user_agent: device(state, lang, &t["user_agent"]),
             expires: when(&t["expires_ms"]),
         })
         .collect();
@@ -290,6 +319,7 @@ async fn user_page(state: &State, lang: Lang, name: &str) -> Result<Response<Bod
         passkeys,
         sessions: d["sessions"].as_array().map_or(0, Vec::len),
         onboarding: d["onboarding_required"].as_bool().unwrap_or(false),
+        required_by: required_by(state, lang, &user),
         user,
     };
     let title = state.ui.text(lang, "admin.user_title", &[("user", &view.user)]);
@@ -319,7 +349,7 @@ async fn history_page(state: &State, lang: Lang, user: &str) -> Result<Response<
             method: text(&e["method"]),
             result: text(&e["result"]),
             ip: text(&e["ip"]),
-            user_agent: text(&e["user_agent"]),
+            user_agent: device(state, lang, &e["user_agent"]),
         })
         .collect();
     #[derive(Serialize)]

@@ -229,8 +229,11 @@ async fn unlock_with_a_passkey_in_the_browser_and_the_admin_pages() {
     assert_eq!(browser.eval("document.querySelectorAll('#tokens tr').length").await, 2, "one remember token");
     // Destructive actions ask first; at phone width nothing spills off the screen.
     let confirmed = "Array.from(document.querySelectorAll('form[action=\"/.pbxgate/admin/action\"]')) \
-                     .filter(f => !f.dataset.confirm).map(f => f.querySelector('[name=action]').value)";
-    assert_eq!(browser.eval(confirmed).await, serde_json::json!(["set-onboarding"]));
+                     .filter(f => !f.dataset.confirm).map(f => f.querySelector('[name=action]').value) \
+                     .filter(a => a !== 'set-onboarding')";
+    assert_eq!(browser.eval(confirmed).await, serde_json::json!([]), "revoke, delete and reset ask first");
+    let destructive = "document.querySelectorAll('form[data-confirm]').length";
+    assert!(browser.eval(destructive).await.as_u64().unwrap_or(0) >= 3, "token, passkey, reset, sessions");
     browser.width(390).await;
     for page in
         ["/.pbxgate/admin", "/.pbxgate/admin/user?name=103", "/.pbxgate/admin/history", "/.pbxgate/account"]
@@ -243,6 +246,12 @@ async fn unlock_with_a_passkey_in_the_browser_and_the_admin_pages() {
     browser.goto(&format!("{origin}/.pbxgate/admin/user?name=103")).await;
     browser.wait_for_path("/.pbxgate/admin/user").await;
     assert_eq!(browser.eval("document.querySelectorAll('#passkeys tr').length").await, 2, "one passkey");
+    // What the policy requires, said truthfully; devices in words.
+    let required = browser.eval("document.getElementById('required-by').textContent").await;
+    assert_eq!(required, "Required for this account by the policy.");
+    let device =
+        browser.eval("document.querySelector('#tokens tr:nth-child(2) td:nth-child(5)').textContent").await;
+    assert_eq!(device, "Chrome on Linux");
     browser.goto(&format!("{origin}/.pbxgate/admin/history")).await;
     browser.wait_for_path("/.pbxgate/admin/history").await;
     assert!(browser.text().await.contains("unlock:passkey"));
